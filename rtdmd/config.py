@@ -1,0 +1,336 @@
+"""Typed configuration: dataclasses, YAML files per backend x method, ``--set key=value``.
+
+A run's configuration has four sections::
+
+    method:   {name: teacher, ...options of that method}
+    backend:  {name: shapes, ...options of that backend}
+    train:    the training loop (steps, batch, optimiser, EMA, checkpoints)
+    tracking: MLflow
+
+Each method and backend registers an options dataclass (rtdmd.registry); YAML keys are
+checked against those dataclasses, so a typo is an error that names the key and lists the
+valid ones, and a value of the wrong type is an error that names the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rtdmd.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings for one network."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    """The training loop shared by every method."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.999
+    ema_every: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "rtdmd-bench"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    method_name: str
+    backend_name: str
+    method: Any  # the method's registered options dataclass
+    backend: Any  # the backend's registered options dataclass
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if tp is dict or origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; convert int->float; raise UserError if wrong."""
+    origin = typing.get_origin(tp)
+    bad = UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}; fix the value in your config or --set.")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return coerce(value, arg, key)
+            except UserError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        return [coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def build_dataclass(cls, data: dict, prefix: str):
+    """Instantiate ``cls`` from a mapping, checking every key and value."""
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise UserError(
+            f"unknown config key {where}; valid keys under '{prefix or '<top>'}' are: {', '.join(sorted(names))}."
+        )
+    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """Dataclass -> plain nested dict (YAML-ready)."""
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict:
+    """``["train.lr=1e-4", "method.guidance=4"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got '{item}'; write for example --set train.max_steps=100.")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set key '{key}' is malformed; write dotted keys like train.max_steps=100.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set key '{key}' conflicts with another --set; give each key once.")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax and retry.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (method, backend, train, tracking).")
+    return data
+
+
+def default_config_path(backend: str, method: str) -> Path:
+    return CONFIG_DIR / backend / f"{method}.yaml"
+
+
+def resolve(
+    method: str,
+    backend: str | None = None,
+    config_file: Path | None = None,
+    overrides: dict | None = None,
+) -> RunConfig:
+    """Build the resolved RunConfig: dataclass defaults < shipped YAML < --config < --set."""
+    from rtdmd import registry
+
+    data: dict = {}
+    user = read_yaml(config_file) if config_file is not None else {}
+    # The backend comes from the CLI, else the user's file, else the method's default.
+    if backend is None and isinstance(user.get("backend"), dict):
+        backend = user["backend"].get("name")
+    method_entry = registry.get_method(method)
+    backend = backend or method_entry.default_backend
+    backend_entry = registry.get_backend(backend)
+    if backend not in method_entry.backends:
+        raise UserError(
+            f"method '{method}' does not run on backend '{backend}'; choose one of: {', '.join(method_entry.backends)}."
+        )
+    shipped = default_config_path(backend, method)
+    if shipped.is_file():
+        data = read_yaml(shipped)
+    data = _deep_merge(data, user)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    unknown = sorted(set(data) - {"method", "backend", "train", "tracking"})
+    if unknown:
+        raise UserError(
+            f"unknown config section '{unknown[0]}'; valid sections are: backend, method, tracking, train."
+        )
+    m = dict(data.get("method") or {})
+    b = dict(data.get("backend") or {})
+    if m.pop("name", method) != method:
+        raise UserError(f"the config file is for another method than '{method}'; remove method.name or use a matching file.")
+    if b.pop("name", backend) != backend:
+        raise UserError(f"the config says backend.name other than '{backend}'; pass --backend or fix backend.name.")
+    return _build_run_config(method, backend, m, b, data)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return {
+        "method": {"name": cfg.method_name, **to_dict(cfg.method)},
+        "backend": {"name": cfg.backend_name, **to_dict(cfg.backend)},
+        "train": to_dict(cfg.train),
+        "tracking": to_dict(cfg.tracking),
+    }
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def load_resolved(path: Path) -> RunConfig:
+    """Re-read a config.yaml written next to a run or checkpoint."""
+    data = read_yaml(path)
+    try:
+        method = data["method"]["name"]
+        backend = data["backend"]["name"]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} is not a resolved run config (method.name and backend.name missing).") from None
+    from rtdmd import registry
+
+    m = {k: v for k, v in data["method"].items() if k != "name"}
+    b = {k: v for k, v in data["backend"].items() if k != "name"}
+    return _build_run_config(method, backend, m, b, data)
+
+
+def _build_run_config(method: str, backend: str, m: dict, b: dict, data: dict) -> RunConfig:
+    from rtdmd import registry
+
+    return RunConfig(
+        method_name=method,
+        backend_name=backend,
+        method=build_dataclass(registry.get_method(method).options, m, "method"),
+        backend=build_dataclass(registry.get_backend(backend).options, b, "backend"),
+        train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
+        tracking=build_dataclass(TrackingConfig, data.get("tracking") or {}, "tracking"),
+    )
