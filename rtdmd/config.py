@@ -254,13 +254,18 @@ def default_config_path(backend: str, method: str) -> Path:
     return CONFIG_DIR / backend / f"{method}.yaml"
 
 
+def preset_path(backend: str, method: str, preset: str) -> Path:
+    return CONFIG_DIR / backend / f"{method}@{preset}.yaml"
+
+
 def resolve(
     method: str,
     backend: str | None = None,
     config_file: Path | None = None,
     overrides: dict | None = None,
+    preset: str | None = None,
 ) -> RunConfig:
-    """Build the resolved RunConfig: dataclass defaults < shipped YAML < --config < --set."""
+    """Build the resolved RunConfig: dataclass defaults < shipped YAML < preset < --config < --set."""
     from rtdmd import registry
 
     data: dict = {}
@@ -278,6 +283,12 @@ def resolve(
     shipped = default_config_path(backend, method)
     if shipped.is_file():
         data = read_yaml(shipped)
+    if preset:
+        pp = preset_path(backend, method, preset)
+        if not pp.is_file():
+            known = sorted(p.stem.split("@", 1)[1] for p in (CONFIG_DIR / backend).glob(f"{method}@*.yaml"))
+            raise UserError(f"unknown preset '{preset}' for {method} on {backend}; available presets: {', '.join(known) or 'none'}.")
+        data = _deep_merge(data, read_yaml(pp))
     data = _deep_merge(data, user)
     if overrides:
         data = _deep_merge(data, overrides)

@@ -1,0 +1,53 @@
+"""Python API: run any method on any backend from a script.
+
+Example (toy2d, a user-written reward; see docs/api.md)::
+
+    from rtdmd.api import make_config, run_training
+    cfg = make_config("teacher", backend="toy2d", overrides={"train": {"max_steps": 200}})
+    result = run_training(cfg, out="runs/toy-teacher")
+    print(result.checkpoint)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rtdmd import config as C
+from rtdmd.errors import UserError
+from rtdmd.trainer import TrainResult, train
+
+
+def make_config(method: str, backend: str | None = None, config_file: Path | None = None,
+                overrides: dict | None = None, preset: str | None = None) -> C.RunConfig:
+    """The resolved config: shipped defaults < preset < config_file < overrides (a nested dict)."""
+    return C.resolve(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset)
+
+
+def run_training(method_or_cfg, backend: str | None = None, config_file: Path | None = None,
+                 overrides: dict | None = None, preset: str | None = None, out: Path | None = None,
+                 resume: bool = False, stage: str | None = None, init: Path | None = None,
+                 command: str = "", show_progress: bool = True) -> TrainResult:
+    """Train from a method name (resolved like the CLI) or from a ready RunConfig."""
+    overrides = dict(overrides or {})
+    if isinstance(method_or_cfg, C.RunConfig):
+        cfg = method_or_cfg
+        method = cfg.method_name
+    else:
+        method = method_or_cfg
+        from rtdmd import registry
+
+        names = {f.name for f in dataclasses.fields(registry.get_method(method).options)}
+        if stage is not None and "stage" not in names:
+            raise UserError(f"--stage applies to rtdmd only, not to '{method}'; drop --stage.")
+        if init is not None and "init" not in names:
+            raise UserError(f"--init is not supported by '{method}'; drop --init.")
+        extra: dict = {}
+        if stage is not None:
+            extra["stage"] = int(stage)
+        if init is not None:
+            extra["init"] = str(init)
+        if extra:
+            overrides = C._deep_merge(overrides, {"method": extra})
+        cfg = make_config(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset)
+    return train(cfg, out=out, resume=resume, command=command, show_progress=show_progress)

@@ -1,0 +1,128 @@
+"""The `rtdmd-bench` command line.
+
+Every user mistake ends in one sentence naming the problem and the fix, and exit code 2
+(rtdmd.errors.UserError); success exits 0.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from rtdmd.errors import UserError
+
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "shapes_teacher"
+
+
+def _command_line() -> str:
+    return "rtdmd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class _Group(click.Group):
+    """Turn UserError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rtdmd-bench")
+def main():
+    """rtdmd-bench: train few-step text-to-image generators (RTDMD and baselines), evaluate and report."""
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@main.command()
+@click.argument("method")
+@click.option("--backend", default=None, help="Backend (shapes, toy2d, sd3, flux2); default: the method's default.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="YAML file merged over the shipped defaults.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. --set train.lr=1e-4 (repeatable).")
+@click.option("--preset", default=None, help="A named preset of the shipped config (e.g. quick).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<method>-<backend>).")
+@click.option("--max-steps", type=int, default=None, help="Override train.max_steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--stage", type=click.Choice(["1", "2"]), default=None, help="rtdmd only: run stage 1 (AC-DMD) or stage 2 (RTDMD) alone.")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None, help="Checkpoint to initialise from (rtdmd stage 2: a stage-1 checkpoint).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(method, backend, config_file, sets, preset, out, max_steps, resume, stage, init, quiet):
+    """Train METHOD (teacher, reward, dmd2, lcm, hypersd, flow-grpo, ac-dmd, rtdmd)."""
+    from rtdmd import config as C
+    from rtdmd.api import run_training
+
+    overrides = C.parse_set(sets)
+    if max_steps is not None:
+        if max_steps <= 0:
+            raise UserError(f"--max-steps must be a positive integer, got {max_steps}.")
+        overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps}})
+    result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
+                          out=out, resume=resume, stage=stage, init=init, command=_command_line(),
+                          show_progress=not quiet)
+    click.echo(f"trained {method} for {result.steps} steps in {result.seconds / 60:.1f} min")
+    click.echo(f"checkpoint: {result.checkpoint}")
+
+
+# ---------------------------------------------------------------------------- sample
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return (s or "empty")[:limit]
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Run or checkpoint directory (default: the shipped shapes teacher).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the checkpoint's).")
+@click.option("--guidance", type=float, default=None, help="CFG weight (default: the checkpoint's).")
+@click.option("--eta", type=float, default=None, help="CPS stochasticity for few-step generators (default 0.9).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-images", type=int, default=4, show_default=True, help="Images per prompt.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
+def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
+    """Generate images for prompts; writes PNGs and a grid."""
+    from rtdmd.checkpoint import load_for_inference
+    from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
+    from rtdmd.images import make_grid, save_png, to_uint8
+
+    if num_images <= 0:
+        raise UserError(f"--num-images must be positive, got {num_images}.")
+    if steps is not None and steps <= 0:
+        raise UserError(f"--steps must be positive, got {steps}.")
+    if checkpoint is None:
+        if not (SHIPPED_TEACHER / "meta.json").is_file():
+            raise UserError(f"the shipped shapes teacher is missing from {SHIPPED_TEACHER}; reinstall rtdmd-bench or pass --checkpoint.")
+        checkpoint = SHIPPED_TEACHER
+    cfg, backend, net, meta = load_for_inference(checkpoint)
+    sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, guidance=guidance, eta=eta)
+    items = [(p, sample_seed(seed, i, k)) for i, p in enumerate(prompts) for k in range(num_images)]
+    images = generate_batched(backend, net, items, sc)
+    out.mkdir(parents=True, exist_ok=True)
+    if backend.has_images:
+        arrays = to_uint8(images)
+        for (p, key), a in zip(items, arrays):
+            save_png(a, out / f"{_slug(p)}_{key[2]:02d}_{key[3]:02d}.png")
+        grid = make_grid(list(arrays), ncols=num_images, upscale=4 if arrays.shape[1] <= 64 else 1)
+        save_png(grid, out / "grid.png")
+        click.echo(f"wrote {len(arrays)} images ({sc.kind}, {sc.steps} steps, guidance {sc.guidance}) and {out / 'grid.png'}")
+    else:
+        from rtdmd.plots import scatter_points
+
+        path = scatter_points(images.cpu().numpy(), [p for p, _ in items], out / "samples.png")
+        import numpy as np
+
+        np.save(out / "samples.npy", images.cpu().numpy())
+        click.echo(f"wrote {len(items)} points to {out / 'samples.npy'} and {path}")
+
+
+if __name__ == "__main__":
+    main()

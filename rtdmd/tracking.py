@@ -1,0 +1,88 @@
+"""MLflow tracking: one place that talks to mlflow (imported lazily: it is slow to import).
+
+Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow 3.x's default).
+Compare runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rtdmd.errors import UserError
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit of the code that ran ('+dirty' if the tree has local changes), or 'unknown'."""
+    root = Path(cwd or Path(__file__).resolve().parent.parent)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A thin wrapper: no-op when disabled, batched metric logging when enabled."""
+
+    def __init__(self, enabled: bool, uri: str, experiment: str):
+        self.enabled = enabled
+        self.uri = uri
+        self.experiment = experiment
+        self._mlflow = None
+        self.run_id: str | None = None
+        self._pending: list = []
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None,
+              nested: bool = False) -> str | None:
+        if not self.enabled:
+            return None
+        try:
+            import mlflow
+        except ImportError:
+            raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18') or set tracking.enabled=false.") from None
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.set_tags(tags)
+            items = [(k, v) for k, v in params.items()]
+            for i in range(0, len(items), 90):  # MLflow caps params per batch at 100
+                mlflow.log_params({k: ("" if v is None else str(v)[:6000]) for k, v in items[i:i + 90]})
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        if len(self._pending) >= 200:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._pending:
+            self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self._mlflow.set_tags(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow is not None:
+            self.flush()
+            self._mlflow.end_run(status=status)
