@@ -211,3 +211,14 @@ def test_subset_world_and_vocabulary():
         WorldSpec(classes=("circle", "hexagon"))
     with pytest.raises(UserError):
         WorldSpec(size_range=(10, 40))
+
+
+def test_relations_agree_with_rule_engine():
+    # the world samples position scenes with its own copy of GenEval's rule; it must match the rule engine's
+    from benchmarks.geneval.rules import relative_position
+
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        a = np.sort(rng.uniform(0, 32, size=(2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
+        b = np.sort(rng.uniform(0, 32, size=(2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
+        assert relations(a, b) == set(relative_position(a, b))
