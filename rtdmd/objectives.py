@@ -7,13 +7,13 @@ Random draws take an explicit torch.Generator (drawn on its device, moved to the
 
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rtdmd.errors import UserError
+from rtdmd.seeding import derive_seed
 from rtdmd.flow import SigmaLike, expand_sigma, flow_matching_target, sampling_sigmas
 
 
@@ -256,10 +256,7 @@ def gaussian_mean_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: SigmaLike)
 
 
 # ---------------------------------------------------------------------------- SubGRPO
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from printable parts via sha256 (Python's hash() is salted per process)."""
-    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+stable_seed = derive_seed  # one stable-hash seed scheme for the whole project (rtdmd.seeding)
 
 
 def subgrpo_select_steps(num_stochastic: int = 3, num_selected: int = 2, seed: int = 0, epoch: int = 0) -> list[int]:

@@ -24,3 +24,8 @@ def torch_generator(*parts) -> torch.Generator:
 
 def numpy_generator(*parts) -> np.random.Generator:
     return np.random.default_rng(derive_seed(*parts))
+
+
+def step_seed(train_seed: int, step: int) -> int:
+    """The seed of training step ``step``: every draw of that step derives from it."""
+    return derive_seed(train_seed, "step", step)

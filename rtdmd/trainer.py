@@ -27,7 +27,7 @@ from rtdmd import registry
 from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
-from rtdmd.seeding import derive_seed, torch_generator
+from rtdmd.seeding import step_seed, torch_generator
 from rtdmd.tracking import Tracker, git_commit
 
 
@@ -58,7 +58,7 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
-def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "tracking.", "train.num_threads",
+def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "train.max_minutes", "tracking.", "train.num_threads",
                                                           "train.checkpoint_every", "train.log_every",
                                                           "train.keep_checkpoints", "train.device")) -> list[str]:
     a, b = flatten(saved), flatten(now)
@@ -84,6 +84,9 @@ class Trainer:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         device = resolve_device(cfg.train.device)
+        if device.type == "cuda":  # TF32 matmuls: ~free speed on Ampere+ at fp32 master precision
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if self._accelerator is None:
             self._accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.train.mixed_precision)
         acc = self._accelerator
@@ -213,8 +216,15 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
                 if done % cfg.train.log_every == 0 or done == total:
                     tracker.log_metrics(logs, step=done)
-                if done % cfg.train.checkpoint_every == 0 or done == total:
+                out_of_time = cfg.train.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= cfg.train.max_minutes
+                if done % cfg.train.checkpoint_every == 0 or done == total or out_of_time:
                     last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
+                if out_of_time:
+                    total = done
+                    if bar is not None:
+                        bar.write(f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
+                                  "continue later with --resume and a larger budget.")
+                    break
             status = "FINISHED"
         except KeyboardInterrupt:
             # step `step` did not finish: save what the last completed step produced.
@@ -234,6 +244,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            method.close()
             tracker.end(status)
         seconds = elapsed + time.perf_counter() - t0
         if last_ckpt is None:
@@ -242,7 +253,7 @@ class Trainer:
 
     def _one_step(self, step: int) -> dict[str, float]:
         cfg, acc, method = self.cfg, self._accelerator, self.method
-        seed = derive_seed(cfg.train.seed, "step", step)
+        seed = step_seed(cfg.train.seed, step)
         ctx = StepContext(step=step, generator=torch_generator(seed), seed=seed,
                           rank=acc.process_index, world_size=acc.num_processes)
         method.before_step(ctx)

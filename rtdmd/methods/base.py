@@ -96,3 +96,6 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def close(self) -> None:
+        """Release background resources (prefetch threads); called when training ends."""

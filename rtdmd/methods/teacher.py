@@ -13,9 +13,11 @@ import torch
 
 from rtdmd import flow
 from rtdmd.config import OptimConfig, RunConfig
+from rtdmd.data import StepPrefetcher
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.objectives import flow_matching_loss
 from rtdmd.registry import register_method
+from rtdmd.seeding import step_seed, torch_generator
 
 
 @dataclass
@@ -29,6 +31,7 @@ class TeacherOptions:
     ema_decay: float = 0.999
     sample_steps: int = 28
     sample_guidance: float = 4.0
+    prefetch: int = 2  # training batches rendered ahead in a background thread (0: synchronous)
 
     def validate(self):
         from rtdmd.errors import UserError
@@ -51,12 +54,19 @@ class TeacherMethod(Method):
         o = self.options
         self.networks["teacher"] = backend.make_trainable("teacher")
         self.updates = [Update("teacher", every=1, optim=o.optim, ema_decay=o.ema_decay)]
+        n, seed = cfg.train.batch_size, cfg.train.seed
+        # data of step i depends only on (seed, i), so it can be rendered ahead of time
+        self.data = StepPrefetcher(lambda i: backend.sample_data(n, torch_generator(step_seed(seed, i), "data")),
+                                   depth=o.prefetch)
+
+    def close(self):
+        self.data.close()
 
     def loss(self, network, ctx: StepContext):
         o, b = self.options, self.backend
         n = self.cfg.train.batch_size
         g = ctx.generator
-        data = b.sample_data(n, g)
+        data = self.data.get(ctx.step)
         sl = ctx.shard(n)
         x0 = data.x0[sl]
         prompts = data.prompts[sl]
