@@ -112,8 +112,11 @@ class _ClipScorerBase(BatchedScorer):
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) in [0, 1] -> L2-normalised projected image embeddings (b, D)."""
-        px = self._pixels(images).to(self.dtype)
-        pooled = self.model.vision_model(pixel_values=px).pooler_output
+        return self.embed_pixels(self._pixels(images))
+
+    def embed_pixels(self, px: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (b, 3, S, S) -> L2-normalised projected image embeddings (b, D)."""
+        pooled = self.model.vision_model(pixel_values=px.to(self.device, self.dtype)).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
