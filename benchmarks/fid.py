@@ -51,12 +51,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             f"FID statistics disagree in shape (mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}); "
             "compare statistics of the same feature extractor."
         )
+    diff = mu1 - mu2
+    # a dimension with zero variance in both (a zero row/column of each PSD matrix) adds only
+    # its mean term: drop it exactly before the O(d^3) part
+    keep = (np.diag(s1) != 0) | (np.diag(s2) != 0)
+    if not keep.all():
+        s1, s2, d = s1[np.ix_(keep, keep)], s2[np.ix_(keep, keep)], int(keep.sum())
     # symmetric square root of S1, then of S1^1/2 S2 S1^1/2 (both PSD)
     w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
     r1 = (v1 * np.sqrt(_psd(w1, d))) @ v1.T
     m = r1 @ ((s2 + s2.T) / 2) @ r1
     tr_sqrt = np.sqrt(_psd(np.linalg.eigvalsh((m + m.T) / 2), d)).sum()
-    diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
