@@ -111,3 +111,35 @@ def test_64px_world():
     dets = det.detect(img)
     assert sorted(d.label for d in dets if d.score > 0.9) == ["diamond", "ring"]
     assert sorted(det.classify_colors(img, dets, "")) == ["black", "orange"]
+
+
+def test_area_factors_match_renderer():
+    from benchmarks.shapes.detector import AREA_FACTOR, CENTROID_DY
+
+    for cls in ALL_CLASSES:
+        out = render([Scene([ShapeObject(cls, "red", 16, 16, 14)])], SPEC)
+        alpha = out.alphas[0][0].numpy()
+        assert alpha.sum() == pytest.approx(AREA_FACTOR[cls] * 14**2, rel=0.015), cls
+        cy = (alpha * (np.arange(32)[:, None] + 0.5)).sum() / alpha.sum()
+        assert cy - 16 == pytest.approx(CENTROID_DY.get(cls, 0.0) * 14, abs=0.05), cls
+
+
+def test_fit_quality_and_score_hand_computed():
+    import torch
+
+    from benchmarks.shapes.detector import fit_quality
+
+    obs = torch.tensor([[1.0, 0.5]])
+    tmpl = torch.tensor([[1.0, 1.0]])
+    # sse 0.25, minus expected noise 0.1, over sum tmpl^2 = 2: q = 1 - 0.15 / 2
+    assert float(fit_quality(obs, tmpl, 0.1)) == pytest.approx(0.925)
+    # a perfect template under noise of known variance: q = 1 on average
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(400, 20, 20, generator=g) > 0.5).float()
+    noisy = t + 0.1 * torch.randn(400, 20, 20, generator=g)
+    assert float(fit_quality(noisy, t, 400 * 0.01).mean()) == pytest.approx(1.0, abs=0.01)
+    det = ShapesDetector(SPEC, q_low=0.8, q_high=1.0, distinct_margin=0.1, sharp_blur=1.0, max_blur=2.0)
+    # lo = 10: size 6.5 is halfway from 5 (none) to 8 (full)
+    assert det.score(0.9, 0.85, 1.5, 6.5) == pytest.approx(0.5 * 0.5 * 0.5 * 0.5)
+    assert det.score(1.0, 0.5, 0.0, 12) == 1.0 and det.score(0.7, 0.1, 0.0, 12) == 0.0
+    assert det.score(0.95, 0.95, 0.0, 12) == 0.0 and det.score(1.0, 0.5, 0.0, 4.0) == 0.0

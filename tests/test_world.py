@@ -222,3 +222,10 @@ def test_relations_agree_with_rule_engine():
         a = np.sort(rng.uniform(0, 32, size=(2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
         b = np.sort(rng.uniform(0, 32, size=(2, 2)), axis=0).T.reshape(-1)[[0, 2, 1, 3]]
         assert relations(a, b) == set(relative_position(a, b))
+
+
+def test_task_weights_select_tasks():
+    _, caps = sample_training_batch(np.random.default_rng(0), SPEC, 40, task_weights={"counting": 1.0})
+    assert all(parse_caption(c)["tag"] == "counting" for c in caps)
+    with pytest.raises(UserError):
+        sample_training_batch(np.random.default_rng(0), SPEC, 1, task_weights={"count": 1.0})

@@ -9,11 +9,16 @@ How it works (no learned weights):
    whose core holds two or more sizeable colours (touching objects) is split by colour.
 3. Fitting. For each part, the coverage mass and centroid (both unchanged by blur) give,
    per class, the size and centre of that class's shape; the world's own SDF renders the
-   candidate at a few sizes and edge widths, and the soft IoU (sum min / sum max) with the
-   observed coverage measures the fit. The best class is the label.
-4. Score. The soft IoU maps linearly to [0, 1] (calibrated so that blurred, noisy renders
-   clear GenEval's 0.9 counting threshold and shapeless blobs stay below 0.3), halved
-   when the runner-up class fits almost as well (an ambiguous shape).
+   candidate at a few sizes and Gaussian blurs, and the fit quality is
+   q = 1 - (sum (obs - tmpl)^2 - n sigma^2) / sum tmpl^2, where n sigma^2 is the squared
+   pixel noise expected over the window (measured on background pixels far from any
+   object), so noise does not lower q. The best of all six classes is the label.
+4. Score = clip((q - q_low) / (q_high - q_low)) x clip((q - q_runner_up) / margin)
+   x clip((max_blur - blur) / (max_blur - sharp_blur)) x clip((size - lo/2) / (0.3 lo)):
+   a shape fits well, fits much better than any other class, is not blurred past
+   recognition, and is not a speck far below the world's smallest size lo. Defaults were
+   calibrated on renders and blobs (benchmarks/perf/bench_detector.py): blurred, noisy
+   renders clear GenEval's 0.9 counting threshold; shapeless blobs mostly stay below 0.3.
 """
 
 from __future__ import annotations
@@ -41,6 +46,16 @@ AREA_FACTOR = {
 CENTROID_DY = {"triangle": 1 / 6}
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
+
+
+def fit_quality(obs: torch.Tensor, tmpl: torch.Tensor, noise_sse: float) -> torch.Tensor:
+    """q = 1 - (sum (obs - tmpl)^2 - noise_sse) / sum tmpl^2 over the last two dims.
+
+    noise_sse is the expected sum of squared noise over the window, so q of a perfect
+    template on a noisy image is 1 on average rather than lowered by the noise.
+    """
+    err = ((obs - tmpl) ** 2).sum((-1, -2)) - noise_sse
+    return 1.0 - err / (tmpl**2).sum((-1, -2)).clamp(min=1e-6)
 
 
 class ShapesDetector:
@@ -78,7 +93,7 @@ class ShapesDetector:
         # the smallest object of the world covers about lo^2 / 2 px; a fifth of lo^2 is a fragment
         self.min_area = 0.2 * lo * lo
         self.name = (
-            f"shapes-detector-v{VERSION}(q={q_low:g}-{q_high:g},"
+            f"shapes-detector-v{VERSION}(q={q_low:g}-{q_high:g},min_size={lo:g},"
             f"bg={'/'.join(f'{c:g}' for c in self.spec.background)})"
         )
 
@@ -110,7 +125,7 @@ class ShapesDetector:
         comps, n = ndimage.label(alpha >= 0.5, structure=_FOUR)
         owner = np.full((H, W), -1, dtype=np.int64)
         parts: list[tuple[np.ndarray, int]] = []
-        for i, sl in enumerate(ndimage.find_objects(comps)):
+        for i in range(n):
             comp = comps == i + 1
             owner[comp] = -2
             area = int(comp.sum())
@@ -161,7 +176,7 @@ class ShapesDetector:
         return torch.nn.functional.conv2d(x, self._kernel.view(E, 1, -1, 1), padding=(r, 0), groups=E)
 
     def _fit(self, j: int, mask: np.ndarray, k: int, proj: np.ndarray, owner: np.ndarray, noise: np.ndarray):
-        """Best (class, score, box, quality) for part j of colour k, or None if nothing fits."""
+        """(class, score, box, q, runner-up q) for part j of colour k, or None if it holds no mass."""
         H, W = mask.shape
         ys, xs = np.nonzero(mask)
         pad = 4
@@ -194,8 +209,7 @@ class ShapesDetector:
             crisp.append(coverage(shape_sdf(cls, xg - mx, yg - cy, sizes), self.spec.aa_width))
             geom.append(sizes.view(-1))
         tmpl = self._blur(torch.cat(crisp)) * free_t  # (C * S, E, h, w); other objects' pixels excluded
-        err = ((obs - tmpl) ** 2).sum((-1, -2)) - n_free * noise_a2
-        quality = (1.0 - err / (tmpl**2).sum((-1, -2)).clamp(min=1e-6)).view(len(self.classes), len(sf), -1)
+        quality = fit_quality(obs, tmpl, n_free * noise_a2).view(len(self.classes), len(sf), -1)
         best: dict[str, tuple[float, float, float, float, float]] = {}
         for c, cls in enumerate(self.classes):
             q = quality[c]
@@ -206,13 +220,18 @@ class ShapesDetector:
         ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
         cls, (q_best, cx, cy, s, blur) = ranked[0]
         q_second = ranked[1][1][0] if len(ranked) > 1 else -1.0
-        # Fit quality, then distinctness: a shape that several classes explain equally well
-        # (a blob, or an object blurred beyond recognition) is not confidently any of them.
-        score = float(np.clip((q_best - self.q_low) / (self.q_high - self.q_low), 0.0, 1.0))
-        score *= float(np.clip((q_best - q_second) / self.distinct_margin, 0.0, 1.0))
-        # and sharpness: a blur well beyond the one a recognisable shape survives is a blob
-        score *= float(np.clip((self.max_blur - blur) / (self.max_blur - self.sharp_blur), 0.0, 1.0))
+        score = self.score(q_best, q_second, blur, s)
         return cls, score, (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2), q_best, q_second
+
+    def score(self, q_best: float, q_second: float, blur: float, size: float) -> float:
+        """Confidence in [0, 1]: fits well, much better than the runner-up class, is not a blurred
+        blob, and is not a speck (full credit from 0.8, none below 0.5 of the world's smallest size)."""
+        fit = np.clip((q_best - self.q_low) / (self.q_high - self.q_low), 0.0, 1.0)
+        distinct = np.clip((q_best - q_second) / self.distinct_margin, 0.0, 1.0)
+        sharp = np.clip((self.max_blur - blur) / (self.max_blur - self.sharp_blur), 0.0, 1.0)
+        lo = self.spec.size_range[0]
+        big = np.clip((size - 0.5 * lo) / (0.3 * lo), 0.0, 1.0)
+        return float(fit * distinct * sharp * big)
 
     # ------------------------------------------------------------------ protocol
 

@@ -567,8 +567,12 @@ def sample_training_example(
 
 
 def sample_training_batch(
-    rng: np.random.Generator, spec: WorldSpec, n: int, distractor_prob: float = 0.3
+    rng: np.random.Generator,
+    spec: WorldSpec,
+    n: int,
+    distractor_prob: float = 0.3,
+    task_weights: dict[str, float] | None = None,
 ) -> tuple[list[Scene], list[str]]:
     """n independent training examples."""
-    pairs = [sample_training_example(rng, spec, distractor_prob) for _ in range(n)]
+    pairs = [sample_training_example(rng, spec, distractor_prob, task_weights) for _ in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
