@@ -1,0 +1,271 @@
+"""Multi-process training: launching, GRPO group sampling, and sharing decisions across ranks.
+
+Launch. ``rtdmd-bench train ... --num-processes N`` re-executes the same command under
+``accelerate launch`` (GPUs; configs/accelerate/{ddp,fsdp}.yaml) or ``torch.distributed.run``
+(CPU, gloo); the trainer's ``Accelerator`` then picks up the process group. ``spawn`` runs a
+Python function on N local CPU processes (gloo), for tests and notebooks.
+
+Shared decisions. The trainer builds ``StepContext.generator`` from (train.seed, step) alone,
+so every rank draws the same numbers from it: the stop index k, the SubGRPO step subset and
+the global batch's noise are identical everywhere as long as every rank draws the *global*
+batch and keeps ``ctx.shard(n)`` rows. ``shared_generator`` gives an independent stream for
+one decision; ``assert_same_on_all_ranks`` checks a value really is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rtdmd.errors import UserError
+from rtdmd.seeding import torch_generator
+
+ACCELERATE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+_LAUNCH_ENV = ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_LAUNCH")  # set inside a launched process
+
+
+# ---------------------------------------------------------------------------- process layout
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def inside_launch() -> bool:
+    """True in a process started by accelerate launch / torchrun / spawn (do not relaunch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_config_path(name: str) -> Path:
+    """'ddp' / 'fsdp' (shipped) or a path to an accelerate config file."""
+    p = ACCELERATE_CONFIG_DIR / f"{name}.yaml" if name in ("ddp", "fsdp") else Path(name).expanduser()
+    if not p.is_file():
+        raise UserError(f"accelerate config '{name}' not found ({p}); use ddp, fsdp or the path of an accelerate "
+                        "config file (accelerate config --config_file PATH writes one).")
+    return p
+
+
+def strip_option(argv: Sequence[str], option: str) -> list[str]:
+    """argv without ``option VALUE`` / ``option=VALUE`` (so a relaunched command does not relaunch)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == option:
+            skip = True
+            continue
+        if a.startswith(option + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def launch_command(cli_args: Sequence[str], num_processes: int, accelerate_config: str = "ddp",
+                   cpu: bool | None = None, port: int | None = None) -> list[str]:
+    """The command that runs ``rtdmd-bench <cli_args>`` on ``num_processes`` local processes.
+
+    GPUs: ``accelerate launch --config_file <cfg> --num_processes N -m rtdmd.cli ...``;
+    CPU (or no CUDA): ``python -m torch.distributed.run --nproc_per_node N -m rtdmd.cli ...`` (gloo).
+    """
+    if num_processes < 2:
+        raise UserError(f"--num-processes must be at least 2 to launch several processes (got {num_processes}).")
+    args = strip_option(strip_option(list(cli_args), "--num-processes"), "--accelerate-config")
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    if cpu:
+        if any(a == "--set" and b.startswith("train.device=cuda") for a, b in zip(args, args[1:])):
+            raise UserError("train.device=cuda was asked for a CPU launch; drop it or run on a machine with GPUs.")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+                "-m", "rtdmd.cli", *args]
+    n_gpu = torch.cuda.device_count()
+    if num_processes > n_gpu:
+        raise UserError(f"--num-processes {num_processes} exceeds the {n_gpu} visible GPUs; lower it or set "
+                        "CUDA_VISIBLE_DEVICES.")
+    cfg = accelerate_config_path(accelerate_config)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
+            "--num_processes", str(num_processes), "--main_process_port", str(port or free_port()),
+            "-m", "rtdmd.cli", *args]
+
+
+def relaunch(cli_args: Sequence[str], num_processes: int, accelerate_config: str = "ddp",
+             cpu: bool | None = None) -> int:
+    """Run ``rtdmd-bench <cli_args>`` on ``num_processes`` processes; returns the exit code."""
+    cmd = launch_command(cli_args, num_processes, accelerate_config, cpu)
+    env = dict(os.environ)
+    if cpu or (cpu is None and not torch.cuda.is_available()):
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _spawn_entry(local_rank: int, fn: Callable, args: tuple, world: int, port: int) -> None:
+    os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        fn(*args)
+    finally:
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def spawn(fn: Callable, num_processes: int, args: tuple = ()) -> None:
+    """Run ``fn(*args)`` on ``num_processes`` local CPU processes with the env a launcher would set.
+
+    ``fn`` creates its process group itself (``Accelerator(cpu=True)`` or ``init_process_group('gloo')``).
+    """
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawn_entry, args=(fn, tuple(args), num_processes, free_port()), nprocs=num_processes,
+                       join=True, start_method="spawn")
+
+
+# ---------------------------------------------------------------------------- collectives
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped per-rank tensors along dim 0 in rank order (identity on one process)."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (identity on one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _fingerprint(value: Any) -> bytes:
+    if torch.is_tensor(value):
+        value = value.detach().cpu().contiguous().numpy().tobytes()
+    elif isinstance(value, torch.Generator):
+        value = value.get_state().numpy().tobytes()
+    elif not isinstance(value, bytes):
+        value = pickle.dumps(value)
+    return hashlib.sha256(value).digest()
+
+
+def assert_same_on_all_ranks(value: Any, what: str) -> None:
+    """Raise RuntimeError naming ``what`` when ranks disagree on ``value`` (tensor, generator or picklable)."""
+    if not is_distributed():
+        return
+    mine = _fingerprint(value)
+    every = [None] * world_size()
+    torch.distributed.all_gather_object(every, mine)
+    if any(f != every[0] for f in every):
+        bad = [i for i, f in enumerate(every) if f != every[0]]
+        raise RuntimeError(f"{what} differs across processes (ranks {bad} disagree with rank 0)")
+
+
+def shared_generator(ctx, tag: str) -> torch.Generator:
+    """An independent torch stream for one per-step decision, identical on every rank.
+
+    Derived from (step seed, tag) only, so it neither depends on nor disturbs the draws made
+    from ``ctx.generator``.
+    """
+    return torch_generator(ctx.seed, tag)
+
+
+# ---------------------------------------------------------------------------- GRPO groups
+
+
+@dataclass
+class GroupBatch:
+    """A global batch of ``groups`` distinct prompts, each repeated ``group_size`` times (contiguous)."""
+
+    prompts: list[str]  # global rows: prompt g at rows g*K .. g*K + K - 1
+    group: torch.Tensor  # (n_global,) group index of each row
+    rows: slice  # this process's rows (ctx.shard of the global batch)
+
+    @property
+    def local_prompts(self) -> list[str]:
+        return self.prompts[self.rows]
+
+    @property
+    def local_group(self) -> torch.Tensor:
+        return self.group[self.rows]
+
+
+class GroupSampler:
+    """Every drawn prompt appears exactly ``group_size`` times in the global batch; each process
+    gets a contiguous shard (groups may straddle processes: gather rewards with ``all_gather_tensor``)."""
+
+    def __init__(self, group_size: int, groups_per_batch: int, rank: int = 0, world_size: int = 1):
+        if group_size < 2:
+            raise UserError(f"the GRPO group size must be at least 2 (got {group_size}); the paper uses 16 or 24.")
+        if groups_per_batch < 1:
+            raise UserError(f"at least one prompt group per batch is needed (got {groups_per_batch}).")
+        n = group_size * groups_per_batch
+        if n % world_size:
+            raise UserError(f"a global batch of {groups_per_batch} groups x {group_size} = {n} rows does not split over "
+                            f"{world_size} processes; choose a group count or size whose product is a multiple of it.")
+        self.group_size, self.groups, self.rank, self.world_size = group_size, groups_per_batch, rank, world_size
+
+    @classmethod
+    def for_context(cls, ctx, group_size: int, groups_per_batch: int) -> "GroupSampler":
+        return cls(group_size, groups_per_batch, ctx.rank, ctx.world_size)
+
+    @property
+    def global_size(self) -> int:
+        return self.group_size * self.groups
+
+    def rows(self) -> slice:
+        per = self.global_size // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def draw(self, source: Sequence[str] | Callable[[int, torch.Generator], list[str]],
+             generator: torch.Generator) -> GroupBatch:
+        """Draw ``groups_per_batch`` distinct prompts from ``source`` (a list, or backend.training_prompts)."""
+        if callable(source):
+            chosen: list[str] = []
+            for _ in range(64):  # a sampler with repeats: draw until enough distinct prompts
+                for p in source(self.groups, generator):
+                    if p not in chosen and len(chosen) < self.groups:
+                        chosen.append(p)
+                if len(chosen) == self.groups:
+                    break
+            else:
+                raise UserError(f"the prompt source yields fewer than {self.groups} distinct prompts; lower the number "
+                                "of groups per batch or use a larger prompt set.")
+        else:
+            pool = list(dict.fromkeys(source))
+            if len(pool) < self.groups:
+                raise UserError(f"{self.groups} prompt groups per batch need at least as many distinct prompts "
+                                f"(the prompt set has {len(pool)}); lower the group count or add prompts.")
+            idx = torch.randperm(len(pool), generator=generator)[: self.groups]
+            chosen = [pool[int(i)] for i in idx]
+        prompts = [p for p in chosen for _ in range(self.group_size)]
+        group = torch.arange(self.groups).repeat_interleave(self.group_size)
+        return GroupBatch(prompts=prompts, group=group, rows=self.rows())
