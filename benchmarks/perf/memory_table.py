@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Estimated peak GPU memory per device for every real backend x method, and what makes it fit 80 GB.
+
+Resident memory is counted exactly from the published configs (networks built on the meta
+device; benchmarks/perf/real_model_configs.py). Activation memory follows this model:
+
+    A grad-carrying transformer forward of one sample saves T * (L * c + e) bytes without
+    gradient checkpointing, where T is the sequence length (image + text tokens), L the number
+    of blocks, c the bytes one block saves per token and e the per-token bytes outside the
+    blocks. With checkpointing it keeps each block's inputs, T * d * 2 bytes per block (bf16),
+    plus one block's saved tensors while that block is recomputed: T * (L * 2d + c + e).
+
+c and e are MEASURED here, on CPU, by counting the bytes autograd saves (saved-tensor hooks,
+each storage once, parameters excluded) in the real diffusers block classes at the real
+width, with a rank-32 LoRA active on the attention projections (fp32 adapters on a bf16 base,
+as the backends run), at two depths and two token counts (fit linear in L and T; flash
+attention on GPU saves nothing quadratic in T, and the CPU kernel used here does not either).
+The VAE decoder (with grad, for reward back-propagation) and a CLIP ViT reward tower are
+measured the same way. Per method, the number of grad-carrying calls alive at the peak comes
+from the method definitions (method.md, baselines.md; the same counts as gpu_real_backends.py).
+Not modelled: allocator fragmentation (typically 5-15% more), CUDA context (~0.5 GB), the
+transient working set of no-grad forwards (under one block's activations per sample).
+
+    python benchmarks/perf/memory_table.py [--batch 9] [--gpu-gb 80] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import real_model_configs as RC  # noqa: E402
+
+GB = 1e9
+BF16, FP32 = 2, 4
+ADAM_TRAINED = FP32 * 4  # fp32 weight + fp32 grad + two fp32 Adam moments, bytes per trained parameter
+
+
+# ---------------------------------------------------------------------------- measurement
+def saved_activation_bytes(fn, exclude: set[int]) -> int:
+    """Bytes autograd saves while ``fn`` runs: each storage once, storages in ``exclude`` (parameters) skipped."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def fit_linear(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Least squares of bytes = L * T * c + T * e over (L, T, bytes) points -> (c, e)."""
+    a = torch.tensor([[L * T, T] for L, T, _ in points], dtype=torch.float64)
+    y = torch.tensor([b for _, _, b in points], dtype=torch.float64)
+    sol = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.squeeze(1)
+    return float(sol[0]), float(sol[1])
+
+
+def _build(factory):
+    """Build a network with bf16 weights on CPU (random init; buffers such as position ids intact)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return factory().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _with_lora(model, targets):
+    from rtdmd.backends import lora as L
+
+    L.add_adapter(model, "g", L.LoraSpec(rank=32, alpha=64, targets=targets))
+    L.set_state(model, (False, ("g",)))
+    return model
+
+
+def _param_ptrs(model) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def measure_sd3(variant: str, sides=(8, 16), text_tokens: int = 32) -> dict:
+    """c, e (bytes per token) of the SD3 transformer family with LoRA r32, from L in {1, 2} and two image sizes."""
+    from diffusers import SD3Transformer2DModel
+
+    from rtdmd.backends.lora import SD3_ATTENTION_TARGETS
+
+    cfg = dict(RC.SD3_TRANSFORMERS[variant])
+    pts = []
+    for n in (1, 2):
+        c = dict(cfg, num_layers=n, dual_attention_layers=tuple(range(n)) if cfg.get("dual_attention_layers") else ())
+        m = _with_lora(_build(lambda: SD3Transformer2DModel(**c)), SD3_ATTENTION_TARGETS)
+        for side in sides:
+            x = torch.randn(1, cfg["in_channels"], side, side, dtype=torch.bfloat16)
+            txt = torch.randn(1, text_tokens, cfg["joint_attention_dim"], dtype=torch.bfloat16)
+            pooled = torch.randn(1, cfg["pooled_projection_dim"], dtype=torch.bfloat16)
+            tokens = (side // cfg["patch_size"]) ** 2 + text_tokens
+            b = saved_activation_bytes(lambda: m(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=txt,
+                                                 pooled_projections=pooled), _param_ptrs(m))
+            pts.append((n, tokens, b))
+    c, e = fit_linear(pts)
+    return {"c": c, "e": e, "width": cfg["num_attention_heads"] * cfg["attention_head_dim"], "points": pts}
+
+
+def measure_flux2(variant: str, sides=(8, 16), text_tokens: int = 32) -> dict:
+    """Per-token bytes of FLUX.2 double blocks (c2), single blocks (c1) and the rest (e), with LoRA r32."""
+    from diffusers import Flux2Transformer2DModel
+
+    from rtdmd.backends.flux2 import flux2_velocity
+    from rtdmd.backends.lora import FLUX2_ATTENTION_TARGETS
+
+    cfg = dict(RC.FLUX2_TRANSFORMERS[variant])
+    rows = []
+    for nd, ns in ((1, 1), (2, 1), (1, 2)):
+        m = _with_lora(_build(lambda: Flux2Transformer2DModel(**dict(cfg, num_layers=nd, num_single_layers=ns))),
+                       FLUX2_ATTENTION_TARGETS)
+        for side in sides:
+            x = torch.randn(1, cfg["in_channels"], side, side)
+            cond = {"prompt_embeds": torch.randn(1, text_tokens, cfg["joint_attention_dim"], dtype=torch.bfloat16)}
+            b = saved_activation_bytes(lambda: flux2_velocity(m, x, torch.tensor([0.5]), cond), _param_ptrs(m))
+            rows.append((nd, ns, side * side + text_tokens, b))
+    a = torch.tensor([[nd * T, ns * T, T] for nd, ns, T, _ in rows], dtype=torch.float64)
+    y = torch.tensor([[b] for *_, b in rows], dtype=torch.float64)
+    c2, c1, e = (float(v) for v in torch.linalg.lstsq(a, y).solution.squeeze(1))
+    return {"c_double": c2, "c_single": c1, "e": e, "width": cfg["num_attention_heads"] * cfg["attention_head_dim"]}
+
+
+def measure_vae_decoder(kind: str, sides=(8, 16)) -> float:
+    """Bytes saved per output pixel by a VAE decode with grad (real channel widths)."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    cls, cfg = (AutoencoderKL, RC.SD3_VAE) if kind == "sd3" else (AutoencoderKLFlux2, RC.FLUX2_VAE)
+    vae = _build(lambda: cls(**cfg))
+    ch = cfg["latent_channels"]
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    pts = []
+    for side in sides:
+        z = torch.randn(1, ch, side, side, dtype=torch.bfloat16, requires_grad=True)
+        b = saved_activation_bytes(lambda: vae.decode(z).sample, _param_ptrs(vae))
+        pts.append((1, (side * f) ** 2, b))
+    c, e = fit_linear(pts)
+    return c + e
+
+
+def measure_vit(cfg: dict, layers=(1, 2)) -> dict:
+    """Bytes saved per image by a CLIP ViT image tower with grad (back-propagated rewards), full depth."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    pts = []
+    for n in layers:
+        m = _build(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**dict(cfg, num_hidden_layers=n))))
+        px = torch.randn(1, 3, cfg["image_size"], cfg["image_size"], dtype=torch.bfloat16, requires_grad=True)
+        pts.append((n, 1, saved_activation_bytes(lambda: m(pixel_values=px).image_embeds, _param_ptrs(m))))
+    c, e = fit_linear(pts)
+    return {"per_image": c * cfg["num_hidden_layers"] + e}
+
+
+def count_params(kind: str, variant: str) -> dict:
+    """Parameters of the transformer, its LoRA r32 adapter, the VAE and the text encoders (meta device)."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Transformer2DModel, SD3Transformer2DModel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM, T5Config,
+                              T5EncoderModel)
+
+    from rtdmd.backends import lora as L
+
+    with torch.device("meta"):
+        if kind == "sd3":
+            tr, vae = SD3Transformer2DModel(**RC.SD3_TRANSFORMERS[variant]), AutoencoderKL(**RC.SD3_VAE)
+            texts = []
+            for name, c in RC.SD3_TEXT.items():
+                c = {k: v for k, v in c.items() if k != "kind"}
+                texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**c)) if name.startswith("clip") else T5EncoderModel(T5Config(**c)))
+            targets = L.SD3_ATTENTION_TARGETS
+        else:
+            tr, vae = Flux2Transformer2DModel(**RC.FLUX2_TRANSFORMERS[variant]), AutoencoderKLFlux2(**RC.FLUX2_VAE)
+            c = {k: v for k, v in RC.FLUX2_TEXT[variant].items() if k != "kind"}
+            texts = [Qwen3ForCausalLM(Qwen3Config(**c))]
+            targets = L.FLUX2_ATTENTION_TARGETS
+        lora = sum(32 * (m.in_features + m.out_features) for m in (tr.get_submodule(n) for n in L.target_module_names(tr, targets)))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"transformer": n(tr), "lora": lora, "vae": n(vae), "text": sum(n(t) for t in texts)}
+
+
+# ---------------------------------------------------------------------------- the estimate
+@dataclass
+class MethodProfile:
+    """What one method keeps on a GPU (method.md, baselines.md; counts as in gpu_real_backends.py)."""
+
+    trained: int  # trained networks (adapters or full copies), each with AdamW state
+    frozen_adapters: int  # extra adapters without optimiser (EMA copies, a frozen stage-1 LoRA)
+    grad_forwards: float  # grad-carrying transformer forwards alive at the peak, per sample
+    decodes: int  # VAE decodes with grad per sample (reward back-propagation)
+    reward_towers: list[str]  # image towers back-propagated per sample
+    rewards_resident: float  # reward model parameters kept on the GPU (bf16)
+    note: str
+
+
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+               image_size=224, projection_dim=768)
+PROFILES = {
+    # DMD2: generator + fake score (TTUR), EMA generator; peak: one grad forward (either update)
+    "dmd2": MethodProfile(2, 1, 1, 0, [], 0, "generator + fake score LoRA, EMA generator"),
+    # AC-DMD (method.md s3): fake update holds the ADSM/anchor forward + 2 consistency forwards
+    "ac-dmd": MethodProfile(2, 1, 3, 0, [], 0, "fake update: ADSM + 2 consistency forwards"),
+    # RTDMD stage 2 (method.md s4): 2 SubGRPO steps + the back-propagated last step, decode, 3 rewards
+    # (CLIPScore ViT-L/14, HPSv2.1 and PickScore ViT-H/14); frozen stage-1 LoRA + EMA
+    "rtdmd": MethodProfile(2, 2, 3, 1, ["vit_l", "vit_h", "vit_h"], 0.428e9 + 2 * 0.986e9,
+                           "2 GRPO + 1 BP forwards, decode + 3 rewards with grad"),
+    # Flow-GRPO (baselines.md): one timestep's forward with CFG (2 x batch) per backward; PickScore resident
+    "flow-grpo": MethodProfile(1, 0, 2, 0, [], 0.986e9, "per-timestep backward, CFG doubles the batch"),
+    # LCM / PCM LoRA (baselines.md): student only, target = online student without grad
+    "lcm": MethodProfile(1, 0, 1, 0, [], 0, "student LoRA; teacher and target without grad"),
+    # Hyper-SD style: consistency + ReFL forwards with grad, decode, aesthetic + ImageReward towers (ViT-L)
+    "hypersd": MethodProfile(2, 0, 2, 1, ["vit_l", "vit_l"], 0.43e9 + 0.45e9,
+                             "consistency + ReFL forwards, decode + 2 rewards with grad"),
+}
+
+VARIANTS = [("sd3", "sd3-medium", 1024), ("sd3", "sd3.5-medium", 1024), ("sd3", "sd3.5-large", 1024),
+            ("flux2", "klein-base-4b", 512), ("flux2", "klein-base-9b", 512)]
+
+
+def tokens_of(kind: str, resolution: int) -> tuple[int, int]:
+    """(image tokens, text tokens) of one sample."""
+    if kind == "sd3":
+        return (resolution // 16) ** 2, RC.SD3_TOKENS  # 8x VAE, 2x2 patches
+    return (resolution // 16) ** 2, RC.FLUX2_TOKENS  # 8x VAE, 2x2 patchify, 1x1 patches
+
+
+def transformer_activation_bytes(per_token: dict, blocks: list[tuple[str, int]], tokens: int, width: int,
+                                 checkpointing: bool) -> float:
+    """One sample's grad-carrying forward: T (sum_b L_b c_b + e), or with checkpointing T (L 2d + max c_b + e)."""
+    if not checkpointing:
+        return tokens * (sum(per_token[k] * n for k, n in blocks) + per_token["e"])
+    n_blocks = sum(n for _, n in blocks)
+    return tokens * (n_blocks * BF16 * width + max(per_token[k] for k, _ in blocks) + per_token["e"])
+
+
+def estimate(params: dict, act: dict, prof: MethodProfile, batch: int, checkpointing: bool, full: bool = False) -> dict:
+    """Peak bytes per GPU: resident weights and optimiser state + batch x activations at the peak."""
+    p_t = params["transformer"]
+    trained = prof.trained * (p_t if full else params["lora"]) * ADAM_TRAINED
+    frozen = prof.frozen_adapters * (p_t if full else params["lora"]) * FP32
+    resident = p_t * BF16 + trained + frozen + params["vae"] * BF16 + prof.rewards_resident * BF16
+    per_sample = prof.grad_forwards * act["transformer_ckpt" if checkpointing else "transformer"]
+    per_sample += prof.decodes * act["vae"] + sum(act[t] for t in prof.reward_towers)
+    return {"resident": resident, "per_sample": per_sample, "peak": resident + batch * per_sample}
+
+
+def build_table(batch: int, gpu_gb: float) -> dict:
+    vit = {"vit_h": measure_vit(RC.VIT_H14)["per_image"], "vit_l": measure_vit(VIT_L14)["per_image"]}
+    vae = {k: measure_vae_decoder(k) for k in ("sd3", "flux2")}
+    rows = []
+    for kind, variant, res in VARIANTS:
+        params = count_params(kind, variant)
+        img, txt = tokens_of(kind, res)
+        if kind == "sd3":
+            m = measure_sd3(variant)
+            per_token, blocks = {"joint": m["c"], "e": m["e"]}, [("joint", RC.SD3_TRANSFORMERS[variant]["num_layers"])]
+        else:
+            m = measure_flux2(variant)
+            cfg = RC.FLUX2_TRANSFORMERS[variant]
+            per_token = {"double": m["c_double"], "single": m["c_single"], "e": m["e"]}
+            blocks = [("double", cfg["num_layers"]), ("single", cfg["num_single_layers"])]
+        act = {"transformer": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], False),
+               "transformer_ckpt": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], True),
+               "vae": vae[kind] * res * res, **vit}
+        for method, prof in PROFILES.items():
+            plain = estimate(params, act, prof, batch, False)
+            ckpt = estimate(params, act, prof, batch, True)
+            full = estimate(params, act, prof, batch, True, full=True)
+            budget = gpu_gb * GB
+            if plain["peak"] <= budget:
+                fits = "as is"
+            elif ckpt["peak"] <= budget:
+                fits = "gradient checkpointing"
+            else:
+                nmax = int((budget - ckpt["resident"]) // ckpt["per_sample"])
+                fits = f"checkpointing + batch <= {nmax}/GPU" if nmax > 0 else "does not fit"
+            rows.append({"backend": kind, "variant": variant, "resolution": res, "method": method,
+                         "resident_gb": ckpt["resident"] / GB, "act_per_sample_gb": plain["per_sample"] / GB,
+                         "act_per_sample_ckpt_gb": ckpt["per_sample"] / GB, "peak_gb": plain["peak"] / GB,
+                         "peak_ckpt_gb": ckpt["peak"] / GB, "peak_full_ckpt_gb": full["peak"] / GB, "fits": fits})
+    return {"batch": batch, "gpu_gb": gpu_gb, "vae_bytes_per_pixel": vae, "reward_tower_bytes_per_image": vit,
+            "rows": rows}
+
+
+def markdown(table: dict) -> str:
+    b, g = table["batch"], table["gpu_gb"]
+    out = [f"| backend / variant | method | resident GB | act/sample GB (ckpt) | peak b={b} GB | peak b={b} ckpt GB "
+           f"| full FT ckpt GB | fits {g:.0f} GB with |", "|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        out.append(f"| {r['variant']} @{r['resolution']} | {r['method']} | {r['resident_gb']:.1f} | "
+                   f"{r['act_per_sample_gb']:.1f} ({r['act_per_sample_ckpt_gb']:.2f}) | {r['peak_gb']:.0f} | "
+                   f"{r['peak_ckpt_gb']:.0f} | {r['peak_full_ckpt_gb']:.0f} | {r['fits']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=9, help="samples per GPU (method.md: 9/GPU x 8 GPUs)")
+    ap.add_argument("--gpu-gb", type=float, default=80.0)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    torch.set_grad_enabled(True)
+    table = build_table(a.batch, a.gpu_gb)
+    if a.json:
+        a.json.write_text(json.dumps(table, indent=1))
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
