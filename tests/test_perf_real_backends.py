@@ -62,7 +62,7 @@ def test_activation_model_and_estimate_by_hand():
     # checkpointing: T (L * 2 d + c + e) = 50 (4 * 16 + 100 + 10)
     assert MT.transformer_activation_bytes(per_token, [("joint", 4)], 50, 8, True) == 50 * 174
     params = {"transformer": 1000, "lora": 10, "vae": 100, "text": 0}
-    act = {"transformer": 7.0, "transformer_ckpt": 3.0, "vae": 5.0, "vit_h": 2.0}
+    act = {"transformer": 7.0, "transformer_ckpt": 3.0, "vae": 9.0, "vae_ckpt": 5.0, "vit_h": 2.0}
     prof = MT.MethodProfile(trained=2, frozen_adapters=1, grad_forwards=3, decodes=1, reward_towers=["vit_h"],
                             rewards_resident=50, note="")
     est = MT.estimate(params, act, prof, batch=4, checkpointing=True)

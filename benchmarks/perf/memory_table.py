@@ -15,7 +15,8 @@ each storage once, parameters excluded) in the real diffusers block classes at t
 width, with a rank-32 LoRA active on the attention projections (fp32 adapters on a bf16 base,
 as the backends run), at two depths and two token counts (fit linear in L and T; flash
 attention on GPU saves nothing quadratic in T, and the CPU kernel used here does not either).
-The VAE decoder (with grad, for reward back-propagation) and a CLIP ViT reward tower are
+The VAE decoder (with grad, for reward back-propagation; with checkpointing: each decoder
+block's input kept plus the largest block's saved tensors) and a CLIP ViT reward tower are
 measured the same way. Per method, the number of grad-carrying calls alive at the peak comes
 from the method definitions (method.md, baselines.md; the same counts as gpu_real_backends.py).
 Not modelled: allocator fragmentation (typically 5-15% more), CUDA context (~0.5 GB), the
@@ -137,21 +138,37 @@ def measure_flux2(variant: str, sides=(8, 16), text_tokens: int = 32) -> dict:
     return {"c_double": c2, "c_single": c1, "e": e, "width": cfg["num_attention_heads"] * cfg["attention_head_dim"]}
 
 
-def measure_vae_decoder(kind: str, sides=(8, 16)) -> float:
-    """Bytes saved per output pixel by a VAE decode with grad (real channel widths)."""
+def measure_vae_decoder(kind: str, sides=(8, 16)) -> dict:
+    """Bytes saved per output pixel by a VAE decode with grad (real channel widths), without and with
+    diffusers' decoder checkpointing (mid block and each up block checkpointed: their inputs stay,
+    plus the largest block's saved tensors during its recompute, plus the unchecked input / output layers)."""
     from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
     cls, cfg = (AutoencoderKL, RC.SD3_VAE) if kind == "sd3" else (AutoencoderKLFlux2, RC.FLUX2_VAE)
     vae = _build(lambda: cls(**cfg))
+    dec = vae.decoder
+    blocks = [dec.mid_block, *dec.up_blocks]
     ch = cfg["latent_channels"]
     f = 2 ** (len(cfg["block_out_channels"]) - 1)
-    pts = []
+    plain, ckpt = [], []
     for side in sides:
         z = torch.randn(1, ch, side, side, dtype=torch.bfloat16, requires_grad=True)
-        b = saved_activation_bytes(lambda: vae.decode(z).sample, _param_ptrs(vae))
-        pts.append((1, (side * f) ** 2, b))
-    c, e = fit_linear(pts)
-    return c + e
+        pts = _param_ptrs(vae)
+        total = saved_activation_bytes(lambda: vae.decode(z).sample, pts)
+        plain.append((1, (side * f) ** 2, total))
+        inputs = []
+        hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in blocks]
+        with torch.no_grad():
+            vae.decode(z)
+        for h in hooks:
+            h.remove()
+        per_block = [saved_activation_bytes(lambda: b(x.requires_grad_(True), None), pts) for b, x in zip(blocks, inputs)]
+        kept = sum(x.numel() * x.element_size() for x in inputs)
+        # conv_in and the full-resolution output head are not checkpointed: they keep what they saved
+        ckpt.append((1, (side * f) ** 2, kept + max(per_block) + total - sum(per_block)))
+    c, e = fit_linear(plain)
+    c2, e2 = fit_linear(ckpt)
+    return {"plain": c + e, "ckpt": c2 + e2}
 
 
 def measure_vit(cfg: dict, layers=(1, 2)) -> dict:
@@ -254,7 +271,7 @@ def estimate(params: dict, act: dict, prof: MethodProfile, batch: int, checkpoin
     frozen = prof.frozen_adapters * (p_t if full else params["lora"]) * FP32
     resident = p_t * BF16 + trained + frozen + params["vae"] * BF16 + prof.rewards_resident * BF16
     per_sample = prof.grad_forwards * act["transformer_ckpt" if checkpointing else "transformer"]
-    per_sample += prof.decodes * act["vae"] + sum(act[t] for t in prof.reward_towers)
+    per_sample += prof.decodes * act["vae_ckpt" if checkpointing else "vae"] + sum(act[t] for t in prof.reward_towers)
     return {"resident": resident, "per_sample": per_sample, "peak": resident + batch * per_sample}
 
 
@@ -275,7 +292,7 @@ def build_table(batch: int, gpu_gb: float) -> dict:
             blocks = [("double", cfg["num_layers"]), ("single", cfg["num_single_layers"])]
         act = {"transformer": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], False),
                "transformer_ckpt": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], True),
-               "vae": vae[kind] * res * res, **vit}
+               "vae": vae[kind]["plain"] * res * res, "vae_ckpt": vae[kind]["ckpt"] * res * res, **vit}
         for method, prof in PROFILES.items():
             plain = estimate(params, act, prof, batch, False)
             ckpt = estimate(params, act, prof, batch, True)
