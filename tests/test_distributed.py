@@ -163,3 +163,48 @@ def test_relaunch_runs_the_cli_on_two_cpu_processes(tmp_path):
     assert rc == 0
     meta = json.loads((out / "checkpoints" / "step_000002" / "meta.json").read_text())
     assert meta["step"] == 2 and meta["method"] == "teacher"
+
+
+def _lora_grads(out: str | None, rank: int = 0, world: int = 1):
+    """Gradients of a LoRA generator handle on a tiny SD3 backend for a fixed global batch of 4."""
+    from tiny_real import sd3_components
+
+    from rtdmd.backends.sd3 import SD3Backend, SD3Options
+
+    b = SD3Backend(SD3Options(resolution=32, dtype="fp32", vae_dtype="fp32", lora_rank=4, lora_alpha=8,
+                              prompt_cache_dir="", tf32=False), modules=sd3_components(), identity="ddp")
+    gen, fake = b.make_trainable("generator"), b.make_trainable("fake_score")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in list(gen.parameters()) + list(fake.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    net = gen
+    if world > 1:
+        from accelerate import Accelerator
+
+        net = Accelerator(cpu=True).prepare(gen)
+    x = torch.randn(4, *b.state_shape(), generator=g)
+    cond = {"prompt_embeds": torch.randn(4, 333, 32, generator=g), "pooled_prompt_embeds": torch.randn(4, 24, generator=g)}
+    s = torch.rand(4, generator=g)
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    local = {k: v[rows] for k, v in cond.items()}
+    v = b.velocity(net, x[rows], s[rows], local)
+    with torch.no_grad():  # another adapter on the same base between forward and backward
+        b.velocity(fake, x[rows], s[rows], local)
+    (v - b.teacher_velocity(x[rows], s[rows], local)).square().mean().backward()
+    grads = torch.cat([p.grad.flatten() for p in gen.parameters()])
+    if out is not None and rank == 0:
+        torch.save(grads, Path(out) / "grads.pt")
+    return grads
+
+
+def _lora_ddp_worker(out: str):
+    _lora_grads(out, D.rank(), D.world_size())
+
+
+def test_ddp_on_a_lora_handle_averages_adapter_gradients(tmp_path):
+    pytest.importorskip("peft")
+    D.spawn(_lora_ddp_worker, 2, args=(str(tmp_path),))
+    two = torch.load(tmp_path / "grads.pt")
+    one = _lora_grads(None)
+    assert two.abs().sum() > 0 and torch.allclose(two, one, atol=1e-6, rtol=1e-4)
