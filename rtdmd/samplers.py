@@ -127,11 +127,26 @@ class Rollout:
         return self.states[-1]
 
 
-def cps_rollout(
+KERNELS = ("cps", "sde")
+
+
+def step_mean_std(kernel: str, x: torch.Tensor, v: torch.Tensor, s: SigmaLike, s_next: SigmaLike, eta: float = 0.9,
+                  a: float = 0.7, sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian policy of one step: CPS (method.md s2) or the Flow-GRPO SDE (baselines.md)."""
+    if kernel == "cps":
+        return cps_mean_std(x, v, s, s_next, eta)
+    if kernel == "sde":
+        return flow_grpo_sde_mean_std(x, v, s, s_next, a, sigma_max)
+    raise UserError(f"unknown sampling kernel {kernel!r}; use one of {KERNELS}.")
+
+
+def policy_rollout(
     velocity_fn: VelocityFn,
     x: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
-    eta: float,
+    kernel: str = "cps",
+    eta: float = 0.9,
+    a: float = 0.7,
     noises: Sequence[torch.Tensor | None] | None = None,
     generator: torch.Generator | None = None,
     grad_steps: Iterable[int] | None = None,
@@ -140,7 +155,7 @@ def cps_rollout(
     num_steps: int | None = None,
     detach_inputs: bool = True,
 ) -> Rollout:
-    """Run CPS along ``sigmas`` from x (at sigmas[0]).
+    """Run a stochastic sampler (``kernel`` "cps" or "sde") along ``sigmas`` from x (at sigmas[0]).
 
     noises: optional per-step noise (None entries are drawn from ``generator``), e.g.
     group-shared noise for SubGRPO. grad_steps: step indices whose network call keeps
@@ -160,7 +175,8 @@ def cps_rollout(
     if noises is not None and len(noises) < n:
         raise ValueError(f"noises has {len(noises)} entries for {n} steps")
     grad_steps = set(grad_steps or ())
-    sin_eta = math.sin(eta * math.pi / 2)
+    sigma_max = s[1]
+    noisy_kernel = kernel == "sde" or math.sin(eta * math.pi / 2) > 0
 
     states, means, stds, vels, used_noises, lps, stoch = [x], [], [], [], [], [], []
     for i in range(n):
@@ -168,8 +184,8 @@ def cps_rollout(
         ctx = contextlib.nullcontext() if i in grad_steps else torch.no_grad()
         with ctx:
             v = velocity_fn(xi, batch_sigma(s[i], xi))
-            mean, std = cps_mean_std(xi, v, s[i], s[i + 1], eta)
-        stochastic = s[i + 1] > 0 and sin_eta > 0 and not (deterministic_last and i == n_total - 1)
+            mean, std = step_mean_std(kernel, xi, v, s[i], s[i + 1], eta, a, sigma_max)
+        stochastic = noisy_kernel and (kernel == "sde" or s[i + 1] > 0) and not (deterministic_last and i == n_total - 1)
         if stochastic:
             z = noises[i] if noises is not None and noises[i] is not None else randn_like_gen(xi, generator)
             z = z.to(device=xi.device, dtype=xi.dtype)
@@ -195,6 +211,20 @@ def cps_rollout(
         noises=used_noises,
         stochastic_steps=stoch,
     )
+
+
+def cps_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, eta: float, **kwargs) -> Rollout:
+    """CPS trajectory (method.md s2); see policy_rollout for the keyword arguments."""
+    return policy_rollout(velocity_fn, x, sigmas, kernel="cps", eta=eta, **kwargs)
+
+
+def step_log_prob(velocity_fn: VelocityFn, x: torch.Tensor, x_next: torch.Tensor, s: float, s_next: float,
+                  kernel: str = "cps", eta: float = 0.9, a: float = 0.7, sigma_max: float | None = None,
+                  form: str = "gaussian") -> torch.Tensor:
+    """log pi_theta(x_next | x) of one stored transition, recomputed with gradient (GRPO's new log-prob)."""
+    v = velocity_fn(x, batch_sigma(s, x))
+    mean, std = step_mean_std(kernel, x, v, s, s_next, eta, a, sigma_max)
+    return log_prob(x_next.detach(), mean, std, form)
 
 
 @torch.no_grad()
@@ -255,13 +285,6 @@ def sde_sample(
     log_prob_form: str = "gaussian",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample with the Flow-GRPO SDE along ``sigmas``; returns (final x, (B, N) per-step log-probs)."""
-    s = _sigma_list(sigmas)
-    sigma_max = s[1]
-    lps = []
-    for i in range(len(s) - 1):
-        v = velocity_fn(x, batch_sigma(s[i], x))
-        z = randn_like_gen(x, generator)
-        x_next, mean, std = flow_grpo_sde_step(x, v, s[i], s[i + 1], z, a=a, sigma_max=sigma_max)
-        lps.append(log_prob(x_next.detach(), mean, std, log_prob_form))
-        x = x_next
-    return x, torch.stack(lps, dim=1)
+    r = policy_rollout(velocity_fn, x, sigmas, kernel="sde", a=a, generator=generator,
+                       log_prob_form=log_prob_form, deterministic_last=False)
+    return r.final, r.log_probs
