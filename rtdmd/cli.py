@@ -110,9 +110,9 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
     if backend.has_images:
         arrays = to_uint8(images)
         for (p, key), a in zip(items, arrays):
-            save_png(a, out / f"{_slug(p)}_{key[2]:02d}_{key[3]:02d}.png")
+            save_png(out / f"{_slug(p)}_{key[2]:02d}_{key[3]:02d}.png", a)
         grid = make_grid(list(arrays), ncols=num_images, upscale=4 if arrays.shape[1] <= 64 else 1)
-        save_png(grid, out / "grid.png")
+        save_png(out / "grid.png", grid)
         click.echo(f"wrote {len(arrays)} images ({sc.kind}, {sc.steps} steps, guidance {sc.guidance}) and {out / 'grid.png'}")
     else:
         from rtdmd.plots import scatter_points

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from rtdmd.errors import UserError
+from rtdmd.fileio import atomic_write_bytes
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -27,13 +27,18 @@ def from_uint8(arr: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Write one (H, W, 3) uint8 image atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def save_png(path: Path, image) -> None:
+    """Write one image ((H, W, 3) uint8 array or PIL image) as PNG, atomically."""
+    import io
+
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise UserError(f"images must be (H, W, 3) uint8 arrays or PIL images, got {arr.dtype} {arr.shape}; convert first.")
+        image = Image.fromarray(arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_png(path: Path) -> np.ndarray:
@@ -49,8 +54,9 @@ def load_png(path: Path) -> np.ndarray:
         raise UserError(f"image {path} is unreadable or corrupt ({type(exc).__name__}); delete it and rerun to regenerate it.") from None
 
 
-def make_grid(arrays: list[np.ndarray] | np.ndarray, ncols: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
-    """Tile (H, W, 3) uint8 images into one image with white padding; optional nearest upscaling."""
+def make_grid(arrays: list[np.ndarray] | np.ndarray, ncols: int | None = None, pad: int = 2, upscale: int = 1,
+              fill: int = 255) -> np.ndarray:
+    """Tile (H, W, 3) uint8 images into one image with ``fill``-valued padding; optional nearest upscaling."""
     arrays = list(arrays)
     if not arrays:
         raise ValueError("no images to tile")
@@ -59,7 +65,7 @@ def make_grid(arrays: list[np.ndarray] | np.ndarray, ncols: int | None = None, p
     nrows = int(math.ceil(n / ncols))
     h, w = arrays[0].shape[:2]
     h, w = h * upscale, w * upscale
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), fill, dtype=np.uint8)
     for i, a in enumerate(arrays):
         if upscale > 1:
             a = a.repeat(upscale, 0).repeat(upscale, 1)

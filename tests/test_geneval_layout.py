@@ -114,5 +114,5 @@ def test_truncated_and_corrupt_png(tmp_path):
     assert is_complete_png(p)
     with pytest.raises(UserError, match="corrupt PNG"):
         list(read_images_dir(tmp_path))
-    with pytest.raises(UserError, match="Cannot read image"):
+    with pytest.raises(UserError, match="is unreadable or corrupt"):
         load_image(p)

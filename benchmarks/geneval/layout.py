@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +22,9 @@ from PIL import Image
 
 from benchmarks.geneval.prompts import validate_entry
 from rtdmd.errors import UserError
+from rtdmd.fileio import atomic_write_bytes
+from rtdmd.images import load_png as load_image
+from rtdmd.images import make_grid, save_png
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the fixed last chunk of every complete PNG
@@ -35,18 +37,6 @@ def prompt_dir(out: str | os.PathLike, index: int) -> Path:
 
 def image_path(out: str | os.PathLike, index: int, k: int) -> Path:
     return prompt_dir(out, index) / "samples" / f"{k:05d}.png"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_prompt_dir(out: str | os.PathLike, index: int, metadata: dict) -> Path:
@@ -71,26 +61,8 @@ def write_prompt_dir(out: str | os.PathLike, index: int, metadata: dict) -> Path
             )
         if existing is not None:
             return d
-    _atomic_write_bytes(meta_path, text.encode("utf-8"))
+    atomic_write_bytes(meta_path, text.encode("utf-8"))
     return d
-
-
-def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise UserError(f"Images must be (H, W, 3) uint8 arrays or PIL images, got {arr.dtype} {arr.shape}; convert first.")
-    return Image.fromarray(arr)
-
-
-def save_png(path: str | os.PathLike, image) -> None:
-    """Write a PNG atomically (temp file in the same folder, then os.replace)."""
-    import io
-
-    buf = io.BytesIO()
-    _to_pil(image).save(buf, format="PNG")
-    _atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def save_image(out: str | os.PathLike, index: int, k: int, image) -> Path:
@@ -102,19 +74,11 @@ def save_image(out: str | os.PathLike, index: int, k: int, image) -> Path:
 
 def write_grid(out: str | os.PathLike, index: int, images: Sequence, nrow: int | None = None, pad: int = 2) -> Path:
     """Optional ``grid.png``: images tiled ``nrow`` per row with ``pad`` black pixels around each."""
-    arrs = [np.asarray(_to_pil(im).convert("RGB")) for im in images]
+    arrs = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
     if not arrs or any(a.shape != arrs[0].shape for a in arrs):
         raise UserError("write_grid needs one or more images of the same size; pass the prompt's samples.")
-    h, w, _ = arrs[0].shape
-    nrow = nrow or len(arrs)
-    rows = -(-len(arrs) // nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), np.uint8)
-    for i, a in enumerate(arrs):
-        r, c = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = a
     p = prompt_dir(out, index) / "grid.png"
-    save_png(p, grid)
+    save_png(p, make_grid(arrs, ncols=nrow or len(arrs), pad=pad, fill=0))
     return p
 
 
@@ -146,16 +110,6 @@ def missing_images(out: str | os.PathLike, n_prompts: int, n_samples: int) -> li
         for k in range(n_samples)
         if not is_complete_png(image_path(out, i, k))
     ]
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a PNG to an (H, W, 3) uint8 array; UserError naming the path if unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"Cannot read image {os.fspath(path)} ({e}); regenerate or remove it.") from e
 
 
 def read_images_dir(directory: str | os.PathLike) -> Iterator[tuple[int, int, dict, Path]]:

@@ -14,15 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from rtdmd.errors import UserError
+from rtdmd.world.geneval import GENEVAL_COLORS, GENEVAL_TAGS, NUMBER_WORDS, RELATIONS, plural, with_article
 
-GENEVAL_COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
-)
-GENEVAL_POSITIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-NUMBER_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-)
+GENEVAL_POSITIONS = RELATIONS
 COUNTING_MIN, COUNTING_MAX = 2, 4  # counting draws N in [2, 4] inclusive
 
 COCO_CLASSES: tuple[str, ...] = (
@@ -37,16 +31,6 @@ COCO_CLASSES: tuple[str, ...] = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
     "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
-
-
-def with_article(word: str) -> str:
-    """'an' before a lower-case vowel letter, else 'a' (the official rule, no phonetics)."""
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
-
-
-def plural(word: str) -> str:
-    """'es' after a final 's', else 's' (the official rule)."""
-    return f"{word}es" if word.endswith("s") else f"{word}s"
 
 
 def generate_metadata(

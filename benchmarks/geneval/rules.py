@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.geneval.detection import Detection, Detector
 from benchmarks.geneval.prompts import GENEVAL_COLORS, GENEVAL_TAGS, validate_entry
+from rtdmd.world.geneval import relative_position
 from rtdmd.errors import UserError
 
 
@@ -38,29 +39,6 @@ def keep_detections(detections: Sequence[Detection], tag: str, cfg: RuleConfig) 
         if d.score > thr:
             by_class.setdefault(d.label, []).append(d)
     return {c: sorted(ds, key=lambda d: -d.score)[: cfg.max_objects] for c, ds in by_class.items()}
-
-
-_RELATIONS = ("left of", "right of", "above", "below")
-
-
-def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> list[str]:
-    """Relations of box A to box B (x0, y0, x1, y1; y down), in the order of _RELATIONS.
-
-    offset = centre_A - centre_B; per axis the offset shrinks towards 0 by
-    threshold * (size_A + size_B) (never past 0); if both shrunk components are < 1e-3 no
-    relation holds; otherwise (dx, dy) = shrunk / |offset| and each component beyond
-    +-0.5 gives a relation, so a diagonal offset can give two.
-    """
-    a = np.asarray(box_a[:4], dtype=np.float64).reshape(2, 2)
-    b = np.asarray(box_b[:4], dtype=np.float64).reshape(2, 2)
-    offset = a.mean(axis=0) - b.mean(axis=0)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return []
-    dx, dy = revised / np.linalg.norm(offset)
-    holds = (dx < -0.5, dx > 0.5, dy < -0.5, dy > 0.5)
-    return [r for r, h in zip(_RELATIONS, holds) if h]
 
 
 @dataclass

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from rtdmd.errors import UserError
-
-GENEVAL_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
+from rtdmd.world.geneval import GENEVAL_COLORS, NUMBER_WORDS, POSITION_THRESHOLD, RELATIONS, relative_position, with_article
+from rtdmd.world.geneval import GENEVAL_TAGS as TASKS
+from rtdmd.world.geneval import plural as make_plural
 
 # Saturated, pairwise distinct; black and white far from the #999999 background.
 PALETTE: dict[str, tuple[float, float, float]] = {
@@ -37,10 +38,6 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 
 ALL_CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS = ("left of", "right of", "above", "below")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-POSITION_THRESHOLD = 0.1  # GenEval's evaluator: offsets shrink by 0.1 x (dimA + dimB)
 
 # Shape proportions (fractions of size): cross arm width, ring band width.
 CROSS_ARM = 0.36
@@ -168,29 +165,8 @@ def coverage(sdf: torch.Tensor, aa_width: float) -> torch.Tensor:
 
 
 def relations(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """GenEval's relative position of box A to box B (x0, y0, x1, y1; y down).
-
-    offset = cA - cB; rev = max(|offset| - threshold (dimA + dimB), 0) sign(offset) per axis;
-    nothing if both |rev| < 1e-3; (dx, dy) = rev / ||offset||; |d| > 0.5 names the relation.
-    """
-    a = np.asarray(box_a, dtype=np.float64).reshape(2, 2)
-    b = np.asarray(box_b, dtype=np.float64).reshape(2, 2)
-    offset = a.mean(0) - b.mean(0)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    rev = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(rev) < 1e-3):
-        return set()
-    dx, dy = rev / np.linalg.norm(offset)
-    out = set()
-    if dx < -0.5:
-        out.add("left of")
-    if dx > 0.5:
-        out.add("right of")
-    if dy < -0.5:
-        out.add("above")
-    if dy > 0.5:
-        out.add("below")
-    return out
+    """GenEval's relative position of box A to box B, as a set (rtdmd.world.geneval.relative_position)."""
+    return set(relative_position(box_a, box_b, threshold))
 
 
 def _relation_margin(box_a: np.ndarray, box_b: np.ndarray, rel: str) -> np.ndarray:
@@ -271,16 +247,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- caption grammar
-
-
-def with_article(word_phrase: str) -> str:
-    """GenEval's article rule: "an" if the phrase starts with a vowel letter, else "a"."""
-    return f"an {word_phrase}" if word_phrase[0] in "aeiou" else f"a {word_phrase}"
-
-
-def make_plural(name: str) -> str:
-    """GenEval's plural rule: "es" after a final "s", else "s" (cross -> crosses)."""
-    return f"{name}es" if name[-1] == "s" else f"{name}s"
 
 
 def prompt_for_metadata(meta: dict) -> str:
