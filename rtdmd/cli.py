@@ -54,10 +54,22 @@ def main():
 @click.option("--stage", type=click.Choice(["1", "2"]), default=None, help="rtdmd only: run stage 1 (AC-DMD) or stage 2 (RTDMD) alone.")
 @click.option("--init", "init", type=click.Path(path_type=Path), default=None, help="Checkpoint to initialise from (rtdmd stage 2: a stage-1 checkpoint).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(method, backend, config_file, sets, preset, out, max_steps, resume, stage, init, quiet):
+@click.option("--num-processes", type=int, default=1, show_default=True,
+              help="Processes (GPUs) to train on; more than 1 relaunches through accelerate (torchrun/gloo on CPU).")
+@click.option("--accelerate-config", default="ddp", show_default=True, help="ddp, fsdp or the path of an accelerate config file.")
+def train(method, backend, config_file, sets, preset, out, max_steps, resume, stage, init, quiet, num_processes,
+          accelerate_config):
     """Train METHOD (teacher, reward, dmd2, lcm, hypersd, flow-grpo, ac-dmd, rtdmd)."""
     from rtdmd import config as C
     from rtdmd.api import run_training
+
+    if num_processes < 1:
+        raise UserError(f"--num-processes must be at least 1, got {num_processes}.")
+    if num_processes > 1:
+        from rtdmd import distributed
+
+        if not distributed.inside_launch():
+            raise SystemExit(distributed.relaunch(sys.argv[1:], num_processes, accelerate_config))
 
     overrides = C.parse_set(sets)
     if max_steps is not None:

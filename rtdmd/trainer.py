@@ -27,7 +27,7 @@ from rtdmd import registry
 from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
-from rtdmd.seeding import step_seed, torch_generator
+from rtdmd.seeding import derive_seed, step_seed, torch_generator
 from rtdmd.tracking import Tracker, git_commit
 
 
@@ -93,6 +93,8 @@ class Trainer:
         if cfg.train.batch_size % acc.num_processes:
             raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {acc.num_processes} processes; "
                             "choose a multiple of the process count.")
+        # networks built from scratch (teacher, reward models, heads) start from the same weights in every run
+        torch.manual_seed(derive_seed(cfg.train.seed, "init"))
         backend = registry.get_backend(cfg.backend_name).factory(cfg.backend, acc.device)
         method: Method = registry.get_method(cfg.method_name).factory(cfg, backend)
         self.backend, self.method = backend, method
@@ -216,7 +218,7 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
                 if done % cfg.train.log_every == 0 or done == total:
                     tracker.log_metrics(logs, step=done)
-                out_of_time = cfg.train.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= cfg.train.max_minutes
+                out_of_time = self._out_of_time(t0)
                 if done % cfg.train.checkpoint_every == 0 or done == total or out_of_time:
                     last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
                 if out_of_time:
@@ -250,6 +252,17 @@ class Trainer:
         if last_ckpt is None:
             last_ckpt = ckpt.find_checkpoint(self.run_dir)
         return TrainResult(self.run_dir, last_ckpt, total, seconds, logs)
+
+    def _out_of_time(self, t0: float) -> bool:
+        """train.max_minutes reached; decided by rank 0 and shared, so all processes stop at the same step."""
+        limit = self.cfg.train.max_minutes
+        if limit <= 0:
+            return False
+        acc = self._accelerator
+        flag = torch.tensor([float((time.perf_counter() - t0) / 60 >= limit and acc.is_main_process)], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
     def _one_step(self, step: int) -> dict[str, float]:
         cfg, acc, method = self.cfg, self._accelerator, self.method
