@@ -223,9 +223,9 @@ class Trainer:
                     last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
                 if out_of_time:
                     total = done
-                    if bar is not None:
-                        bar.write(f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
-                                  "continue later with --resume and a larger budget.")
+                    msg = (f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
+                           "continue later with --resume and a larger budget.")
+                    bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
                     break
             status = "FINISHED"
         except KeyboardInterrupt:
