@@ -293,11 +293,7 @@ def resolve(
     data = _deep_merge(data, user)
     if overrides:
         data = _deep_merge(data, overrides)
-    unknown = sorted(set(data) - {"method", "backend", "train", "tracking"})
-    if unknown:
-        raise UserError(
-            f"unknown config section '{unknown[0]}'; valid sections are: backend, method, tracking, train."
-        )
+    _check_sections(data)
     m = dict(data.get("method") or {})
     b = dict(data.get("backend") or {})
     if m.pop("name", method) != method:
@@ -323,6 +319,7 @@ def dump(cfg: RunConfig) -> str:
 def load_resolved(path: Path) -> RunConfig:
     """Re-read a config.yaml written next to a run or checkpoint."""
     data = read_yaml(path)
+    _check_sections(data)
     try:
         method = data["method"]["name"]
         backend = data["backend"]["name"]
@@ -333,6 +330,18 @@ def load_resolved(path: Path) -> RunConfig:
     m = {k: v for k, v in data["method"].items() if k != "name"}
     b = {k: v for k, v in data["backend"].items() if k != "name"}
     return _build_run_config(method, backend, m, b, data)
+
+
+def _check_sections(data: dict) -> None:
+    unknown = sorted(set(data) - {"method", "backend", "train", "tracking"})
+    if unknown:
+        raise UserError(
+            f"unknown config section '{unknown[0]}'; valid sections are: backend, method, tracking, train."
+        )
+    for name in ("method", "backend", "train", "tracking"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise UserError(f"config section '{name}' must be a mapping of keys, got {data[name]!r}; "
+                            f"write it as '{name}: {{key: value}}' or set single keys with --set {name}.KEY=VALUE.")
 
 
 def _build_run_config(method: str, backend: str, m: dict, b: dict, data: dict) -> RunConfig:
