@@ -271,6 +271,7 @@ def resolve(
 
     data: dict = {}
     user = read_yaml(config_file) if config_file is not None else {}
+    _check_sections(user)  # before merging: a dict from --set would silently replace a scalar section of the file
     # The backend comes from the CLI, else the user's file, else the method's default.
     if backend is None and isinstance(user.get("backend"), dict):
         backend = user["backend"].get("name")
