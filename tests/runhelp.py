@@ -1,0 +1,65 @@
+"""Helpers for CLI and trainer tests: tiny run arguments and the user-error contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Tiny configurations: a run of a few steps takes milliseconds (toy2d) or a fraction of a second (shapes).
+TOY2D_SETS = ("backend.hidden=16", "backend.depth=2", "train.batch_size=8", "train.device=cpu",
+              "tracking.enabled=false", "method.ema_decay=0.9", "method.optim.lr=0.01")
+SHAPES_SETS = ("backend.image_size=16", "backend.size_range=[4,6]", "backend.max_objects=2",
+               "backend.unet_channels=[8,16]", "backend.unet_attention_head_dim=4", "backend.text_width=16",
+               "backend.text_heads=2", "backend.text_layers=1", "train.batch_size=4", "train.device=cpu",
+               "tracking.enabled=false", "method.ema_decay=0.9")
+
+
+def train_args(backend: str, out: Path, steps: int, *sets: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Arguments of `rtdmd-bench train teacher` on a tiny ``backend`` run into ``out``."""
+    base = TOY2D_SETS if backend == "toy2d" else SHAPES_SETS
+    args = ["train", "teacher", "--backend", backend, "--out", str(out), "--max-steps", str(steps), "--quiet"]
+    for s in (*base, *sets):
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """The CLI error contract: exit 2, exactly one stderr line starting with 'error:', no traceback."""
+    exc = result.exception
+    assert exc is None or isinstance(exc, SystemExit), f"uncaught {exc!r}"
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not re.search(r"[a-z]\. [A-Z]", lines[0]), f"more than one sentence: {lines[0]}"
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def checkpoint_tensors(step_dir: Path) -> dict:
+    """Every tensor of a checkpoint: inference weights, training weights, EMA copies, optimiser moments and steps."""
+    import torch
+    from safetensors.torch import load_file
+
+    step_dir = Path(step_dir)
+    out = {f"model/{k}": v for k, v in load_file(str(step_dir / "model.safetensors")).items()}
+    for f in sorted((step_dir / "state").glob("*.safetensors")):
+        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=False)
+    for name, opt in objects["optimizers"].items():
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                out[f"optim_{name}/{pid}/{k}"] = torch.as_tensor(v)
+        out[f"optim_{name}/param_groups"] = torch.tensor([g["lr"] for g in opt["param_groups"]], dtype=torch.float64)
+    out["step"] = torch.tensor(objects["step"])
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Bitwise equality of two checkpoint_tensors() dicts."""
+    import torch
+
+    assert a.keys() == b.keys()
+    diff = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"

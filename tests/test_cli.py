@@ -1,0 +1,328 @@
+"""The CLI contract: every user mistake exits 2 with one 'error:' line on stderr and no traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runhelp import assert_user_error, train_args
+
+# ---------------------------------------------------------------------------- names and config values
+
+CONFIG_ERRORS = {
+    "unknown method": (["train", "nope"], ["unknown method 'nope'", "teacher"]),
+    "unknown backend": (["train", "teacher", "--backend", "nope"], ["unknown backend 'nope'", "toy2d"]),
+    "method not on backend": (["train", "teacher", "--backend", "sd3"], ["does not run on backend 'sd3'", "shapes, toy2d"]),
+    "unknown section": (["--set", "trian.seed=1"], ["unknown config section 'trian'", "train"]),
+    "unknown key": (["--set", "train.max_step=5"], ["unknown config key 'train.max_step'", "max_steps"]),
+    "unknown nested key": (["--set", "method.optim.learning_rate=1"], ["'method.optim.learning_rate'", "lr"]),
+    "bad int": (["--set", "train.batch_size=abc"], ["'train.batch_size'", "an integer", "'abc'"]),
+    "bool is not an int": (["--set", "train.batch_size=true"], ["'train.batch_size'", "an integer"]),
+    "fractional int": (["--set", "train.batch_size=8.5"], ["'train.batch_size'", "an integer"]),
+    "bad float": (["--set", "method.optim.lr=fast"], ["'method.optim.lr'", "a number"]),
+    "bad bool": (["--set", "tracking.enabled=maybe"], ["'tracking.enabled'", "true or false"]),
+    "bad literal": (["--set", "method.sigma_sampling=gauss"], ["'method.sigma_sampling'", "'uniform', 'logit_normal'"]),
+    "bad literal (train)": (["--set", "train.mixed_precision=fp8"], ["'train.mixed_precision'", "'bf16'"]),
+    "scalar for a list": (["--set", "method.optim.betas=0.9"], ["'method.optim.betas'", "a list"]),
+    "bad list element": (["--set", "method.optim.betas=[0.9, high]"], ["'method.optim.betas[1]'", "a number"]),
+    "scalar for a nested section": (["--set", "method.optim=5"], ["'method.optim'"]),
+    "malformed --set": (["--set", "train.seed"], ["--set expects key=value", "'train.seed'"]),
+    "malformed --set key": (["--set", "train..seed=1"], ["--set key 'train..seed' is malformed"]),
+    "conflicting --set": (["--set", "train.seed=1", "--set", "train.seed.x=2"], ["conflicts"]),
+    "validate()": (["--set", "method.prompt_dropout=1.5"], ["method.prompt_dropout"]),
+    "toy2d validate()": (["--set", "backend.stds=[0.1]"], ["backend.stds"]),
+    "unknown preset": (["--preset", "fastest"], ["unknown preset 'fastest'", "teacher on toy2d"]),
+    "--stage on teacher": (["--stage", "1"], ["--stage", "drop --stage"]),
+    "--init on teacher": (["--init", "somewhere"], ["--init", "drop --init"]),
+    "--max-steps 0": (["--max-steps", "0"], ["--max-steps must be a positive integer"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_and_name_errors(cli, tmp_path, case):
+    args, fragments = CONFIG_ERRORS[case]
+    if args[0] != "train":
+        args = train_args("toy2d", tmp_path / "run", 2) + args
+    assert_user_error(cli(*args), *fragments)
+    assert not (tmp_path / "run").exists(), "a config error must stop before the run directory is created"
+
+
+@pytest.mark.parametrize("value", ["5", "0", "[1, 2]"])
+@pytest.mark.parametrize("section", ["train", "method", "backend"])
+def test_scalar_for_a_section_is_a_user_error(cli, tmp_path, section, value):
+    """--set train=5 must not crash (TypeError) nor be silently ignored (train=0 used to train 1000 default steps)."""
+    from runhelp import TOY2D_SETS
+
+    args = ["train", "teacher", "--backend", "toy2d", "--out", tmp_path / "run", "--quiet"]
+    # tiny settings for the other sections (and train.max_steps=2), so that a regression that ignores the
+    # scalar trains for seconds, not minutes
+    for s in (*TOY2D_SETS, "train.max_steps=2"):
+        if not s.startswith(section + "."):
+            args += ["--set", s]
+    assert_user_error(cli(*args, "--set", f"{section}={value}"), f"'{section}'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_scalar_section_in_config_file_is_not_silently_ignored(cli, tmp_path):
+    """A config file with `train: 5` is an error even when --set also writes train.* keys."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train: 5\n")
+    assert_user_error(cli(*train_args("toy2d", tmp_path / "run", 2, extra=("--config", f))), "'train'")
+
+
+def test_config_file_errors(cli, tmp_path):
+    run = tmp_path / "run"
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", tmp_path / "missing.yaml"))),
+                      "missing.yaml does not exist", "--config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n  seed: [1, 2\n")
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", bad))), "not valid YAML", "line")
+    seq = tmp_path / "seq.yaml"
+    seq.write_text("- 1\n- 2\n")
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", seq))), "must hold a mapping")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("backend:\n  hiden: 3\n")
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", typo))), "'backend.hiden'", "hidden")
+    other = tmp_path / "other.yaml"
+    other.write_text("method:\n  name: dmd2\n")
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", other))), "another method")
+    wrong_backend = tmp_path / "wb.yaml"
+    wrong_backend.write_text("backend:\n  name: shapes\n")
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", wrong_backend))), "backend.name")
+    assert not run.exists()
+
+
+# ---------------------------------------------------------------------------- run directories
+
+
+def test_resume_without_a_run(cli, tmp_path):
+    assert_user_error(cli(*train_args("toy2d", tmp_path / "empty", 2, extra=("--resume",))),
+                      "--resume given but", "holds no checkpoint", "drop --resume")
+
+
+def test_new_run_in_a_directory_that_holds_one(cli, tmp_path):
+    run = tmp_path / "run"
+    r = cli(*train_args("toy2d", run, 2))
+    assert r.exit_code == 0, r.output
+    before = (run / "checkpoints" / "step_000002" / "model.safetensors").read_bytes()
+    assert_user_error(cli(*train_args("toy2d", run, 2)), "already holds a training run", "--resume")
+    assert (run / "checkpoints" / "step_000002" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_a_changed_config(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*train_args("toy2d", run, 2)).exit_code == 0
+    assert_user_error(cli(*train_args("toy2d", run, 4, "train.seed=7", extra=("--resume",))),
+                      "different config", "'train.seed'")
+
+
+def test_resume_from_an_inference_only_checkpoint(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*train_args("toy2d", run, 2)).exit_code == 0
+    shutil.rmtree(run / "checkpoints" / "step_000002" / "state")
+    assert_user_error(cli(*train_args("toy2d", run, 4, extra=("--resume",))), "holds no training state")
+
+
+@pytest.mark.parametrize("victim", ["state/net_teacher.safetensors", "state/trainer.pt"])
+def test_resume_from_a_corrupt_training_state(cli, tmp_path, victim):
+    run = tmp_path / "run"
+    assert cli(*train_args("toy2d", run, 2)).exit_code == 0
+    f = run / "checkpoints" / "step_000002" / victim
+    f.write_bytes(f.read_bytes()[:64])
+    assert_user_error(cli(*train_args("toy2d", run, 4, extra=("--resume",))), "corrupt", "earlier checkpoint")
+
+
+# ---------------------------------------------------------------------------- checkpoints given to `sample`
+
+
+@pytest.fixture()
+def toy_checkpoint(cli, tmp_path) -> Path:
+    run = tmp_path / "toyrun"
+    r = cli(*train_args("toy2d", run, 2))
+    assert r.exit_code == 0, r.output
+    return run / "checkpoints" / "step_000002"
+
+
+def _sample(cli, ckpt, *extra):
+    return cli("sample", "--checkpoint", ckpt, "--prompt", "mode 1", "--num-images", "2", "--out", "samples", *extra)
+
+
+def test_sample_from_a_toy_checkpoint_works(cli, toy_checkpoint, tmp_path):
+    r = _sample(cli, toy_checkpoint.parent.parent)
+    assert r.exit_code == 0, r.output
+    import numpy as np
+
+    assert np.load(tmp_path / "samples" / "samples.npy").shape == (2, 2)
+
+
+def test_missing_checkpoint(cli, tmp_path):
+    assert_user_error(_sample(cli, tmp_path / "nowhere"), "nowhere does not exist")
+    (tmp_path / "emptydir").mkdir()
+    assert_user_error(_sample(cli, tmp_path / "emptydir"), "no checkpoint found")
+
+
+def test_truncated_model_file(cli, toy_checkpoint):
+    f = toy_checkpoint / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_user_error(_sample(cli, toy_checkpoint), "model.safetensors", "sha256", "retrain")
+
+
+def test_truncated_model_file_without_a_recorded_hash(cli, toy_checkpoint):
+    meta = json.loads((toy_checkpoint / "meta.json").read_text())
+    del meta["model_sha256"]
+    (toy_checkpoint / "meta.json").write_text(json.dumps(meta))
+    f = toy_checkpoint / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_user_error(_sample(cli, toy_checkpoint), "is corrupt")
+
+
+def test_sha256_mismatch(cli, toy_checkpoint):
+    f = toy_checkpoint / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # same length, one weight byte flipped: only the hash can tell
+    f.write_bytes(bytes(data))
+    assert_user_error(_sample(cli, toy_checkpoint), "does not match the sha256")
+
+
+def test_missing_meta_json(cli, toy_checkpoint):
+    os.remove(toy_checkpoint / "meta.json")
+    assert_user_error(_sample(cli, toy_checkpoint), "no checkpoint found")
+    assert_user_error(_sample(cli, toy_checkpoint.parent.parent), "no checkpoint found")
+
+
+def test_corrupt_meta_json(cli, toy_checkpoint):
+    (toy_checkpoint / "meta.json").write_text("{not json")
+    assert_user_error(_sample(cli, toy_checkpoint), "meta.json is unreadable or corrupt")
+
+
+def test_missing_checkpoint_config_names_the_checkpoint_not_the_config_option(cli, toy_checkpoint):
+    """A checkpoint without config.yaml is an incomplete checkpoint; the user never passed --config."""
+    os.remove(toy_checkpoint / "config.yaml")
+    line = assert_user_error(_sample(cli, toy_checkpoint), "config.yaml")
+    assert "--config" not in line
+
+
+def test_sample_argument_errors(cli, toy_checkpoint):
+    assert_user_error(_sample(cli, toy_checkpoint, "--steps", "0"), "--steps must be positive")
+    assert_user_error(cli("sample", "--checkpoint", toy_checkpoint, "--prompt", "x", "--num-images", "0"),
+                      "--num-images must be positive")
+    assert_user_error(cli("sample", "--checkpoint", toy_checkpoint, "--prompt", "mode 9"), "'mode 9'", "0..7")
+
+
+def test_shapes_prompt_too_long(cli):
+    prompt = " ".join(["a red circle and"] * 5)
+    assert_user_error(cli("sample", "--prompt", prompt, "--num-images", "1", "--steps", "1"), "max_tokens")
+
+
+# ---------------------------------------------------------------------------- failures during training
+
+
+def test_nan_loss_stops_with_the_last_good_state(cli, tmp_path):
+    run = tmp_path / "run"
+    line = assert_user_error(cli(*train_args("toy2d", run, 20, "method.optim.lr=1e30")),
+                             "became nan", "last good state saved", "learning rate")
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert latest in line and 1 <= step < 20
+    state = load_file(str(run / "checkpoints" / latest / "state" / "net_teacher.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nan_advice_can_be_followed(cli, tmp_path):
+    """The NaN message says: lower the learning rate, then --resume. Doing exactly that must work."""
+    run = tmp_path / "run"
+    assert_user_error(cli(*train_args("toy2d", run, 6, "method.optim.lr=1e30")), "--resume")
+    r = cli(*train_args("toy2d", run, 6, "method.optim.lr=1e-3", extra=("--resume",)))
+    assert r.exit_code == 0, r.output
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    state = load_file(str(run / "checkpoints" / "step_000006" / "state" / "net_teacher.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    objects = torch.load(run / "checkpoints" / "step_000006" / "state" / "trainer.pt", weights_only=False)
+    assert objects["optimizers"]["teacher"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
+def _interrupt_at(monkeypatch, k: int):
+    from rtdmd.methods.teacher import TeacherMethod
+
+    real = TeacherMethod.loss
+
+    def loss(self, network, ctx):
+        if ctx.step == k:
+            raise KeyboardInterrupt
+        return real(self, network, ctx)
+
+    monkeypatch.setattr(TeacherMethod, "loss", loss)
+
+
+def test_keyboard_interrupt_saves_a_checkpoint(cli, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _interrupt_at(monkeypatch, 3)
+    line = assert_user_error(cli(*train_args("toy2d", run, 10, "train.checkpoint_every=100")),
+                             "interrupted at step 3", "step_000003", "--resume")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert json.loads((run / "checkpoints" / "step_000003" / "meta.json").read_text())["step"] == 3
+    assert "Aborted" not in line
+    monkeypatch.undo()
+    r = cli(*train_args("toy2d", run, 5, "train.checkpoint_every=100", extra=("--resume",)))
+    assert r.exit_code == 0, r.output
+    assert "trained teacher for 5 steps" in r.stdout
+
+
+def test_keyboard_interrupt_before_any_step(cli, tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, 0)
+    assert_user_error(cli(*train_args("toy2d", tmp_path / "run", 10)), "interrupted at step 0", "no step finished")
+
+
+# ---------------------------------------------------------------------------- the real console script
+
+
+def _script() -> str:
+    exe = Path(sys.executable).parent / "rtdmd-bench"
+    return str(exe) if exe.exists() else shutil.which("rtdmd-bench")
+
+
+def test_console_script_user_error(tmp_path):
+    p = subprocess.run([_script(), "sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: ")
+    assert "does not exist" in p.stderr and "Traceback" not in p.stderr
+    assert p.stdout == ""
+
+
+def test_console_script_ctrl_c_checkpoints_and_resumes(tmp_path):
+    """A real SIGINT during training: exit 2, one error line, a checkpoint that --resume continues from."""
+    run = tmp_path / "run"
+    args = [_script(), *train_args("toy2d", run, 10**7, "train.checkpoint_every=1000000")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        cfg = run / "config.yaml"  # written once setup is done and the loop starts
+        deadline = time.monotonic() + 90
+        while not cfg.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let some steps finish
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training interrupted at step"), err
+    assert "--resume" in lines[0] and "Traceback" not in err
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 1 and latest in lines[0]
+    meta = json.loads((run / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["step"] == step and not math.isnan(meta["train_seconds"])
