@@ -35,21 +35,37 @@ def default_detector(backend):
     return Mask2FormerDetector.from_default_location()
 
 
+def prepare_prompt_dirs(out: Path, metadata: Sequence[dict], indices: Sequence[int] | None = None) -> None:
+    """Write ``<out>/<i:05d>/metadata.jsonl`` for the selected prompts (all by default)."""
+    for i in (range(len(metadata)) if indices is None else indices):
+        layout.write_prompt_dir(out, i, metadata[i])
+
+
+def missing_images(out: Path, indices: Sequence[int], images_per_prompt: int) -> list[tuple[int, int]]:
+    """(prompt index, image number) pairs of the selected prompts whose PNG is absent or incomplete."""
+    return [(i, k) for i in indices for k in range(images_per_prompt)
+            if not layout.is_complete_png(layout.image_path(out, i, k))]
+
+
 def generate_images(backend, net, metadata: Sequence[dict], out: Path, sampling, images_per_prompt: int = 4,
-                    seed: int = 0, batch_size: int = 64, shard: tuple[int, int] = (0, 1), progress: bool = True) -> int:
+                    seed: int = 0, batch_size: int = 64, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                    indices: Sequence[int] | None = None, todo: Sequence[tuple[int, int]] | None = None) -> int:
     """Write missing images of every prompt into ``out`` (official layout); returns how many were generated.
 
-    ``shard = (rank, world)`` splits the missing images across processes.
+    ``shard = (rank, world)`` splits the missing images across processes. ``indices`` selects
+    prompts (default all); ``todo`` gives the missing (index, k) list computed beforehand (so
+    every process splits the same list even while others are already writing).
     """
     from rtdmd.generate import generate, sample_seed
     from rtdmd.images import to_uint8
 
     out = Path(out)
-    for i, meta in enumerate(metadata):
-        layout.write_prompt_dir(out, i, meta)
-    todo = layout.missing_images(out, len(metadata), images_per_prompt)
+    indices = list(range(len(metadata))) if indices is None else list(indices)
+    if todo is None:
+        prepare_prompt_dirs(out, metadata, indices)
+        todo = missing_images(out, indices, images_per_prompt)
     rank, world = shard
-    todo = todo[rank::world]
+    todo = list(todo)[rank::world]
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -86,19 +102,19 @@ def _score_one(args):
     return rec
 
 
-def score_images(out: Path, detector, cfg: rules.RuleConfig | None = None, workers: int = 0,
-                 progress: bool = True) -> tuple[list[dict], dict]:
-    """Score every image under ``out``: (per-image official records, summary)."""
-    items = [(p, meta, cfg) for _, _, meta, p in layout.read_images_dir(out)]
+def score_paths(items: Sequence[tuple[Path, dict]], detector, cfg: rules.RuleConfig | None = None, workers: int = 0,
+                progress: bool = True) -> list[dict]:
+    """Official records for (png path, metadata) pairs, in order; ``workers > 1`` uses processes."""
+    items = [(p, meta, cfg) for p, meta in items]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc="score", unit="img", dynamic_ncols=True)
     results: list[dict] = []
-    if workers and workers > 1:
+    if workers and workers > 1 and len(items) > workers:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(detector,)) as pool:
-            for rec in pool.map(_score_one, items, chunksize=16):
+            for rec in pool.map(_score_one, items, chunksize=max(1, min(32, len(items) // (4 * workers)))):
                 results.append(rec)
                 if bar is not None:
                     bar.update(1)
@@ -110,7 +126,59 @@ def score_images(out: Path, detector, cfg: rules.RuleConfig | None = None, worke
                 bar.update(1)
     if bar is not None:
         bar.close()
+    return results
+
+
+def score_images(out: Path, detector, cfg: rules.RuleConfig | None = None, workers: int = 0,
+                 progress: bool = True) -> tuple[list[dict], dict]:
+    """Score every image under ``out``: (per-image official records, summary)."""
+    items = [(p, meta) for _, _, meta, p in layout.read_images_dir(out)]
+    results = score_paths(items, detector, cfg, workers, progress)
     return results, rules.summarize(results)
+
+
+class GenEvalSuite:
+    """GenEval (or GenEval-shapes) accuracy: overall and per task, per image and per prompt.
+
+    Metrics: ``geneval/overall`` (unweighted mean of the task accuracies, as the official
+    summary) and ``geneval/<task>``; per prompt, the fraction of its images judged correct
+    (column ``geneval``), from which the report bootstraps confidence intervals.
+    """
+
+    name = "geneval"
+    needs_geneval_metadata = True
+
+    def __init__(self, detector=None, rule_config: rules.RuleConfig | None = None):
+        self.detector = detector
+        self.rule_config = rule_config
+        self.workers = 0
+
+    def default_prompts(self, info) -> list[dict]:
+        return default_metadata(info)
+
+    def load(self, info, device: str = "cpu", workers: int = 0) -> None:
+        if self.detector is None:
+            self.detector = default_detector(info)
+        self.workers = workers
+
+    def score(self, items, info, seed: int = 0, progress: bool = True, work_dir=None):
+        from benchmarks.suites.base import SuiteResult, per_prompt_means
+
+        for it in items:
+            if not layout.is_complete_png(it.path):
+                from rtdmd.errors import UserError
+
+                raise UserError(f"image {it.path} is missing or incomplete; rerun the eval without --images to generate it.")
+        records = score_paths([(it.path, it.metadata) for it in items], self.detector, self.rule_config,
+                              self.workers, progress)
+        summary = rules.summarize(records)
+        for it, rec in zip(items, records):
+            rec["index"], rec["k"] = it.index, it.k
+        metrics = {"geneval/overall": summary["overall"]}
+        metrics.update({f"geneval/{t}": v for t, v in summary["tasks"].items()})
+        per_prompt = per_prompt_means(items, {"geneval": [float(r["correct"]) for r in records]})
+        tags = {"detector": self.detector.name}
+        return SuiteResult(metrics, records, per_prompt, tags, extra={"summary": summary})
 
 
 def write_results(results: list[dict], path: Path) -> None:

@@ -1,0 +1,89 @@
+"""Distribution suite: FD-shapes on the shapes backend, clean-fid FID on real backends.
+
+Shapes: benchmarks.shapes.fd.fd_shapes between the generated images and renders of the
+same prompts by the world's renderer (reference_renders, the same number of images per
+prompt, a fixed reference seed so every model meets the same reference set).
+Real backends: benchmarks.fid.clean_fid_score over a flat folder of the generated PNGs
+(hard links) against --fid-reference (a folder, an .npz of mu/sigma, or a clean-fid
+statistics name already on disk).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult, load_images
+from rtdmd.errors import UserError
+
+#: seed of the shapes reference renders (fixed: all models and eval seeds share one reference)
+REFERENCE_SEED = 0
+
+
+def flat_folder(items: Sequence[ImageItem], folder: Path) -> Path:
+    """A flat folder of the items' PNGs (hard links, copies where links fail), named <index>_<k>.png."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for it in items:
+        dst = folder / f"{it.index:05d}_{it.k:05d}.png"
+        try:
+            os.link(it.path, dst)
+        except OSError:
+            shutil.copyfile(it.path, dst)
+    return folder
+
+
+class FIDSuite:
+    name = "fid"
+    needs_geneval_metadata = False
+
+    def __init__(self, reference: str | None = None, inception_path: str | None = None):
+        self.reference = reference
+        self.inception_path = inception_path
+        self.device = "cpu"
+
+    def default_prompts(self, info: BackendInfo) -> list[dict]:
+        from benchmarks.geneval.suite import default_metadata
+
+        return default_metadata(info)
+
+    def load(self, info: BackendInfo, device: str = "cpu", workers: int = 0) -> None:
+        self.device = device
+        if info.name == "shapes":
+            import benchmarks.shapes.fd  # noqa: F401  (fail early if the FD-shapes module is absent)
+            return
+        if not self.reference:
+            raise UserError("the fid suite on a real backend needs --fid-reference (a folder of reference images, an .npz "
+                            "with mu and sigma, or a clean-fid statistics name on disk); pass one.")
+        from benchmarks.fid import find_inception
+
+        find_inception(self.inception_path)  # fail before generating when the Inception file is absent
+
+    def score(self, items: Sequence[ImageItem], info: BackendInfo, seed: int = 0, progress: bool = True,
+              work_dir: Path | None = None) -> SuiteResult:
+        if len(items) < 2:
+            raise UserError(f"the fid suite needs at least 2 images, got {len(items)}; raise --max-prompts or --images-per-prompt.")
+        per_image = [{"index": it.index, "k": it.k, "prompt": it.metadata["prompt"], "filename": str(it.path)} for it in items]
+        if info.name == "shapes":
+            from benchmarks.shapes.fd import fd_shapes, reference_renders
+
+            by_index: dict[int, dict] = {}
+            counts: dict[int, int] = {}
+            for it in items:
+                by_index[it.index] = it.metadata
+                counts[it.index] = counts.get(it.index, 0) + 1
+            per_prompt = max(counts.values())
+            gen = load_images(items)
+            ref = reference_renders([by_index[i] for i in sorted(by_index)], per_prompt, REFERENCE_SEED)
+            value = float(fd_shapes(gen, ref))
+            return SuiteResult({"fd_shapes": value}, per_image, [], {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}"})
+        from benchmarks.fid import clean_fid_score
+
+        folder = flat_folder(items, Path(work_dir or Path(items[0].path).parents[2]) / "fid_flat")
+        value = clean_fid_score(folder, self.reference, device=self.device, inception_path=self.inception_path)
+        shutil.rmtree(folder, ignore_errors=True)
+        return SuiteResult({"fid": value}, per_image, [], {"fid_reference": str(self.reference)})

@@ -1,0 +1,27 @@
+"""Helpers for the eval / report tests: a tiny shapes checkpoint (16 px, ~20k parameters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_BACKEND = {"image_size": 16, "size_range": [4, 6], "max_objects": 2, "unet_channels": [8, 16],
+                "unet_attention_head_dim": 4, "text_width": 16, "text_heads": 2, "text_layers": 1}
+TINY_SAMPLER = {"kind": "cps", "steps": 2, "guidance": 1.0, "eta": 0.9}
+
+
+def tiny_checkpoint(run_dir: Path, method: str = "teacher", step: int = 3, seed: int = 0,
+                    train_seconds: float = 120.0) -> Path:
+    """Write a randomly initialised tiny shapes network as a checkpoint of ``run_dir``; returns its step dir."""
+    from rtdmd import checkpoint as ckpt
+    from rtdmd.config import dump, resolve
+    from rtdmd.registry import get_backend
+
+    cfg = resolve("teacher", backend="shapes", overrides={"backend": dict(TINY_BACKEND), "tracking": {"enabled": False}})
+    backend = get_backend("shapes").factory(cfg.backend, "cpu")
+    torch.manual_seed(seed)
+    net = backend.make_trainable("teacher")
+    return ckpt.write_checkpoint(run_dir, step, config_yaml=dump(cfg), sampler=dict(TINY_SAMPLER), method=method,
+                                 backend="shapes", inference_state=dict(backend.network_state(net)),
+                                 training_state=None, extra_meta={"role": "teacher", "train_seconds": train_seconds})

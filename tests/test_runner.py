@@ -1,0 +1,342 @@
+"""benchmarks.runner: prompt files, resumable sharded generation, suite scoring, one MLflow run per setting."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import runner
+from benchmarks.geneval import layout
+from benchmarks.geneval import suite as gsuite
+from benchmarks.suites import expand_suites, make_suite
+from benchmarks.suites.base import BackendInfo, ImageItem
+from rtdmd.errors import UserError
+from tests.eval_fixtures import tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: one torch thread is faster, and far faster on a shared, oversubscribed CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite MLflow store for the module (creating its tables takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _opts(tmp_path, **kw):
+    base = dict(max_prompts=5, images_per_prompt=2, tracking=False, out=tmp_path / "evals", progress=False, batch_size=4)
+    base.update(kw)
+    return runner.EvalOptions(**base)
+
+
+def _pngs(root: Path) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("samples/*.png"))}
+
+
+# ---------------------------------------------------------------------------- small pieces
+
+
+def test_nfe_counts_cfg_twice():
+    assert runner.nfe(4, 1.0) == 4 and runner.nfe(4, 4.0) == 8 and runner.nfe(28, 0.0) == 56
+
+
+def test_select_indices_evenly_spaced_and_bounds():
+    assert runner.select_indices(5, None) == [0, 1, 2, 3, 4]
+    assert runner.select_indices(5, 9) == [0, 1, 2, 3, 4]
+    assert runner.select_indices(209, 5) == [0, 52, 104, 156, 208]
+    assert runner.select_indices(10, 1) == [0]
+    with pytest.raises(UserError, match="--max-prompts"):
+        runner.select_indices(10, 0)
+
+
+def test_unknown_suite_and_all():
+    assert expand_suites(["all"]) == ["geneval", "preference", "aesthetic", "fid"]
+    assert expand_suites("geneval,fid geneval") == ["geneval", "fid"]
+    with pytest.raises(UserError, match=r"unknown suite 'clip'; choose one of geneval, preference, aesthetic, fid or all"):
+        expand_suites(["clip"])
+
+
+def test_prompt_files_plain_and_geneval(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("a photo of a circle\n\n  a photo of two squares  \n")
+    assert runner.read_prompt_file(txt) == ([{"prompt": "a photo of a circle"}, {"prompt": "a photo of two squares"}], False)
+    jl = tmp_path / "g.jsonl"
+    jl.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                              "prompt": "a photo of a circle"}) + "\n")
+    entries, geneval = runner.read_prompt_file(jl)
+    assert geneval and entries[0]["tag"] == "single_object"
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "holds no prompts"),
+    (b"\n  \n", "holds no prompts"),
+    (b"\xff\xfe\x00bad", "not UTF-8"),
+    (b'{"tag": "single_object", "prompt": "x"}\n', r"line 1: missing 'include'"),
+    (b'{"tag": "single_object", "include": [], "prompt": "x"}\n{not json\n', "line 1"),
+    (b"a prompt\nwith a \x00 nul\n", "line 2: contains a NUL"),
+])
+def test_malformed_prompt_files(tmp_path, content, match):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=match) as e:
+        runner.read_prompt_file(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        runner.read_prompt_file(tmp_path / "absent.txt")
+
+
+def test_geneval_suite_refuses_plain_prompts(tmp_path, ckpt):
+    p = tmp_path / "p.txt"
+    p.write_text("a photo of a circle\n")
+    with pytest.raises(UserError, match="needs GenEval prompt entries"):
+        runner.run_eval([ckpt], _opts(tmp_path, prompts_file=p))
+    assert not (tmp_path / "evals").exists()  # refused before generating anything
+
+
+def test_bad_options_are_user_errors(tmp_path, ckpt):
+    for kw, match in ((dict(steps=0), "--steps"), (dict(images_per_prompt=-1), "--images-per-prompt"),
+                      (dict(eta=1.5), "--eta"), (dict(suites=["nope"]), "unknown suite")):
+        with pytest.raises(UserError, match=match):
+            runner.run_eval([ckpt], _opts(tmp_path, **kw))
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def test_eval_generates_scores_and_writes_artifacts(tmp_path, ckpt):
+    res = runner.run_eval([ckpt], _opts(tmp_path))
+    (r,) = res
+    assert r.suite == "geneval" and r.steps == 2 and r.guidance == 1.0 and r.generated == 10
+    assert 0.0 <= r.metrics["geneval/overall"] <= 1.0
+    assert len(_pngs(r.image_dir)) == 10
+    rows = [json.loads(line) for line in (r.eval_dir / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(rows[0])
+    per_prompt = (r.eval_dir / "per_prompt.csv").read_text().splitlines()
+    assert per_prompt[0] == "index,prompt,tag,n_images,geneval" and len(per_prompt) == 6
+    assert (r.eval_dir / "grid.png").is_file()
+    # the per-prompt fractions reproduce the logged task accuracies
+    import pandas as pd
+
+    df = pd.read_csv(r.eval_dir / "per_prompt.csv")
+    for tag, g in df.groupby("tag"):
+        assert g["geneval"].mean() == pytest.approx(r.metrics[f"geneval/{tag}"])
+
+
+def test_resume_regenerates_only_missing_or_broken_images(tmp_path, ckpt, monkeypatch):
+    opts = _opts(tmp_path)
+    # an eval killed after its first batch of 4 images ...
+    import rtdmd.generate as G
+
+    real = G.generate
+
+    calls = []
+
+    def dying(backend, net, prompts, keys, sc):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(keys))
+        return real(backend, net, prompts, keys, sc)
+
+    monkeypatch.setattr(G, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval([ckpt], opts)
+    monkeypatch.setattr(G, "generate", real)
+    first = _pngs(tmp_path / "evals")
+    assert len(first) == 4 and not list((tmp_path / "evals").rglob("*.tmp*"))
+    # ... and restarted generates the other 6, leaving the 4 finished files untouched
+    (r,) = runner.run_eval([ckpt], opts)
+    assert r.generated == 6
+    after = _pngs(r.image_dir)
+    assert len(after) == 10 and all(after[p] == first[p] for p in first)
+    # a deleted and a truncated image are the only ones regenerated, bit-identical to before
+    paths = sorted(after)
+    paths[1].unlink()
+    paths[7].write_bytes(after[paths[7]][1][:-9])
+    (r2,) = runner.run_eval([ckpt], opts)
+    assert r2.generated == 2
+    again = _pngs(r.image_dir)
+    assert {p for p in again if again[p][0] != after[p][0]} == {paths[1], paths[7]}
+    assert all(again[p][1] == after[p][1] for p in again)
+    (r3,) = runner.run_eval([ckpt], opts)
+    assert r3.generated == 0 and r3.metrics == r2.metrics
+
+
+class _FakeProcs:
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    main = property(lambda self: self.rank == 0)
+
+    def barrier(self):
+        pass
+
+
+def test_sharded_generation_equals_one_process(tmp_path, ckpt):
+    """Each rank generates its share of the missing images; together they equal one process's images."""
+    model = runner.describe_checkpoint(ckpt)
+    opts = _opts(tmp_path, batch_size=3)
+    sc = runner._sampling(model, opts)
+    entries = gsuite.default_metadata(model.info)
+    ps = runner.PromptSet("default", entries, runner.select_indices(len(entries), 5), True)
+    one, two = tmp_path / "one", tmp_path / "two"
+    cache: dict = {}
+    assert runner._generate(model, sc, ps, one, opts, _FakeProcs(0, 1), "cpu", cache) == 10
+    # simulated 2 ranks: both list the missing images before either writes (the runner's barrier)
+    gsuite.prepare_prompt_dirs(two, entries, ps.indices)
+    todo = gsuite.missing_images(two, ps.indices, 2)
+    backend, net = cache["net"]
+    for rank in (1, 0):
+        gsuite.generate_images(backend, net, entries, two, sc, 2, opts.seed, batch_size=4, shard=(rank, 2),
+                               progress=False, indices=ps.indices, todo=todo)
+    a, b = _pngs(one), _pngs(two)
+    assert [p.relative_to(one) for p in a] == [p.relative_to(two) for p in b]
+    # the same samples: a batch's composition moves float32 values by ~1e-7, at most one uint8 level
+    from rtdmd.images import load_png
+
+    for pa, pb in zip(a, b):
+        x, y = load_png(pa).astype(int), load_png(pb).astype(int)
+        assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01
+
+
+# ---------------------------------------------------------------------------- --images
+
+
+def test_images_folder_scored_without_generation(tmp_path, ckpt):
+    (r,) = runner.run_eval([ckpt], _opts(tmp_path))
+    (s,) = runner.run_eval([ckpt], _opts(tmp_path, images_dir=r.image_dir, out=tmp_path / "other"))
+    assert s.generated == 0 and s.metrics == r.metrics and not (tmp_path / "other").exists()
+
+
+def test_missing_and_unreadable_images(tmp_path, ckpt):
+    (r,) = runner.run_eval([ckpt], _opts(tmp_path))
+    victim = layout.image_path(r.image_dir, 0, 1)
+    victim.unlink()
+    with pytest.raises(UserError, match=f"image {victim} is missing"):
+        runner.run_eval([ckpt], _opts(tmp_path, images_dir=r.image_dir))
+    victim.write_bytes(b"not a png at all")
+    with pytest.raises(UserError, match=f"{victim} is not a complete PNG"):
+        runner.run_eval([ckpt], _opts(tmp_path, images_dir=r.image_dir))
+    # a complete-looking PNG with garbage inside: the scorer names the file
+    good = layout.image_path(r.image_dir, 0, 0).read_bytes()
+    victim.write_bytes(good[:8] + b"\x00" * 40 + good[-12:])
+    with pytest.raises(UserError, match=str(victim)):
+        runner.run_eval([ckpt], _opts(tmp_path, images_dir=r.image_dir))
+    with pytest.raises(UserError, match="does not exist"):
+        runner.run_eval([ckpt], _opts(tmp_path, images_dir=tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no <index:05d> prompt folders"):
+        runner.run_eval([ckpt], _opts(tmp_path, images_dir=tmp_path / "empty"))
+
+
+def test_reward_suite_scores_per_image_and_prompt(tmp_path):
+    """RewardSuite with an explicit reward: per-image rows, per-prompt means, metric = mean."""
+    import torch
+
+    from benchmarks.suites.preference import PreferenceSuite
+
+    class Brightness:
+        name, differentiable, identity = "bright", False, "mean-pixel"
+
+        def __call__(self, images, prompts):
+            assert images.shape[1] == 3 and len(prompts) == images.shape[0]
+            return images.mean(dim=(1, 2, 3))
+
+    items = []
+    for i, level in ((0, 0), (3, 51)):
+        layout.write_prompt_dir(tmp_path, i, {"prompt": f"p{i}"})
+        for k in range(2):
+            arr = np.full((4, 4, 3), level + 51 * k, np.uint8)
+            items.append(ImageItem(i, k, {"prompt": f"p{i}"}, layout.save_image(tmp_path, i, k, arr)))
+    s = PreferenceSuite([Brightness()])
+    s.load(BackendInfo("shapes", None), "cpu")
+    res = s.score(items, BackendInfo("shapes", None), progress=False)
+    assert res.metrics["reward/bright"] == pytest.approx((0 + 0.2 + 0.2 + 0.4) / 4)
+    assert [r["reward/bright"] for r in res.per_prompt] == pytest.approx([0.1, 0.3])
+    assert [r["index"] for r in res.per_prompt] == [0, 3] and res.tags["scorers"] == "bright=mean-pixel"
+    assert torch.tensor([r["bright"] for r in res.per_image]).tolist() == pytest.approx([0, 0.2, 0.2, 0.4])
+
+
+def test_fid_suite_on_real_backend_needs_reference_and_inception(tmp_path, monkeypatch):
+    import benchmarks.fid as F
+
+    info = BackendInfo("sd3", None)
+    with pytest.raises(UserError, match="needs --fid-reference"):
+        make_suite("fid").load(info)
+    monkeypatch.setattr(F, "INCEPTION_DIRS", (tmp_path / "weights",))
+    with pytest.raises(UserError, match=r"inception-2015-12-05.pt are missing \(looked at .*weights/inception-2015-12-05.pt\); download"):
+        make_suite("fid", fid_reference=str(tmp_path)).load(info)
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+def test_one_mlflow_run_per_checkpoint_suite_steps_seed(tmp_path, ckpt, store):
+    import mlflow
+
+    opts = dict(tracking=True, tracking_uri=store, experiment="runner-test", command="rtdmd-bench eval --test")
+    (a,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, **opts))
+    (b,) = runner.run_eval([ckpt], _opts(tmp_path, steps=3, **opts))
+    (c,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, seed=1, **opts))
+    (a2,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, **opts))  # a rerun reuses its run
+    assert len({a.run_id, b.run_id, c.run_id}) == 3 and a2.run_id == a.run_id
+    mlflow.set_tracking_uri(store)
+    df = mlflow.search_runs(experiment_names=["runner-test"], filter_string="tags.kind = 'eval'")
+    assert len(df) == 3
+    run = mlflow.get_run(a.run_id)
+    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["checkpoint"] == str(ckpt.resolve()) and p["method"] == "teacher" and p["backend"] == "shapes"
+    assert (p["sampler"], p["steps"], p["guidance"], p["eta"], p["seed"]) == ("cps", "2", "1.0", "0.9", "0")
+    assert p["images_per_prompt"] == "2" and p["prompt_count"] == "5" and p["suite"] == "geneval"
+    assert t["kind"] == "eval" and t["suite"] == "geneval" and t["detector"].startswith("shapes-detector")
+    assert t["method"] == "teacher" and t["backend"] == "shapes" and t["train_seconds"] == "120"
+    assert t["nfe"] == "2" and t["git_commit"] and t["command"] == "rtdmd-bench eval --test"
+    assert m["geneval/overall"] == pytest.approx(a.metrics["geneval/overall"]) and m["nfe"] == 2
+    arts = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(a.run_id)}
+    assert {"results.jsonl", "per_prompt.csv", "summary.json", "grid.png"} <= arts
+    (g,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, guidance=3.0, **opts))
+    assert mlflow.get_run(g.run_id).data.tags["nfe"] == "4"
+
+
+def test_default_checkpoints_newest_per_method_plus_teacher(tmp_path, ckpt, store):
+    import shutil
+    import time
+
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("train-exp")
+    dirs = {}
+    for name, method in (("old", "dmd2"), ("new", "dmd2"), ("lcm", "lcm"), ("gone", "hypersd")):
+        d = tmp_path / name
+        if name != "gone":
+            shutil.copytree(ckpt.parent.parent, d)
+        dirs[name] = d
+        time.sleep(0.01)  # distinct start times: the newest run of a method wins
+        with mlflow.start_run():
+            mlflow.set_tags({"kind": "train", "method": method, "backend": "shapes", "run_dir": str(d)})
+    with mlflow.start_run():  # an eval run is not a training run
+        mlflow.set_tags({"kind": "eval", "method": "rtdmd", "backend": "shapes", "run_dir": str(dirs["old"])})
+    warnings = []
+    found = runner.default_checkpoints("train-exp", store, warn=warnings.append)
+    step = ckpt.name
+    assert found == [(dirs["lcm"] / "checkpoints" / step).resolve(), (dirs["new"] / "checkpoints" / step).resolve(),
+                     runner.SHIPPED_TEACHER.resolve()]
+    assert len(warnings) == 1 and "hypersd" in warnings[0]
+    assert runner.default_checkpoints("no-such-experiment", store) == [runner.SHIPPED_TEACHER.resolve()]
