@@ -207,6 +207,7 @@ def group_advantages(
     clip: float = 5.0,
     eps: float = 1e-4,
     weights: Mapping[str, float] | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Multi-reward group advantages (method.md s4), (N,) float32.
 
@@ -214,6 +215,8 @@ def group_advantages(
     with more than one reward A is re-standardised globally, (A - mean) / (std + eps); clip to +-clip.
     With one reward (weight 1) this is exactly Flow-GRPO's advantage (baselines.md). std is the
     population std (ddof 0, numpy's default as in Flow-GRPO).
+    normalize=False: A = sum_j w_j (r_j - group mean), no std division and no re-standardisation, so
+    the policy gradient estimates grad E[sum_j w_j r_j] itself (the exact tilted-KL check, docs/rtdmd.md).
     """
     if not rewards:
         raise ValueError("group_advantages needs at least one reward")
@@ -226,13 +229,21 @@ def group_advantages(
         if r.shape[0] != gid.shape[0]:
             raise ValueError(f"reward {name!r} has {r.shape[0]} values for {gid.shape[0]} group ids")
         inv_c = inv.cpu()
-        sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv_c, r)
-        counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv_c, torch.ones_like(r))
-        a = (r - (sums / counts)[inv_c]) / (r.std(unbiased=False) + eps)
+        # centre on each group's first member before taking the group mean (a shift, so the same value):
+        # a constant group then gets exactly 0, which the zero-advantage drop of method.md s4 relies on
+        first = torch.full((n_groups,), r.shape[0]).scatter_reduce_(0, inv_c, torch.arange(r.shape[0]), "amin")
+        rc = r - r[first][inv_c]
+        sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv_c, rc)
+        counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv_c, torch.ones_like(rc))
+        a = rc - (sums / counts)[inv_c]
+        if normalize:
+            a = a / (r.std(unbiased=False) + eps)
         w = 1.0 if weights is None else float(weights.get(name, 1.0))
         total = w * a if total is None else total + w * a
-    if len(rewards) > 1:
-        total = (total - total.mean()) / (total.std(unbiased=False) + eps)
+    if normalize and len(rewards) > 1:
+        # the sum of group-centred advantages has global mean 0, so re-standardising only divides; subtracting
+        # its rounding-error mean would turn the exact zeros of constant groups into tiny non-zeros
+        total = total / (total.std(unbiased=False) + eps)
     return total.clamp(-clip, clip).to(torch.float32).to(gid.device)
 
 
