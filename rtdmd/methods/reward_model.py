@@ -1,0 +1,205 @@
+"""The learned shapes rewards and the shapes encoder, trained on the project's trainer.
+
+Three networks, each with its own update: ``preference`` r(image, prompt) and
+``aesthetic`` a(image) learn from pairwise comparisons labelled by the preference oracle
+through Bradley-Terry noise, P(a > b) = sigmoid((o_a - o_b) / T) (o: the oracle for the
+preference model, its quality part Q for the aesthetic model); ``encoder`` (the FD-shapes
+feature extractor) learns to read object counts, colours and positions from renders.
+Pairs come from a cached pool of teacher samples and corrupted renders
+(benchmarks.shapes.pairs); the networks live in benchmarks.shapes.reward_models and are
+imported lazily (rtdmd never imports benchmarks at module import time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rtdmd.config import OptimConfig, RunConfig
+from rtdmd.errors import UserError
+from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
+from rtdmd.registry import register_method
+
+DEFAULT_POOL_ROOT = Path("~/.cache/rtdmd-bench/shapes_reward_pool")
+
+
+@dataclass
+class RewardModelOptions:
+    temperature: float = 0.05  # Bradley-Terry temperature on the oracle (preference model)
+    quality_temperature: float = 0.05  # ... on the oracle's quality part Q (aesthetic model)
+    # --- networks (benchmarks.shapes.reward_models)
+    width: int = 32
+    aesthetic_width: int = 24
+    encoder_width: int = 24
+    embed_dim: int = 32
+    text_hidden: int = 64
+    feature_dim: int = 64
+    # --- training
+    flip: bool = True  # mirror pairs and swap "left of" / "right of": an exact symmetry of the world and the oracle
+    calibration_momentum: float = 0.99  # running offset that puts scale * raw + offset in oracle units
+    encoder_every: int = 1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-4))
+    # --- the pool (benchmarks.shapes.pairs.PoolConfig)
+    pool_dir: str = ""  # "" -> ~/.cache/rtdmd-bench/shapes_reward_pool/<split>-<hash of the pool settings>
+    groups: int = 1200
+    heldout_groups: int = 200  # the held-out pool used when the rewards are evaluated and exported
+    teacher_per_group: int = 2
+    renders_per_group: int = 6
+    teacher_settings: list[list[float]] = field(default_factory=lambda: [[3, 1.0], [4, 1.0], [6, 2.0], [8, 3.0], [12, 4.0]])
+    corruption_counts: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.35, 0.15])
+    pool_seed: int = 0
+
+    def validate(self):
+        if self.temperature <= 0 or self.quality_temperature <= 0:
+            raise UserError("method.temperature and method.quality_temperature must be positive (e.g. 0.05).")
+        if not 0.0 <= self.calibration_momentum < 1.0:
+            raise UserError("method.calibration_momentum must be in [0, 1); 0.99 is the default.")
+        if self.groups <= 0 or self.heldout_groups <= 0:
+            raise UserError("method.groups and method.heldout_groups must be positive.")
+        if self.teacher_per_group < 0 or self.renders_per_group < 0 or self.teacher_per_group + self.renders_per_group < 2:
+            raise UserError("each pool group needs at least 2 images; raise method.teacher_per_group or method.renders_per_group.")
+        if self.teacher_per_group and not self.teacher_settings:
+            raise UserError("method.teacher_settings is empty; give [steps, guidance] pairs or set teacher_per_group=0.")
+        if any(len(s) != 2 or s[0] < 1 for s in self.teacher_settings):
+            raise UserError("method.teacher_settings must be [steps, guidance] pairs with steps >= 1.")
+        if len(self.corruption_counts) < 1 or any(p < 0 for p in self.corruption_counts) or sum(self.corruption_counts) <= 0:
+            raise UserError("method.corruption_counts must be non-negative probabilities of 0, 1, 2 ... corruptions.")
+        if len(self.corruption_counts) > 6:
+            raise UserError("method.corruption_counts allows at most 5 corruptions per image; shorten the list.")
+        if self.encoder_every < 1:
+            raise UserError("method.encoder_every must be at least 1.")
+
+
+def pool_config(o: RewardModelOptions, split: str, distractor_prob: float):
+    from benchmarks.shapes.pairs import PoolConfig
+
+    return PoolConfig(split=split, groups=o.groups if split == "train" else o.heldout_groups,
+                      teacher_per_group=o.teacher_per_group, renders_per_group=o.renders_per_group,
+                      teacher_settings=[list(s) for s in o.teacher_settings], corruption_counts=list(o.corruption_counts),
+                      distractor_prob=distractor_prob, seed=o.pool_seed)
+
+
+def architecture(o: RewardModelOptions, backend):
+    from benchmarks.shapes.reward_models import Architecture
+    from rtdmd.world.shapes import vocabulary
+
+    return Architecture(vocab=vocabulary(backend.spec), n_classes=len(backend.spec.classes), width=o.width,
+                        aesthetic_width=o.aesthetic_width, encoder_width=o.encoder_width, embed_dim=o.embed_dim,
+                        text_hidden=o.text_hidden, feature_dim=o.feature_dim, temperature=o.temperature,
+                        quality_temperature=o.quality_temperature, max_tokens=backend.options.max_tokens)
+
+
+def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: bool = True):
+    """The pool of ``split`` ("train" / "heldout"), built once and cached (see RewardModelOptions.pool_dir)."""
+    from benchmarks.shapes import pairs
+    from benchmarks.shapes.oracle import PreferenceOracle
+    from rtdmd import checkpoint as ckpt
+    from rtdmd.generate import SamplingConfig, generate
+
+    pc = pool_config(o, split, backend.options.distractor_prob)
+    oracle = PreferenceOracle(backend.spec)
+    teacher_id = "none"
+    if pc.teacher_per_group:
+        teacher_id = ckpt.read_meta(backend.teacher_dir()).get("model_sha256", "unknown")
+    world = {"image_size": backend.spec.image_size, "classes": list(backend.spec.classes),
+             "size_range": list(backend.spec.size_range), "max_objects": backend.spec.max_objects}
+    key = pc.key(world, teacher_id)
+    root = Path(o.pool_dir).expanduser() if o.pool_dir else DEFAULT_POOL_ROOT.expanduser()
+    directory = root / f"{split}-{key}"
+
+    def teacher(prompts, keys, steps, guidance):
+        return generate(backend, backend.teacher, prompts, keys, SamplingConfig("euler", steps, guidance))
+
+    return pairs.build_pool(pc, backend.spec, directory, teacher, oracle, key=key, progress=progress)
+
+
+class RewardModelMethod(Method):
+    inference_network = "preference"
+
+    def __init__(self, cfg: RunConfig, backend):
+        super().__init__(cfg, backend)
+        from benchmarks.shapes.reward_models import NETWORKS
+
+        o = self.options
+        self.arch = architecture(o, backend)
+        self.tokenizer = self.arch.tokenizer()
+        for n in NETWORKS:
+            self.networks[n] = self.arch.build(n).to(backend.device)
+        self.updates = [Update("preference", optim=o.optim), Update("aesthetic", optim=o.optim),
+                        Update("encoder", every=o.encoder_every, optim=o.optim)]
+        self.pool = load_or_build_pool(o, backend, "train")
+        self._images = torch.from_numpy(self.pool.images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
+
+    # ------------------------------------------------------------------ data
+    def _batch(self, idx, flip: torch.Tensor) -> torch.Tensor:
+        x = self._images[torch.as_tensor(idx)].float().div_(255.0)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x.to(self.backend.device)
+
+    def _pair_loss(self, network: str, ctx: StepContext):
+        from benchmarks.shapes.pairs import bradley_terry_labels, flip_prompt, sample_pairs
+
+        o, pool = self.options, self.pool
+        n = self.cfg.train.batch_size
+        g = ctx.generator
+        pref = network == "preference"
+        a, b = sample_pairs(pool, n, g, same_group=pref)
+        ref = pool.oracle if pref else pool.quality
+        temp = o.temperature if pref else o.quality_temperature
+        y = bradley_terry_labels(ref[a], ref[b], temp, g)
+        # one mirror decision per pair, so both images of a pair keep the same caption
+        flip = (torch.rand(n, generator=g) < 0.5) & torch.tensor(bool(o.flip))
+        sl = ctx.shard(n)
+        a, b, y, flip = a[sl], b[sl], y[sl].to(self.backend.device), flip[sl]
+        m = len(a)
+        images = torch.cat([self._batch(a, flip), self._batch(b, flip)])
+        net = self.networks[network]
+        if pref:
+            prompts = [pool.prompts[pool.group[i]] for i in list(a) + list(b)]
+            fl = flip.tolist() * 2
+            prompts = [flip_prompt(p) if f else p for p, f in zip(prompts, fl)]
+            ids, mask = self.tokenizer(prompts)
+            raw = net(images, ids.to(images.device), mask.to(images.device))
+        else:
+            raw = net(images)
+        d = raw[:m] - raw[m:]
+        loss = F.binary_cross_entropy_with_logits(d, y)
+        target = torch.as_tensor(list(ref[a]) + list(ref[b]), dtype=torch.float32, device=raw.device)
+        getattr(net, "module", net).calibrate(raw, target, o.calibration_momentum)
+        with torch.no_grad():
+            dref = torch.as_tensor(ref[a] - ref[b], dtype=torch.float32, device=d.device)
+            valid = dref != 0
+            agree = ((d.sign() == dref.sign()) & valid).float().sum() / valid.float().sum().clamp(min=1)
+        return loss, {f"{network}/batch_agreement": float(agree)}
+
+    def _encoder_loss(self, ctx: StepContext):
+        from benchmarks.shapes.reward_models import encoder_loss, encoder_targets
+
+        n = self.cfg.train.batch_size
+        data = self.backend.sample_data(n, ctx.generator)
+        sl = ctx.shard(n)
+        targets = {k: v[sl].to(self.backend.device) for k, v in encoder_targets(data.scenes, self.backend.spec).items()}
+        out = self.networks["encoder"](data.images[sl])
+        return encoder_loss(out, targets)
+
+    # ------------------------------------------------------------------ Method API
+    def loss(self, network, ctx: StepContext):
+        if network == "encoder":
+            return self._encoder_loss(ctx)
+        return self._pair_loss(network, ctx)
+
+    def sampler(self):
+        # nothing here samples images; the field is required in every checkpoint's meta.json
+        return SamplerSpec(kind="none", steps=0)
+
+    def inference_role(self):
+        return "preference"
+
+
+@register_method("reward", RewardModelOptions, backends=("shapes",), default_backend="shapes",
+                 help="train the learned shapes rewards (preference, aesthetic) and the FD-shapes encoder")
+def make_reward_model(cfg: RunConfig, backend) -> RewardModelMethod:
+    return RewardModelMethod(cfg, backend)
