@@ -84,7 +84,7 @@ def best_index(values: Sequence[float], lower_is_better: bool) -> set[int]:
 def _mlflow(uri: str | None):
     from benchmarks.runner import _mlflow as m
 
-    return m(uri)
+    return m(uri, must_exist=True)
 
 
 def load_runs(experiment: str, uri: str | None = None, kind: str = "eval") -> pd.DataFrame:

@@ -242,13 +242,14 @@ class EvalOptions:
     prompts_file: Path | None = None
     images_dir: Path | None = None
     backend: str = "shapes"  # only for --images without --checkpoint
-    out: Path = Path("evals")
+    out: Path = Path("runs/eval")
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
     tracking: bool = True
     batch_size: int = 128
     workers: int | None = None  # detector processes (None: all cores when there are many images)
     device: str = "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
     fid_reference: str | None = None
     inception_path: str | None = None
     command: str = ""
@@ -264,6 +265,8 @@ class EvalOptions:
             raise UserError(f"--guidance must be >= 0 (1 disables CFG), got {self.guidance}.")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise UserError(f"--eta must be in [0, 1], got {self.eta}.")
+        if self.threads < 0:
+            raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}.")
 
@@ -412,12 +415,22 @@ def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem]
     return paths
 
 
-def _mlflow(uri: str | None):
+def _mlflow(uri: str | None, must_exist: bool = False):
+    """mlflow pointed at the store (its INFO chatter silenced); ``must_exist``: refuse to create a new sqlite file."""
+    import logging
+
+    uri = tracking_uri(uri)
+    if must_exist and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise UserError(f"no MLflow store at {db}; run 'rtdmd-bench eval' there first or pass --tracking-uri.")
     try:
         import mlflow
     except ImportError:
         raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18').") from None
-    mlflow.set_tracking_uri(tracking_uri(uri))
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
     return mlflow
 
 
@@ -484,6 +497,10 @@ def _load_network(model: Model, device: str, cache: dict):
 def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> list[EvalResult]:
     """Evaluate checkpoints (default: newest per trained method + shipped teacher) on opts.suites."""
     opts.validate()
+    if opts.threads > 0:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     procs = Processes()
     device = procs.device(opts.device)
     if checkpoints:

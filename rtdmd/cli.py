@@ -193,18 +193,19 @@ def prompts(prompt_set, out, seed, per_task, classes):
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help="Score the images already in this folder (GenEval layout) instead of generating.")
 @click.option("--backend", default="shapes", show_default=True, help="With --images and no --checkpoint: the images' backend.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("evals"), show_default=True, help="Folder for images and results.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/eval"), show_default=True, help="Folder for images and results.")
 @click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment.")
 @click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (results stay under --out).")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Images generated per batch.")
 @click.option("--workers", type=int, default=None, help="Detector processes (default: all cores for >= 400 images).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @click.option("--fid-reference", default=None, help="fid suite on real backends: reference folder, .npz (mu, sigma) or clean-fid stats name.")
 @click.option("--inception", "inception_path", default=None, help="clean-fid Inception file (default: the usual locations).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
-             backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, fid_reference,
+             backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
              inception_path, quiet):
     """Generate (resumably, sharded under accelerate) and score checkpoints; one MLflow run per suite."""
     from benchmarks.runner import EvalOptions, run_eval
@@ -213,7 +214,7 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
                        guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
                        max_prompts=max_prompts, prompts_file=prompts_file, images_dir=images_dir, backend=backend,
                        out=out, experiment=experiment, tracking_uri=tracking_uri, tracking=not no_tracking,
-                       batch_size=batch_size, workers=workers, device=device, fid_reference=fid_reference,
+                       batch_size=batch_size, workers=workers, device=device, threads=threads, fid_reference=fid_reference,
                        inception_path=inception_path, command=_command_line(), progress=not quiet)
     for r in run_eval(list(checkpoints), opts):
         shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())

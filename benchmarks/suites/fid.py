@@ -37,6 +37,15 @@ def flat_folder(items: Sequence[ImageItem], folder: Path) -> Path:
     return folder
 
 
+def _scene_metadata(entry: dict, info: BackendInfo) -> dict:
+    """GenEval entries as they are; a plain prompt is parsed by the world's caption grammar."""
+    if "include" in entry:
+        return entry
+    from rtdmd.world.shapes import parse_caption
+
+    return parse_caption(entry["prompt"], info.spec)
+
+
 class FIDSuite:
     name = "fid"
     needs_geneval_metadata = False
@@ -78,7 +87,8 @@ class FIDSuite:
                 counts[it.index] = counts.get(it.index, 0) + 1
             per_prompt = max(counts.values())
             gen = load_images(items)
-            ref = reference_renders([by_index[i] for i in sorted(by_index)], per_prompt, REFERENCE_SEED)
+            ref = reference_renders([_scene_metadata(by_index[i], info) for i in sorted(by_index)], per_prompt,
+                                    REFERENCE_SEED, spec=info.spec)
             value = float(fd_shapes(gen, ref))
             return SuiteResult({"fd_shapes": value}, per_image, [], {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}"})
         from benchmarks.fid import clean_fid_score

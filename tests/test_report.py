@@ -1,0 +1,169 @@
+"""benchmarks.report: bootstrap CIs, best-marking, and a report from a tiny fake set of MLflow runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import report, runner
+from benchmarks.suites.base import BackendInfo, SuiteResult
+from rtdmd.errors import UserError
+from rtdmd.generate import SamplingConfig
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_constant_and_two_point():
+    assert report.bootstrap_ci([0.7] * 5) == (0.7, 0.7)
+    # mean of 2 draws from {0, 1}: 0 (p 1/4), 0.5 (p 1/2), 1 (p 1/4) -> 2.5% / 97.5% quantiles are 0 and 1
+    assert report.bootstrap_ci([0.0, 1.0], n_boot=4000) == (0.0, 1.0)
+
+
+def test_bootstrap_stratified_is_mean_of_stratum_means():
+    # strata constant within themselves: every resample gives (1 + 0) / 2 exactly
+    assert report.bootstrap_ci([1, 1, 1, 0], strata=["a", "a", "a", "b"]) == (0.5, 0.5)
+    lo, hi = report.bootstrap_ci([1, 1, 1, 0])  # unstratified, the same numbers vary
+    assert lo < 0.75 < hi or (lo, hi) != (0.5, 0.5)
+
+
+def test_bootstrap_matches_normal_approximation():
+    v = np.random.default_rng(1).normal(3.0, 2.0, size=400)
+    lo, hi = report.bootstrap_ci(v, n_boot=4000, seed=3)
+    half = 1.959964 * v.std(ddof=0) / np.sqrt(len(v))  # closed-form large-sample interval of the mean
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+    assert (hi + lo) / 2 == pytest.approx(v.mean(), abs=0.05 * half)
+
+
+def test_best_index():
+    assert report.best_index([0.2, 0.5, None, 0.5], lower_is_better=False) == {1, 3}
+    assert report.best_index([3.0, 1.0, float("nan")], lower_is_better=True) == {1}
+    assert report.best_index([None, None], lower_is_better=True) == set()
+
+
+# ---------------------------------------------------------------------------- fake runs -> report
+
+TASK_VALUES = {  # per-prompt GenEval fractions per configuration (2 prompts per task, 2 tasks)
+    ("teacher", 4): {"single_object": [1.0, 0.5], "counting": [0.0, 0.5]},
+    ("teacher", 8): {"single_object": [1.0, 1.0], "counting": [0.5, 0.5]},
+    ("dmd2", 4): {"single_object": [0.5, 0.5], "counting": [0.0, 0.0]},
+}
+REWARD = {("teacher", 4): [0.1, 0.3, 0.2, 0.4], ("teacher", 8): [0.5, 0.5, 0.6, 0.6], ("dmd2", 4): [0.2, 0.2, 0.3, 0.1]}
+FD = {("teacher", 4): 3.0, ("teacher", 8): 2.0, ("dmd2", 4): 2.5}
+
+
+def _geneval_result(values) -> SuiteResult:
+    per_prompt, i = [], 0
+    for tag, fracs in values.items():
+        for f in fracs:
+            per_prompt.append({"index": i, "prompt": f"p{i}", "tag": tag, "n_images": 2, "geneval": f})
+            i += 1
+    tasks = {t: float(np.mean(v)) for t, v in values.items()}
+    metrics = {"geneval/overall": float(np.mean(list(tasks.values()))), **{f"geneval/{t}": v for t, v in tasks.items()}}
+    return SuiteResult(metrics, [{"index": r["index"]} for r in per_prompt], per_prompt, {"detector": "fake-det"})
+
+
+def _log(tmp_path, uri, method, steps, guidance, suite, result, train_seconds):
+    ck = tmp_path / method / f"step_{steps}"
+    model = runner.Model(ck, method, BackendInfo("shapes", None),
+                         {"model_sha256": method * 4, "train_seconds": train_seconds, "step": 100})
+    sc = SamplingConfig(kind="cps", steps=steps, guidance=guidance, eta=0.9)
+    ps = runner.PromptSet("default:shapes", [{"prompt": f"p{i}"} for i in range(4)], [0, 1, 2, 3], True)
+    opts = runner.EvalOptions(tracking_uri=uri, experiment="report-test", images_per_prompt=2,
+                              command=f"rtdmd-bench eval --suite {suite} --steps {steps} # {method}")
+    eval_dir = tmp_path / "art" / f"{method}-{steps}-{suite}"
+    eval_dir.mkdir(parents=True)
+    arts = []
+    if result.per_prompt:
+        import csv
+
+        p = eval_dir / "per_prompt.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(result.per_prompt[0]))
+            w.writeheader()
+            w.writerows(result.per_prompt)
+        arts.append(p)
+    if suite == "geneval":
+        from rtdmd.images import save_png
+
+        p = eval_dir / "grid.png"
+        save_png(p, np.full((8, 8, 3), 20 * steps, np.uint8))
+        arts.append(p)
+    return runner.log_eval_run(opts, model, sc, suite, ps, result, arts, eval_dir)
+
+
+@pytest.fixture(scope="module")
+def fake_experiment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    for (method, steps), values in TASK_VALUES.items():
+        ts = 120.0 if method == "dmd2" else None
+        _log(tmp, uri, method, steps, 1.0, "geneval", _geneval_result(values), ts)
+        rv = REWARD[(method, steps)]
+        pref = SuiteResult({"reward/oracle": float(np.mean(rv))}, [],
+                           [{"index": i, "prompt": f"p{i}", "tag": "", "n_images": 1, "reward/oracle": v}
+                            for i, v in enumerate(rv)], {"scorers": "oracle=fake"})
+        _log(tmp, uri, method, steps, 1.0, "preference", pref, ts)
+        _log(tmp, uri, method, steps, 1.0, "fid", SuiteResult({"fd_shapes": FD[(method, steps)]}, [], []), ts)
+    return tmp, uri
+
+
+def _table(md: str, heading: str) -> list[list[str]]:
+    block = md.split(heading, 1)[1].split("\n\n")[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:]]
+
+
+def test_report_tables_best_and_cis(fake_experiment):
+    tmp, uri = fake_experiment
+    out = report.write_report("report-test", out=tmp / "rep" / "report.md", uri=uri, n_boot=500, command="rtdmd-bench report -x")
+    md = out.read_text()
+    rows = _table(md, "## Results")
+    head = md.split("## Results", 1)[1].split("\n\n")[1].splitlines()[0]
+    assert [c.strip() for c in head.strip("|").split("|")] == [
+        "method", "sampler", "steps", "CFG", "NFE", "train (min)", "geneval/overall", "reward/oracle", "fd_shapes"]
+    assert [r[:6] for r in rows] == [["dmd2", "cps", "4", "1", "4", "2.0"], ["teacher", "cps", "4", "1", "4", "-"],
+                                     ["teacher", "cps", "8", "1", "8", "-"]]
+    cell = {(r[0], r[2]): r[6:] for r in rows}
+    # best per column in bold: teacher-8 has the highest GenEval (0.75) and reward, the lowest FD
+    assert cell[("teacher", "8")][0].startswith("**0.750**") and cell[("teacher", "8")][2] == "**2.000**"
+    assert cell[("teacher", "8")][1].startswith("**0.550**")
+    assert not any("**" in c for c in cell[("dmd2", "4")] + cell[("teacher", "4")])
+    # CIs: the stratified bootstrap over the per-prompt table, as bootstrap_ci computes it
+    lo, hi = report.bootstrap_ci([1.0, 0.5, 0.0, 0.5], ["single_object"] * 2 + ["counting"] * 2, n_boot=500)
+    assert cell[("teacher", "4")][0] == f"0.500 [{lo:.3f}, {hi:.3f}]"
+    lo, hi = report.bootstrap_ci(REWARD[("dmd2", 4)], n_boot=500)
+    assert cell[("dmd2", "4")][1] == f"0.200 [{lo:.3f}, {hi:.3f}]"
+    assert "[" not in cell[("dmd2", "4")][2]  # FD has no per-prompt form: no interval
+    tasks = _table(md, "## GenEval per task")
+    assert tasks[2][6].startswith("**1.000**") and tasks[0][7] == "0.000 [0.000, 0.000]"
+    # plots beside the Markdown, linked from it
+    for name in ("metric_vs_nfe.png", "geneval_tasks.png"):
+        assert (out.parent / name).stat().st_size > 1000 and f"]({name})" in md
+    grids = re.findall(r"\]\((grid_[^)]+\.png)\)", md)
+    assert len(grids) == 3 and all((out.parent / g).is_file() for g in grids)
+    # provenance: the eval commands, the commit, the report command
+    assert "rtdmd-bench eval --suite geneval --steps 8 # teacher" in md and "rtdmd-bench report -x" in md
+    assert "Eval code commit(s):" in md and "fake-det" in md
+
+
+def test_report_errors(fake_experiment, tmp_path):
+    _, uri = fake_experiment
+    with pytest.raises(UserError, match="experiment 'nope' does not exist"):
+        report.write_report("nope", out=tmp_path / "r.md", uri=uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("only-training")
+    with mlflow.start_run():
+        mlflow.set_tag("kind", "train")
+    with pytest.raises(UserError, match="holds no finished eval runs"):
+        report.write_report("only-training", out=tmp_path / "r.md", uri=uri)
+
+
+def test_default_report_path(fake_experiment, tmp_path, monkeypatch):
+    _, uri = fake_experiment
+    monkeypatch.chdir(tmp_path)
+    out = report.write_report("report-test", uri=uri, n_boot=50)
+    assert out == Path("reports/report-test/report.md") and out.is_file()
