@@ -195,6 +195,23 @@ def phase_lower_edge(sigma: SigmaLike, edges: torch.Tensor) -> SigmaLike:
     return float(out)
 
 
+def euler_jump(x: torch.Tensor, v: torch.Tensor, s: SigmaLike, s_to: SigmaLike) -> torch.Tensor:
+    """x + (s_to - s) v: a flow state moved from sigma s to s_to along velocity v (baselines.md LCM flow port:
+    the student's jump to its phase edge, the teacher's solver step and the target's jump all take this form)."""
+    return x + (expand_sigma(s_to, x) - expand_sigma(s, x)) * v
+
+
+def phased_solver_grid(sigmas, edges, tol: float = 1e-6) -> torch.Tensor:
+    """Descending float64 union of the teacher's solver sigmas and the phase edges, a sigma within ``tol`` of an
+    edge replaced by the edge, so that no solver step crosses a phase edge (baselines.md LCM flow port)."""
+    e = [float(v) for v in torch.as_tensor(edges, dtype=torch.float64).flatten()]
+    pts = list(e)
+    for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist():
+        if all(abs(v - p) > tol for p in pts):
+            pts.append(v)
+    return torch.tensor(sorted(pts, reverse=True), dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------- reward terms
 def refl_hinge(reward: torch.Tensor, margin: float) -> torch.Tensor:
     """relu(margin - reward), elementwise (baselines.md ReFL; method.md s4 L_BP with margin 3)."""
@@ -315,6 +332,7 @@ __all__ = [
     "consistency_regulariser",
     "dmd_gradient",
     "dmd_loss",
+    "euler_jump",
     "flow_matching_loss",
     "gan_discriminator_loss",
     "gan_generator_loss",
@@ -324,6 +342,7 @@ __all__ = [
     "lcm_boundary_coefficients",
     "phase_edges",
     "phase_lower_edge",
+    "phased_solver_grid",
     "ppo_clip_loss",
     "pseudo_huber",
     "refl_hinge",

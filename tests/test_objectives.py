@@ -207,6 +207,27 @@ def test_phase_edges_and_lower_edge():
         obj.phase_edges(0)
 
 
+def test_euler_jump_hand_values():
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    v = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    # row 0: 0.8 -> 0.5 (dt = -0.3); row 1: 0.4 -> 0 (dt = -0.4)
+    out = obj.euler_jump(x, v, torch.tensor([0.8, 0.4]), torch.tensor([0.5, 0.0]))
+    assert torch.allclose(out, torch.tensor([[0.4, 2.0], [-0.4, -1.4]]))
+    # a jump to 0 is x0_hat = x - s v
+    assert torch.allclose(obj.euler_jump(x, v, 0.4, 0.0), flow.x0_from_v(x, v, 0.4))
+
+
+def test_phased_solver_grid_keeps_edges_and_merges_near_points():
+    sig = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    edges = torch.tensor([1.0, 0.5 + 1e-8, 0.0])  # 0.5 is not a solver sigma; near-equal points merge
+    g = obj.phased_solver_grid(sig, edges)
+    assert g.dtype == torch.float64
+    assert g.tolist() == pytest.approx([1.0, 0.8, 0.6, 0.5, 0.4, 0.2, 0.0])
+    # an edge within tol of a solver sigma replaces it (no duplicate)
+    g2 = obj.phased_solver_grid(sig, torch.tensor([1.0, 0.6 + 1e-7, 0.0], dtype=torch.float64))
+    assert len(g2) == 6 and g2[2].item() == pytest.approx(0.6 + 1e-7, abs=1e-12)
+
+
 # ---------------------------------------------------------------------------- rewards and RL
 def test_refl_hinge():
     assert torch.allclose(obj.refl_hinge(torch.tensor([1.0, 3.0, 2.5]), 2.0), torch.tensor([1.0, 0.0, 0.0]))
