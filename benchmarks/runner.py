@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -186,7 +187,9 @@ class PromptSet:
 class Processes:
     """Rank / world / barrier under accelerate or torchrun; one process otherwise."""
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
+        import torch
+
         from rtdmd.distributed import inside_launch
 
         self.state = None
@@ -194,7 +197,8 @@ class Processes:
         if inside_launch():
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # CPU processes (gloo) only form a group when accelerate is told they are CPU processes
+            self.state = PartialState(cpu=cpu or not torch.cuda.is_available())
             self.rank, self.world = self.state.process_index, self.state.num_processes
 
     @property
@@ -284,6 +288,7 @@ class EvalResult:
     eval_dir: Path
     generated: int
     run_id: str | None
+    seconds: dict = field(default_factory=dict)  # generate (this prompt set, incl. model load), score, log
 
 
 # ---------------------------------------------------------------------------- the run
@@ -501,7 +506,7 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
         import torch
 
         torch.set_num_threads(opts.threads)
-    procs = Processes()
+    procs = Processes(cpu=opts.device == "cpu")
     device = procs.device(opts.device)
     if checkpoints:
         models = [describe_checkpoint(c) for c in checkpoints]
@@ -530,14 +535,17 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
         procs.agree(error)
         net_cache: dict = {}
         generated: dict[int, int] = {}
+        gen_seconds: dict[int, float] = {}
         dirs: dict[int, Path] = {}
         for ps in {id(p): p for p in sets.values()}.values():
             if opts.images_dir is not None:
-                dirs[id(ps)], generated[id(ps)] = Path(opts.images_dir), 0
+                dirs[id(ps)], generated[id(ps)], gen_seconds[id(ps)] = Path(opts.images_dir), 0, 0.0
                 continue
             image_dir = Path(opts.out) / model.slug / f"prompts-{ps.id}" / sampler_slug(sc, opts.seed)
             dirs[id(ps)] = image_dir
+            t0 = time.perf_counter()
             generated[id(ps)] = _generate(model, sc, ps, image_dir, opts, procs, device, net_cache)
+            gen_seconds[id(ps)] = time.perf_counter() - t0
         net_cache.clear()
         if not procs.main:
             continue
@@ -546,16 +554,20 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
             image_dir = dirs[id(ps)]
             items = collect_items(image_dir, ps, opts.images_per_prompt)
             eval_dir = image_dir / "eval" / f"{name}-ipp{opts.images_per_prompt}-p{len(ps.indices)}"
+            t0 = time.perf_counter()
             res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
+            t_score = time.perf_counter() - t0
             summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
                        "checkpoint": str(model.checkpoint), "method": model.method, "suite": name,
                        "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
                        "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
                        "prompt_count": len(ps.indices), "prompt_set": ps.name, "nfe": nfe(sc.steps, sc.guidance)}
+            t0 = time.perf_counter()
             artifacts = _write_artifacts(eval_dir, res, items, opts.images_per_prompt, summary)
             run_id = log_eval_run(opts, model, sc, name, ps, res, artifacts, image_dir)
+            seconds = {"generate": gen_seconds[id(ps)], "score": t_score, "log": time.perf_counter() - t0}
             results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
-                                      res.metrics, image_dir, eval_dir, generated[id(ps)], run_id))
+                                      res.metrics, image_dir, eval_dir, generated[id(ps)], run_id, seconds))
     return results
 
 

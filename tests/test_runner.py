@@ -340,3 +340,29 @@ def test_default_checkpoints_newest_per_method_plus_teacher(tmp_path, ckpt, stor
                      runner.SHIPPED_TEACHER.resolve()]
     assert len(warnings) == 1 and "hypersd" in warnings[0]
     assert runner.default_checkpoints("no-such-experiment", store) == [runner.SHIPPED_TEACHER.resolve()]
+
+
+def _rank_eval(ckpt: str, out: str):
+    """One rank of a 2-process eval (spawned like torchrun: WORLD_SIZE/RANK in the environment)."""
+    import torch
+
+    torch.set_num_threads(1)
+    res = runner.run_eval([ckpt], runner.EvalOptions(max_prompts=3, images_per_prompt=2, tracking=False,
+                                                     out=Path(out), progress=False, batch_size=2, device="cpu"))
+    from rtdmd.distributed import rank
+
+    Path(out, f"rank{rank()}.json").write_text(json.dumps([r.generated for r in res] + [r.metrics for r in res]))
+
+
+@pytest.mark.slow
+def test_two_processes_share_generation_and_rank0_scores(tmp_path, ckpt):
+    from rtdmd import distributed as D
+
+    D.spawn(_rank_eval, 2, args=(str(ckpt), str(tmp_path / "two")))
+    r0 = json.loads((tmp_path / "two" / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "two" / "rank1.json").read_text())
+    assert r0[0] == 3 and r1 == []  # rank 0 generated 3 of the 6 images and scored; rank 1 generated 3, no results
+    (one,) = runner.run_eval([ckpt], _opts(tmp_path, max_prompts=3, out=tmp_path / "one"))
+    assert one.generated == 6 and one.metrics == r0[1]
+    a, b = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
+    assert [p.relative_to(tmp_path / "one") for p in a] == [p.relative_to(tmp_path / "two") for p in b]
