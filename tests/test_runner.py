@@ -366,3 +366,37 @@ def test_two_processes_share_generation_and_rank0_scores(tmp_path, ckpt):
     assert one.generated == 6 and one.metrics == r0[1]
     a, b = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
     assert [p.relative_to(tmp_path / "one") for p in a] == [p.relative_to(tmp_path / "two") for p in b]
+
+
+def test_preference_suite_end_to_end_with_the_oracle(tmp_path, ckpt, monkeypatch):
+    """The preference suite through the runner, with the registry's oracle (the learned rewards need the shipped bundle)."""
+    import rtdmd.rewards.registry as R
+
+    monkeypatch.setattr(R, "suite_rewards", lambda backend, suite: ["oracle"])
+    (g,) = runner.run_eval([ckpt], _opts(tmp_path))
+    (p,) = runner.run_eval([ckpt], _opts(tmp_path, suites=["preference"]))
+    assert p.generated == 0 and p.image_dir == g.image_dir  # same prompts -> the same images, not regenerated
+    rows = [json.loads(x) for x in (p.eval_dir / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(0.0 <= r["oracle"] <= 1.0 for r in rows)
+    assert p.metrics["reward/oracle"] == pytest.approx(np.mean([r["oracle"] for r in rows]))
+    import pandas as pd
+
+    df = pd.read_csv(p.eval_dir / "per_prompt.csv")
+    assert list(df.columns) == ["index", "prompt", "tag", "n_images", "reward/oracle"] and len(df) == 5
+
+
+@pytest.mark.parametrize("suite, fragments", [
+    ("preference", ("xswu/HPSv2", "huggingface-cli download")),
+    ("aesthetic", ("weights/sac+logos+ava1-l14-linearMSE.pth", "place the file there")),
+])
+def test_missing_real_scorer_weights_name_path_and_fix(suite, fragments, monkeypatch, tmp_path):
+    import benchmarks.scorers.clip_family as CF
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as HC
+
+    monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache, wherever the real one is
+    monkeypatch.setattr(CF, "AESTHETIC_DEFAULT", tmp_path / "weights" / CF.AESTHETIC_FILE)
+    with pytest.raises(UserError) as e:
+        make_suite(suite).load(BackendInfo("sd3", None), "cpu")
+    assert all(f in str(e.value) for f in fragments), str(e.value)
