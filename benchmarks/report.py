@@ -120,7 +120,8 @@ def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple
         key = tuple(_param(run, k) for k in CONFIG_KEYS)
         suite = run.get("tags.suite") or _param(run, "suite")
         row = rows.setdefault(key, {**dict(zip(CONFIG_KEYS, key)), "metrics": {}, "ci": {}, "runs": {},
-                                    "nfe": None, "train_seconds": None, "tags": {}})
+                                    "nfe": None, "train_seconds": None, "tags": {}, "name": key[1],
+                                    "sha": str(run.get("tags.checkpoint_sha256") or "")})
         if suite in row["runs"]:
             continue  # an older run of the same configuration and suite: the newest wins
         row["runs"][suite] = run["run_id"]
@@ -146,7 +147,19 @@ def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple
                 row["ci"][m] = ci
             if m not in metrics_seen:
                 metrics_seen.append(m)
-    return list(rows.values()), metrics_seen
+    out = list(rows.values())
+    _name_checkpoints(out)
+    return out, metrics_seen
+
+
+def _name_checkpoints(rows: list[dict]) -> None:
+    """Row names: the method, plus the checkpoint's sha prefix where one method has several checkpoints."""
+    by_method: dict[str, set] = {}
+    for r in rows:
+        by_method.setdefault(str(r["method"]), set()).add(r["checkpoint"])
+    for r in rows:
+        if len(by_method[str(r["method"])]) > 1:
+            r["name"] = f"{r['method']}@{(r['sha'] or str(abs(hash(r['checkpoint']))))[:6]}"
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -155,7 +168,7 @@ def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple
 def label(row: dict) -> str:
     g = row["guidance"]
     g = f"{float(g):g}" if g is not None else "?"
-    return f"{row['method']} {row['sampler']}-{row['steps']} w{g}"
+    return f"{row.get('name', row['method'])} {row['sampler']}-{row['steps']} w{g}"
 
 
 def _order_metrics(names: list[str]) -> list[str]:
@@ -190,7 +203,7 @@ def markdown_table(rows: list[dict], metrics: list[str], ci: bool = True) -> str
     best = {m: best_index([r["metrics"].get(m) for r in rows], m in LOWER_IS_BETTER) for m in metrics}
     for i, r in enumerate(rows):
         ts = r["train_seconds"]
-        cells = [str(r["method"]), str(r["sampler"]), str(r["steps"]), f"{float(r['guidance']):g}",
+        cells = [str(r.get("name", r["method"])), str(r["sampler"]), str(r["steps"]), f"{float(r['guidance']):g}",
                  "-" if r["nfe"] is None else str(r["nfe"]), "-" if ts is None else f"{ts / 60:.1f}"]
         for m in metrics:
             cells.append(_fmt(r["metrics"].get(m), r["ci"].get(m) if ci else None, i in best[m]))
@@ -215,7 +228,7 @@ def plot_metric_vs_nfe(rows: list[dict], metrics: list[str], path: Path) -> Path
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), dpi=110, squeeze=False)
     series: dict[tuple, list[dict]] = {}
     for r in rows:
-        series.setdefault((r["method"], r["sampler"], float(r["guidance"]), r["checkpoint"]), []).append(r)
+        series.setdefault((r.get("name", r["method"]), r["sampler"], float(r["guidance"]), r["checkpoint"]), []).append(r)
     for ax, m in zip(axes[0], metrics):
         for (method, sampler, g, _), rs in sorted(series.items(), key=lambda kv: kv[0][:3]):
             rs = sorted((r for r in rs if m in r["metrics"] and r["nfe"]), key=lambda r: r["nfe"])
@@ -229,6 +242,9 @@ def plot_metric_vs_nfe(rows: list[dict], metrics: list[str], path: Path) -> Path
                 err = np.clip(err, 0, None)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method} {sampler} w{g:g}")
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["nfe"] for r in rows if r["nfe"] and m in r["metrics"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("NFE per image")
         ax.set_title(m + (" (lower is better)" if m in LOWER_IS_BETTER else ""), fontsize=9)
         ax.grid(alpha=0.3)
@@ -321,7 +337,7 @@ def write_report(experiment: str, out: Path | None = None, uri: str | None = Non
     work = Path(tempfile.mkdtemp(prefix="rtdmd-report-"))
     try:
         rows, metrics = collect(df, uri, n_boot, work)
-        rows.sort(key=lambda r: (str(r["method"]), str(r["checkpoint"]), float(r["guidance"]), r["nfe"] or 0, str(r["seed"])))
+        rows.sort(key=lambda r: (str(r["name"]), float(r["guidance"]), r["nfe"] or 0, str(r["seed"])))
         metrics = _order_metrics(metrics)
         main = [m for m in metrics if not (m.startswith("geneval/") and m != "geneval/overall")]
         tasks = [m for m in metrics if m.startswith("geneval/") and m != "geneval/overall"]

@@ -66,7 +66,7 @@ def _geneval_result(values) -> SuiteResult:
 
 
 def _log(tmp_path, uri, method, steps, guidance, suite, result, train_seconds):
-    ck = tmp_path / method / f"step_{steps}"
+    ck = tmp_path / method / "step_100"
     model = runner.Model(ck, method, BackendInfo("shapes", None),
                          {"model_sha256": method * 4, "train_seconds": train_seconds, "step": 100})
     sc = SamplingConfig(kind="cps", steps=steps, guidance=guidance, eta=0.9)
@@ -167,3 +167,11 @@ def test_default_report_path(fake_experiment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = report.write_report("report-test", uri=uri, n_boot=50)
     assert out == Path("reports/report-test/report.md") and out.is_file()
+
+
+def test_rows_of_one_method_with_several_checkpoints_are_named_apart():
+    rows = [{"method": "dmd2", "checkpoint": "/a", "sha": "abcdef123", "name": "dmd2"},
+            {"method": "dmd2", "checkpoint": "/b", "sha": "987654fed", "name": "dmd2"},
+            {"method": "lcm", "checkpoint": "/c", "sha": "555555", "name": "lcm"}]
+    report._name_checkpoints(rows)
+    assert [r["name"] for r in rows] == ["dmd2@abcdef", "dmd2@987654", "lcm"]
