@@ -547,27 +547,39 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
             generated[id(ps)] = _generate(model, sc, ps, image_dir, opts, procs, device, net_cache)
             gen_seconds[id(ps)] = time.perf_counter() - t0
         net_cache.clear()
-        if not procs.main:
-            continue
-        for name, suite in suites.items():
-            ps = sets[name]
-            image_dir = dirs[id(ps)]
-            items = collect_items(image_dir, ps, opts.images_per_prompt)
-            eval_dir = image_dir / "eval" / f"{name}-ipp{opts.images_per_prompt}-p{len(ps.indices)}"
-            t0 = time.perf_counter()
-            res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
-            t_score = time.perf_counter() - t0
-            summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
-                       "checkpoint": str(model.checkpoint), "method": model.method, "suite": name,
-                       "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
-                       "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
-                       "prompt_count": len(ps.indices), "prompt_set": ps.name, "nfe": nfe(sc.steps, sc.guidance)}
-            t0 = time.perf_counter()
-            artifacts = _write_artifacts(eval_dir, res, items, opts.images_per_prompt, summary)
-            run_id = log_eval_run(opts, model, sc, name, ps, res, artifacts, image_dir)
-            seconds = {"generate": gen_seconds[id(ps)], "score": t_score, "log": time.perf_counter() - t0}
-            results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
-                                      res.metrics, image_dir, eval_dir, generated[id(ps)], run_id, seconds))
+        error = None
+        if procs.main:  # rank 0 scores; a failure is broadcast so the other ranks stop too
+            try:
+                results += _score_all(model, sc, suites, sets, dirs, generated, gen_seconds, opts)
+            except BaseException as e:  # noqa: BLE001 - re-raised on every rank by agree()
+                error = e
+        procs.agree(error)
+    return results
+
+
+def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated: dict, gen_seconds: dict,
+               opts: EvalOptions) -> list[EvalResult]:
+    """Score every suite on its images, write the artifacts, log one MLflow run per suite."""
+    results = []
+    for name, suite in suites.items():
+        ps = sets[name]
+        image_dir = dirs[id(ps)]
+        items = collect_items(image_dir, ps, opts.images_per_prompt)
+        eval_dir = image_dir / "eval" / f"{name}-ipp{opts.images_per_prompt}-p{len(ps.indices)}"
+        t0 = time.perf_counter()
+        res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
+        t_score = time.perf_counter() - t0
+        summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
+                   "checkpoint": str(model.checkpoint), "method": model.method, "suite": name,
+                   "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
+                   "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
+                   "prompt_count": len(ps.indices), "prompt_set": ps.name, "nfe": nfe(sc.steps, sc.guidance)}
+        t0 = time.perf_counter()
+        artifacts = _write_artifacts(eval_dir, res, items, opts.images_per_prompt, summary)
+        run_id = log_eval_run(opts, model, sc, name, ps, res, artifacts, image_dir)
+        seconds = {"generate": gen_seconds[id(ps)], "score": t_score, "log": time.perf_counter() - t0}
+        results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
+                                  res.metrics, image_dir, eval_dir, generated[id(ps)], run_id, seconds))
     return results
 
 

@@ -54,6 +54,7 @@ class FIDSuite:
         self.reference = reference
         self.inception_path = inception_path
         self.device = "cpu"
+        self.identity = ""
 
     def default_prompts(self, info: BackendInfo) -> list[dict]:
         from benchmarks.geneval.suite import default_metadata
@@ -63,14 +64,18 @@ class FIDSuite:
     def load(self, info: BackendInfo, device: str = "cpu", workers: int = 0) -> None:
         self.device = device
         if info.name == "shapes":
-            import benchmarks.shapes.fd  # noqa: F401  (fail early if the FD-shapes module is absent)
+            from benchmarks.shapes.reward_models import load_bundle
+
+            self.identity = f"shapes_encoder={load_bundle(device=device).identity}"  # fails early without weights
             return
         if not self.reference:
             raise UserError("the fid suite on a real backend needs --fid-reference (a folder of reference images, an .npz "
                             "with mu and sigma, or a clean-fid statistics name on disk); pass one.")
         from benchmarks.fid import find_inception
+        from benchmarks.scorers.common import identity_of
 
-        find_inception(self.inception_path)  # fail before generating when the Inception file is absent
+        # fail before generating when the Inception file is absent
+        self.identity = f"inception={identity_of(find_inception(self.inception_path))}"
 
     def score(self, items: Sequence[ImageItem], info: BackendInfo, seed: int = 0, progress: bool = True,
               work_dir: Path | None = None) -> SuiteResult:
@@ -90,10 +95,11 @@ class FIDSuite:
             ref = reference_renders([_scene_metadata(by_index[i], info) for i in sorted(by_index)], per_prompt,
                                     REFERENCE_SEED, spec=info.spec)
             value = float(fd_shapes(gen, ref))
-            return SuiteResult({"fd_shapes": value}, per_image, [], {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}"})
+            return SuiteResult({"fd_shapes": value}, per_image, [],
+                               {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}", "scorers": self.identity})
         from benchmarks.fid import clean_fid_score
 
         folder = flat_folder(items, Path(work_dir or Path(items[0].path).parents[2]) / "fid_flat")
         value = clean_fid_score(folder, self.reference, device=self.device, inception_path=self.inception_path)
         shutil.rmtree(folder, ignore_errors=True)
-        return SuiteResult({"fid": value}, per_image, [], {"fid_reference": str(self.reference)})
+        return SuiteResult({"fid": value}, per_image, [], {"fid_reference": str(self.reference), "scorers": self.identity})
