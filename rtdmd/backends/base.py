@@ -125,6 +125,14 @@ class Backend(abc.ABC):
         from scratch on the toy backends); backends may use it to pick LoRA settings.
         """
 
+    def feature_module(self, net: nn.Module) -> nn.Module:
+        """The sub-module of ``net`` whose output is an intermediate feature map (read with a forward
+        hook by DMD2's GAN head on the fake score); backends without one raise a UserError."""
+        from rtdmd.errors import UserError
+
+        raise UserError(f"backend {self.name} exposes no intermediate features of its networks, so a GAN head on the "
+                        "fake score cannot run; set method.gan=false.")
+
     def trainable_parameters(self, net: nn.Module) -> Iterator[nn.Parameter]:
         """Parameters an optimiser should update (LoRA backends return adapter weights only)."""
         return (p for p in net.parameters() if p.requires_grad)

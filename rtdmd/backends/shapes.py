@@ -238,6 +238,14 @@ class ShapesBackend(Backend):
         net.text_encoder.requires_grad_(self.options.train_text_encoder)
         return net
 
+    def feature_module(self, net):
+        """The UNet's mid block (output (B, C, H/4, W/4)), or the SD3 transformer's middle joint block
+        (output (text tokens, image tokens)); DMD2's GAN head reads it (baselines.md DMD2)."""
+        d = getattr(net, "module", net).denoiser
+        if self.options.denoiser == "unet":
+            return d.mid_block
+        return d.transformer_blocks[len(d.transformer_blocks) // 2]
+
     def velocity(self, net, x, sigma, cond):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         return net(x, sigma.to(x.dtype), cond["input_ids"], cond["attention_mask"])

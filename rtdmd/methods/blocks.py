@@ -20,6 +20,7 @@ import torch
 
 from rtdmd import flow, objectives, samplers
 from rtdmd.backends.base import Backend, Cond, index_cond
+from rtdmd.errors import UserError
 from rtdmd.methods.base import StepContext
 from rtdmd.seeding import torch_generator
 
@@ -58,6 +59,13 @@ def velocity_fn(backend: Backend, net, cond: Cond) -> VelocityFn:
     return lambda x, s: backend.velocity(net, x, s, cond)
 
 
+def policy_velocity_fn(backend: Backend, net, cond: Cond, guidance: float = 1.0, uncond: Cond | None = None) -> VelocityFn:
+    """The velocity of ``net`` with CFG w (one network call when w == 1)."""
+    if guidance == 1.0:
+        return velocity_fn(backend, net, cond)
+    return lambda x, s: flow.guided_velocity(lambda a, b, c: backend.velocity(net, a, b, c), x, s, cond, guidance, uncond)
+
+
 def teacher_fn(backend: Backend, cond: Cond, guidance: float, uncond: Cond | None) -> VelocityFn:
     return lambda x, s: backend.teacher_velocity(x, s, cond, guidance, uncond)
 
@@ -83,16 +91,22 @@ def generator_sample(backend: Backend, generator_net, p: Prompts, n_global: int,
 
 def dm_generator_loss(backend: Backend, fake_net, x_s: torch.Tensor, s: float, p: Prompts, guidance: float,
                       n_global: int, ctx: StepContext, eta: float = 0.9, normalize: bool = True,
-                      t_range: tuple[float, float] = (0.02, 0.98), tag: str = "dm") -> tuple[torch.Tensor, dict]:
+                      t_range: tuple[float, float] = (0.02, 0.98), tag: str = "dm",
+                      t_sampling: str = "subinterval") -> tuple[torch.Tensor, dict]:
     """The (AC-)DMD generator loss at noise level s (method.md s3 steps 4-6).
 
     Re-noise x_s inside [s, 1], query the teacher (CFG) and the fake score there, map both
     back to s with one CPS step sharing the noise z, and regress x_s on x_s - g with the
     (normalised) DMD gradient g. With s = 0 this is DMD2's x0-space loss (baselines.md).
+    ``t_sampling="uniform"`` draws t ~ U[t_range] (DMD2's t ~ U[0.02, 0.98]) instead of
+    AC-DMD's clamped sub-interval draw.
     """
     xd = x_s.detach()
     g = torch_generator(ctx.seed, f"{tag}-t")
-    t_all = objectives.sample_subinterval_t(torch.full((n_global,), s), g, lo=t_range[0], hi=t_range[1])
+    if t_sampling == "uniform":
+        t_all = t_range[0] + (t_range[1] - t_range[0]) * torch.rand(n_global, generator=g)
+    else:
+        t_all = objectives.sample_subinterval_t(torch.full((n_global,), s), g, lo=t_range[0], hi=t_range[1])
     t = t_all[ctx.shard(n_global)].to(xd.device)
     n = global_randn(backend, n_global, ctx, f"{tag}-n")
     z = global_randn(backend, n_global, ctx, f"{tag}-z")
@@ -150,6 +164,14 @@ def fake_score_loss(backend: Backend, fake_net, x_s: torch.Tensor, s: float, p: 
 # ---------------------------------------------------------------------------- rewards
 
 
+def load_rewards(names, backend: Backend, differentiable: bool = False) -> dict[str, object]:
+    """Training rewards by registry name (rtdmd.rewards.registry.training_reward; user rewards added with
+    register_reward included): name -> Reward on the backend's device."""
+    from rtdmd.rewards.registry import training_reward
+
+    return {n: training_reward(n, backend=backend, device=backend.device, differentiable=differentiable) for n in names}
+
+
 def reward_scores(rewards: Mapping[str, object], images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Every reward on the same images: name -> (B,) scores."""
     return {name: r(images, prompts) for name, r in rewards.items()}
@@ -199,9 +221,11 @@ def grouped_prompts(backend: Backend, n_groups: int, group_size: int, ctx: StepC
 
 
 def recompute_log_probs(backend: Backend, policy, cond: Cond, rollout: samplers.Rollout, steps: list[int],
-                        kernel: str, eta: float = 0.9, a: float = 0.7, form: str = "gaussian") -> torch.Tensor:
-    """log pi_theta of the stored transitions at ``steps``, with gradient: (B, len(steps))."""
-    fn = velocity_fn(backend, policy, cond)
+                        kernel: str, eta: float = 0.9, a: float = 0.7, form: str = "gaussian",
+                        guidance: float = 1.0, uncond: Cond | None = None) -> torch.Tensor:
+    """log pi_theta of the stored transitions at ``steps``, with gradient: (B, len(steps)).
+    ``guidance`` != 1: the policy is the CFG velocity of ``policy`` (Flow-GRPO samples with CFG)."""
+    fn = policy_velocity_fn(backend, policy, cond, guidance, uncond)
     sig = rollout.sigmas
     sigma_max = sig[1] if len(sig) > 1 else None
     cols = [samplers.step_log_prob(fn, rollout.states[i].detach(), rollout.states[i + 1].detach(), sig[i], sig[i + 1],
@@ -217,3 +241,121 @@ def old_log_probs(rollout: samplers.Rollout, steps: list[int]) -> torch.Tensor:
 
 def subset_cond(cond: Cond, mask: torch.Tensor) -> Cond:
     return index_cond(cond, mask)
+
+
+@dataclass
+class GRPOBatch:
+    """One GRPO rollout: K samples per prompt, their rewards and group advantages (this process's rows)."""
+
+    prompts: list[str]
+    group_ids: torch.Tensor  # (B,) global group index of each row
+    cond: Cond
+    uncond: Cond | None  # the policy's CFG conditioning (None when guidance == 1)
+    rollout: samplers.Rollout  # states x_0..x_N, means, stds, behaviour log-probs, noises (no grad)
+    images: torch.Tensor  # decoded final states (toy2d: the points)
+    rewards: dict[str, torch.Tensor]  # reward name -> (B,) scores
+    advantages: torch.Tensor  # (B,) objectives.group_advantages over the global batch
+
+
+def grpo_rollout(backend: Backend, policy, rewards: Mapping[str, object], n_groups: int, group_size: int,
+                 ctx: StepContext, *, sigmas, kernel: str = "sde", eta: float = 0.9, a: float = 0.7,
+                 guidance: float = 1.0, noises: list[torch.Tensor | None] | None = None, deterministic_last: bool = False,
+                 log_prob_form: str = "gaussian", reward_weights: Mapping[str, float] | None = None,
+                 advantage_clip: float = 5.0, advantage_eps: float = 1e-4, tag: str = "grpo") -> GRPOBatch:
+    """Sample every prompt ``group_size`` times with the stochastic ``kernel`` (no gradient), score, and
+    compute group advantages over the GLOBAL batch (rewards are gathered across processes).
+
+    ``noises``: per-step noise for this process's rows (None entries: drawn per global row), e.g.
+    SubGRPO's group-shared noise (objectives.group_shared_noise); ``deterministic_last``: the last
+    step draws no noise (RTDMD's CPS rollout) -- Flow-GRPO's SDE uses False (all steps stochastic).
+    """
+    from rtdmd.distributed import all_gather_tensor
+
+    n_global = n_groups * group_size
+    prompts, gids = grouped_prompts(backend, n_groups, group_size, ctx, tag=f"{tag}-groups")
+    cond = backend.encode_prompts(prompts)
+    uncond = backend.uncond(len(prompts)) if guidance != 1.0 else None
+    n_steps = len(sigmas) - 1
+    noises = list(noises) if noises is not None else [None] * n_steps
+    noises = [z if z is not None else global_randn(backend, n_global, ctx, f"{tag}-z{i}") for i, z in enumerate(noises)]
+    x1 = global_randn(backend, n_global, ctx, f"{tag}-x1")
+    with torch.no_grad():
+        r = samplers.policy_rollout(policy_velocity_fn(backend, policy, cond, guidance, uncond), x1, sigmas, kernel=kernel,
+                                    eta=eta, a=a, noises=noises, deterministic_last=deterministic_last,
+                                    log_prob_form=log_prob_form)
+        images = backend.decode(r.final).float()
+        scores = {k: v.detach().float().reshape(-1).to(backend.device) for k, v in reward_scores(rewards, images, prompts).items()}
+    gathered = {k: all_gather_tensor(v) for k, v in scores.items()}
+    global_ids = torch.arange(n_groups).repeat_interleave(group_size)
+    adv = objectives.group_advantages(gathered, global_ids, clip=advantage_clip, eps=advantage_eps, weights=reward_weights)
+    return GRPOBatch(prompts, gids, cond, uncond, r, images, scores, adv[ctx.shard(n_global)].to(backend.device))
+
+
+def policy_step_stats(backend: Backend, policy, cond: Cond, rollout: samplers.Rollout, steps: list[int], kernel: str,
+                      eta: float = 0.9, a: float = 0.7, form: str = "gaussian", guidance: float = 1.0,
+                      uncond: Cond | None = None, velocity: VelocityFn | None = None,
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Recompute the policy at the stored transitions ``steps`` (gradient where the caller allows):
+    ((B, len(steps)) log-probs, the step means, the step stds). ``velocity`` overrides the policy's
+    velocity function (e.g. the frozen reference for the KL term)."""
+    fn = velocity or policy_velocity_fn(backend, policy, cond, guidance, uncond)
+    sig = rollout.sigmas
+    sigma_max = sig[1] if len(sig) > 1 else None
+    lps, means, stds = [], [], []
+    for i in steps:
+        x = rollout.states[i].detach()
+        v = fn(x, flow.batch_sigma(sig[i], x))
+        mean, std = samplers.step_mean_std(kernel, x, v, sig[i], sig[i + 1], eta, a, sigma_max)
+        lps.append(samplers.log_prob(rollout.states[i + 1].detach(), mean, std, form))
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(lps, dim=1), means, stds
+
+
+def grpo_policy_loss(backend: Backend, policy, batch: GRPOBatch, steps: list[int], *, kernel: str, eta: float = 0.9,
+                     a: float = 0.7, guidance: float = 1.0, clip_eps: float = 1e-4, kl_weight: float = 0.0,
+                     reference: Callable[[Cond, Cond | None], VelocityFn] | None = None, log_prob_form: str = "gaussian", mean_over_dims: bool = False,
+                     drop_zero_advantage: bool = False) -> tuple[torch.Tensor, dict]:
+    """PPO-clip on the stored transitions at ``steps`` with the batch's advantages, plus
+    ``kl_weight`` * the Gaussian-mean KL to ``reference`` ((cond, uncond) -> velocity function, run without
+    gradient; e.g. ``lambda c, u: teacher_fn(backend, c, w, u)``)
+    (baselines.md Flow-GRPO; method.md s4 with kl_weight 0). ``mean_over_dims`` divides both
+    log-probs by the state size: the Flow-GRPO code averages the per-dimension log-density, which
+    sets the scale of the policy term against its per-dimension KL. ``drop_zero_advantage``
+    skips rows whose advantage is 0 (method.md s4)."""
+    missing = [i for i in steps if i not in batch.rollout.stochastic_steps]
+    if missing:
+        raise UserError(f"GRPO steps {missing} are deterministic in this rollout (no log-prob); train only stochastic steps "
+                        f"{batch.rollout.stochastic_steps}.")
+    adv = batch.advantages
+    keep = torch.ones_like(adv, dtype=torch.bool)
+    if drop_zero_advantage and bool((adv != 0).any()):
+        keep = adv != 0
+    r = batch.rollout
+    if not bool(keep.all()):
+        idx = keep.nonzero().reshape(-1)
+        r = samplers.Rollout(states=[x[idx] for x in r.states], means=[], stds=[], log_probs=r.log_probs[idx],
+                             velocities=[], sigmas=r.sigmas, noises=[], stochastic_steps=r.stochastic_steps)
+        cond, uncond, adv = index_cond(batch.cond, idx), (index_cond(batch.uncond, idx) if batch.uncond is not None else None), adv[idx]
+    else:
+        cond, uncond = batch.cond, batch.uncond
+    logp, means, stds = policy_step_stats(backend, policy, cond, r, steps, kernel, eta, a, log_prob_form, guidance, uncond)
+    logp_old = old_log_probs(r, steps)
+    if mean_over_dims:
+        d = r.states[0][0].numel()
+        logp, logp_old = logp / d, logp_old / d
+    loss = objectives.ppo_clip_loss(logp, logp_old, adv, clip_eps)
+    ratio = torch.exp(logp.detach() - logp_old)
+    logs = {"grpo/policy_loss": float(loss.detach()), "grpo/ratio_dev": float((ratio - 1).abs().max()),
+            "grpo/clip_frac": float(((ratio - 1).abs() > clip_eps).float().mean()), "grpo/rows": float(adv.shape[0])}
+    if kl_weight > 0:
+        if reference is None:
+            raise UserError("a positive GRPO kl_weight needs a reference policy; pass one or set kl_weight to 0.")
+        with torch.no_grad():
+            _, ref_means, _ = policy_step_stats(backend, None, cond, r, steps, kernel, eta, a, log_prob_form,
+                                                velocity=reference(cond, uncond))
+        kl = torch.stack([objectives.gaussian_mean_kl(m, mr, sd) for m, mr, sd in zip(means, ref_means, stds)], dim=1).mean()
+        loss = loss + kl_weight * kl
+        logs["grpo/kl"] = float(kl.detach())
+    return loss, logs
+
