@@ -1,0 +1,302 @@
+"""Hyper-SD style (Ren et al. 2024; baselines.md): TSCD, then human feedback, then score distillation.
+
+The training code is not public; this is a reimplementation from the paper's description,
+run as ONE training command whose stage depends only on the step (so resume works across
+stage boundaries, and the stage is logged to MLflow as ``stage/index`` and ``stage/segments``):
+
+1. TSCD: phased consistency distillation (baselines/lcm.py, MSE loss) inside k segments,
+   k = 8 -> 4 -> 2 -> 1, ``segment_steps[i]`` steps each, each stage continuing from the
+   previous one (the teacher solver stays the original teacher; the adversarial term of the
+   paper is not implemented).
+2. ReFL: from a late state of the generator's own Euler trajectory (blocks.late_state), one
+   gradient-carrying step to x0_hat, decode, and L = sum_d relu(margin_d - r_d) over a
+   preference and an aesthetic reward (blocks.refl_loss), for ``refl_steps`` steps.
+3. Unified: the last segment count's consistency loss plus the DMD generator loss on the same
+   student x0 predictions (blocks.dm_generator_loss at s = 0, DMD2's form) with a trainable fake
+   score (blocks.fake_score_loss, plain flow matching), until train.max_steps.
+
+The fake score is trained in the unified stage and, with ``fake_warmup``, already in the earlier
+one-segment stages; in the other steps its loss is a constant with no path to its weights, so
+the optimiser leaves it untouched (no gradient, no weight decay).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from baselines.lcm import (ConsistencyData, ConsistencyOptions, EMATarget, PhaseSchedule, phased_consistency_loss,
+                           phased_sampler, unwrap)
+from rtdmd import flow
+from rtdmd.backends.base import Backend
+from rtdmd.config import OptimConfig, RunConfig
+from rtdmd.errors import UserError
+from rtdmd.methods import blocks
+from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
+from rtdmd.registry import register_method
+
+STAGE_KINDS = ("tscd", "refl", "unified")
+
+
+@dataclass
+class HyperSDOptions(ConsistencyOptions):
+    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # TSCD k per stage (baselines.md Hyper-SD 1)
+    segment_steps: list[int] = field(default_factory=lambda: [300, 300, 300, 300])  # steps of each TSCD stage
+    consistency_loss: Literal["mse", "pseudo_huber"] = "mse"  # Hyper-SD: MSE (huber_c applies to pseudo_huber only)
+    # --- human feedback (baselines.md Hyper-SD 2, ReFL)
+    refl_steps: int = 200  # length of the ReFL stage (0: skip it)
+    #: differentiable rewards by registry name, or 'module:function' for a Python callable f(images, prompts) -> (B,)
+    refl_rewards: list[str] = field(default_factory=lambda: ["shapes_pref", "shapes_aes"])
+    refl_margins: dict[str, float] = field(default_factory=lambda: {"shapes_pref": 2.0, "shapes_aes": 2.0})
+    refl_weight: float = 1.0e-3  # ReFL loss scale (baselines.md ReFL)
+    refl_total_steps: int = 8  # late_state: Euler schedule of the generator ...
+    refl_stop_range: list[int] = field(default_factory=lambda: [6, 7])  # ... stopped after m ~ U{lo..hi} steps
+    refl_consistency_weight: float = 0.0  # add the consistency loss in the ReFL stage (0: pure ReFL)
+    # --- unified stage (baselines.md Hyper-SD 3)
+    dmd_weight: float = 1.0  # DMD generator loss added to the consistency loss (weight not published)
+    #: DMD2's per-sample gradient normaliser mean|x - x_real| (baselines.md DMD2); false: the raw difference
+    dmd_normalize: bool = True
+    unified_refl_weight: float = 0.0  # keep the ReFL term (times refl_weight) in the unified stage
+    #: also train the fake score in the earlier one-segment stages (TSCD k = 1; ReFL with consistency), on the
+    #: x0 predictions of the one-segment model, so it already tracks the generator when the DMD term starts
+    fake_warmup: bool = True
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    # --- sampling of the final (1-segment) model
+    sample_steps: int = 4
+    inference_eta: float = 1.0  # CPS re-noising of the consistency model: 1 = LCM's multistep sampler
+
+    def validate(self):
+        super().validate()
+        if not self.segments or any(k < 1 for k in self.segments):
+            raise UserError("method.segments must be a non-empty list of positive segment counts, e.g. [8, 4, 2, 1].")
+        if len(self.segment_steps) != len(self.segments) or any(n < 0 for n in self.segment_steps):
+            raise UserError(f"method.segment_steps needs one non-negative step count per entry of method.segments "
+                            f"({len(self.segments)}); fix the list.")
+        if self.refl_steps < 0:
+            raise UserError("method.refl_steps must be >= 0 (0 skips the ReFL stage).")
+        if self.uses_refl():
+            if not self.refl_rewards:
+                raise UserError("method.refl_rewards is empty but the ReFL term is on; name rewards or set method.refl_steps=0.")
+            missing = [r for r in self.refl_rewards if r not in self.refl_margins]
+            if missing:
+                raise UserError(f"method.refl_margins has no margin for reward '{missing[0]}'; add one (ReFL uses 2).")
+            lo_hi = self.refl_stop_range
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < self.refl_total_steps:
+                raise UserError("method.refl_stop_range must be [lo, hi] with 0 <= lo <= hi < method.refl_total_steps.")
+        if not 0.0 <= self.inference_eta <= 1.0:
+            raise UserError("method.inference_eta must be in [0, 1].")
+
+    def uses_refl(self) -> bool:
+        return self.refl_steps > 0 or self.unified_refl_weight > 0
+
+
+# ---------------------------------------------------------------------------- the stage schedule
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str  # "tscd8", ..., "refl", "unified"
+    kind: str  # one of STAGE_KINDS
+    segments: int  # consistency segments of this stage (ReFL / unified: the last TSCD count)
+    start: int  # first step (0-based) of the stage
+
+
+def stage_plan(segments: list[int], segment_steps: list[int], refl_steps: int) -> list[Stage]:
+    """TSCD stages (one per segment count), then ReFL (if refl_steps > 0), then the unified stage (open-ended)."""
+    plan, start = [], 0
+    for k, n in zip(segments, segment_steps):
+        if n > 0:
+            plan.append(Stage(len(plan), f"tscd{k}", "tscd", int(k), start))
+            start += int(n)
+    if refl_steps > 0:
+        plan.append(Stage(len(plan), "refl", "refl", int(segments[-1]), start))
+        start += int(refl_steps)
+    plan.append(Stage(len(plan), "unified", "unified", int(segments[-1]), start))
+    return plan
+
+
+def stage_at(plan: list[Stage], step: int) -> Stage:
+    """The stage that 0-based ``step`` belongs to."""
+    current = plan[0]
+    for st in plan:
+        if st.start <= step:
+            current = st
+    return current
+
+
+# ---------------------------------------------------------------------------- rewards
+
+
+class CallableReward:
+    """A user's Python reward f(images, prompts) -> (B,) named 'module:function' (toy2d: images are the points)."""
+
+    differentiable = True
+
+    def __init__(self, path: str):
+        mod, _, attr = path.partition(":")
+        try:
+            self.fn = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            raise UserError(f"reward '{path}' cannot be imported; name a function as 'module:function' on the Python path.") from None
+        self.name, self.identity = path, path
+
+    def __call__(self, images, prompts):
+        return self.fn(images, prompts)
+
+
+def load_reward(name: str, backend: Backend):
+    """A differentiable training reward: 'module:function', or a registry name (rtdmd.rewards.registry)."""
+    if ":" in name:
+        return CallableReward(name)
+    if not backend.has_images:
+        raise UserError(f"backend '{backend.name}' has no images for reward '{name}'; name a Python reward as "
+                        "'module:function' (f(x, prompts) -> (B,)) in method.refl_rewards.")
+    from rtdmd.rewards.registry import training_reward
+
+    return training_reward(name, backend=backend, device=backend.device, differentiable=True)
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+class HyperSDMethod(Method):
+    inference_network = "generator"
+
+    def __init__(self, cfg: RunConfig, backend: Backend):
+        super().__init__(cfg, backend)
+        o = self.options
+        self.plan = stage_plan(o.segments, o.segment_steps, o.refl_steps)
+        self.networks["generator"] = backend.make_trainable("generator")
+        self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
+        if o.dmd_weight > 0:
+            self.networks["fake_score"] = backend.make_trainable("fake_score")
+            self.updates.append(Update("fake_score", every=1, optim=o.fake_optim))
+        self.schedules = {k: PhaseSchedule(backend, k, o.solver_steps) for k in sorted(set(o.segments))}
+        self.target = EMATarget(backend, self.networks["generator"], o.target_ema_decay) if o.target == "ema" else None
+        cfg_needed = o.guidance != 1.0 or bool(o.guidance_range)
+        self.data = ConsistencyData(backend, o.data, cfg.train.batch_size, cfg.train.seed, cfg_needed, o.prefetch)
+        self.rewards = {r: load_reward(r, backend) for r in o.refl_rewards} if o.uses_refl() else {}
+        self._step = 0
+        self._fake_input: tuple[int, torch.Tensor, blocks.Prompts] | None = None
+
+    # -- stages ------------------------------------------------------------------
+    def stage(self, step: int | None = None) -> Stage:
+        return stage_at(self.plan, self._step if step is None else step)
+
+    def before_step(self, ctx: StepContext) -> None:
+        self._step = ctx.step
+        if self.target is not None:  # the target follows the student after each optimiser step
+            self.target.update(self.networks["generator"])
+
+    # -- losses ------------------------------------------------------------------
+    def _consistency(self, ctx: StepContext, segments: int):
+        o, n = self.options, self.cfg.train.batch_size
+        gen = self.networks["generator"]
+        x0, p = self.data.get(ctx, gen, self._data_sampler())
+        target = self.target.net if self.target is not None else unwrap(gen)
+        out = phased_consistency_loss(self.backend, gen, target, x0, p, self.schedules[segments], n, ctx, o.guidance,
+                                      o.guidance_range, o.consistency_loss, o.huber_c)
+        return out, p
+
+    def _refl(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """ReFL on the generator: a late state without gradient, one gradient step to x0_hat, decoded, rewarded."""
+        o, b, n = self.options, self.backend, self.cfg.train.batch_size
+        gen = self.networks["generator"]
+        p = blocks.draw_prompts(b, n, ctx, guidance=o.inference_guidance, tag="refl-prompts")
+        x_s, s = blocks.late_state(b, unwrap(gen), p, n, ctx, o.refl_total_steps, tuple(o.refl_stop_range),
+                                   guidance=o.inference_guidance, tag="refl")
+        v = flow.guided_velocity(lambda a, ss, c: b.velocity(gen, a, ss, c), x_s, flow.batch_sigma(s, x_s), p.cond,
+                                 o.inference_guidance, p.uncond)
+        images = b.decode(flow.x0_from_v(x_s, v, s))
+        loss, logs = blocks.refl_loss(self.rewards, o.refl_margins, images, p.prompts, weight=o.refl_weight)
+        logs["refl/loss"] = float(loss.detach())
+        logs["refl/sigma"] = s
+        return loss, logs
+
+    def loss(self, network: str, ctx: StepContext):
+        st = self.stage(ctx.step)
+        logs = {"stage/index": float(st.index), "stage/segments": float(st.segments)}
+        if network == "fake_score":
+            return self._fake_loss(ctx, st, logs)
+        o = self.options
+        if st.kind == "tscd":
+            out, p = self._consistency(ctx, st.segments)
+            logs.update(out.logs)
+            self._feed_fake(ctx, st, out, p)
+            return out.loss, logs
+        if st.kind == "refl":
+            loss, extra = self._refl(ctx)
+            logs.update(extra)
+            if o.refl_consistency_weight > 0:
+                out, p = self._consistency(ctx, st.segments)
+                logs.update(out.logs)
+                self._feed_fake(ctx, st, out, p)
+                loss = loss + o.refl_consistency_weight * out.loss
+            return loss, logs
+        # unified: consistency + DMD on the same student x0 predictions (+ optional ReFL)
+        out, p = self._consistency(ctx, st.segments)
+        logs.update(out.logs)
+        loss = out.loss
+        if o.dmd_weight > 0:
+            x0_hat = flow.x0_from_v(out.x_s, out.v, out.s)
+            dm, extra = blocks.dm_generator_loss(self.backend, self.networks["fake_score"], x0_hat, 0.0, p, o.guidance,
+                                                 self.cfg.train.batch_size, ctx, eta=1.0,
+                                                 normalize=o.dmd_normalize, tag="dmd")
+            logs.update(extra)
+            logs["dmd/loss"] = float(dm.detach())
+            loss = loss + o.dmd_weight * dm
+            self._fake_input = (ctx.step, x0_hat.detach(), p)
+        if o.unified_refl_weight > 0:
+            r, extra = self._refl(ctx)
+            logs.update(extra)
+            loss = loss + o.unified_refl_weight * r
+        return loss, logs
+
+    def _feed_fake(self, ctx: StepContext, st: Stage, out, p: blocks.Prompts) -> None:
+        """Warm-up: hand a one-segment model's x0 predictions to this step's fake-score update."""
+        if self.options.dmd_weight > 0 and self.options.fake_warmup and st.segments == 1:
+            self._fake_input = (ctx.step, flow.x0_from_v(out.x_s, out.v, out.s).detach(), p)
+
+    def _fake_loss(self, ctx: StepContext, st: Stage, logs: dict):
+        if self._fake_input is None or self._fake_input[0] != ctx.step:
+            if st.kind == "unified":
+                raise RuntimeError("the fake score update ran before the generator's loss of this step")
+            # no path to the fake score's weights: the optimiser skips it (no update, no weight decay)
+            return torch.zeros((), device=self.backend.device, requires_grad=True), logs
+        _, x0_hat, p = self._fake_input
+        loss, extra = blocks.fake_score_loss(self.backend, self.networks["fake_score"], x0_hat, 0.0, p,
+                                             self.cfg.train.batch_size, ctx, weighting="none", t_sampling="uniform",
+                                             tag="fake")
+        logs.update(extra)
+        return loss, logs
+
+    # -- sampling and state --------------------------------------------------------
+    def _data_sampler(self) -> SamplerSpec:
+        return self.sampler()
+
+    def sampler(self) -> SamplerSpec:
+        """During a TSCD stage with k > 1 segments: the k edges, deterministically; otherwise the consistency
+        model's ``sample_steps`` with re-noising ``inference_eta`` (checkpoints record the stage's sampler)."""
+        o, st = self.options, self.stage()
+        k = st.segments if st.kind == "tscd" else o.segments[-1]
+        return phased_sampler(k, o.sample_steps, o.inference_guidance, o.inference_eta)
+
+    def state_dict(self):
+        return {"target": self.target.state_dict()} if self.target is not None else {}
+
+    def load_state_dict(self, state):
+        if self.target is not None and "target" in state:
+            self.target.load_state_dict(state["target"])
+
+    def close(self):
+        self.data.close()
+
+
+@register_method("hypersd", HyperSDOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",
+                 help="Hyper-SD style: TSCD 8->4->2->1, ReFL on rewards, then consistency + DMD (one command)")
+def make_hypersd(cfg: RunConfig, backend: Backend) -> HyperSDMethod:
+    return HyperSDMethod(cfg, backend)
