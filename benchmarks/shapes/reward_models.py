@@ -318,11 +318,10 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
             raise UserError(f"{weights} does not match the sha256 in bundle.json (corrupt or modified); restore it or retrain.")
         states = {n: {k[len(n) + 1:]: v for k, v in flat.items() if k.startswith(n + ".")} for n in NETWORKS}
     else:
-        weights = folder / "state" / "net_preference.safetensors"
-        if not weights.is_file():
-            raise UserError(f"{folder} holds no reward network state; pass a full 'train reward' checkpoint or a bundle.")
-        states = {n: load_file(str(folder / "state" / f"net_{n}.safetensors")) for n in NETWORKS}
-        meta = {"checkpoint": str(folder)}
+        files = _checkpoint_files(folder)
+        weights = files["preference"]
+        states = {n: load_file(str(f)) for n, f in files.items()}
+        meta = {"checkpoint": str(folder), "weights": {n: f.name for n, f in files.items()}}
     nets = {}
     for n in NETWORKS:
         net = arch.build(n)
@@ -338,34 +337,66 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     return bundle
 
 
-def export_bundle(checkpoint: str | Path, out: str | Path, extra_meta: dict | None = None) -> Path:
-    """Write a bundle folder (one safetensors file, config.yaml, bundle.json with its sha256) from a checkpoint."""
+def _checkpoint_files(step_dir: Path) -> dict[str, Path]:
+    """Each network's weights in a training checkpoint: its EMA copy when the run kept one."""
+    out = {}
+    for n in NETWORKS:
+        ema, net = step_dir / "state" / f"ema_{n}.safetensors", step_dir / "state" / f"net_{n}.safetensors"
+        if not (ema.is_file() or net.is_file()):
+            raise UserError(f"{step_dir} holds no state for reward network {n}; pass a full 'train reward' checkpoint or a bundle.")
+        out[n] = ema if ema.is_file() else net
+    return out
+
+
+@torch.no_grad()
+def recalibrate(bundle: RewardBundle, pool, batch_size: int = 256) -> dict[str, float]:
+    """Set each reward's offset to mean(reference - scale * raw) over a pool (oracle for preference, Q for aesthetic).
+
+    The running offset of training was measured on the live weights; bundles hold EMA weights.
+    """
+    images = torch.from_numpy(pool.images).permute(0, 3, 1, 2).float() / 255.0
+    prompts = pool.image_prompts()
+    out = {}
+    for kind, net, ref in (("shapes_pref", bundle.preference, pool.oracle), ("shapes_aes", bundle.aesthetic, pool.quality)):
+        reward = LearnedReward(kind, bundle, batch_size=batch_size)
+        raw = torch.cat([reward._raw(images[i:i + batch_size], prompts[i:i + batch_size])
+                         for i in range(0, len(images), batch_size)])
+        net.offset.fill_(float((torch.as_tensor(ref, dtype=torch.float32) - net.scale * raw).mean()))
+        out[kind] = float(net.offset)
+    return out
+
+
+def save_bundle(bundle: RewardBundle, config_yaml: str, out: str | Path, extra_meta: dict | None = None) -> Path:
+    """Write a bundle folder: model.safetensors (prefixed keys), config.yaml, bundle.json with the sha256."""
     from safetensors.torch import save_file
 
-    from rtdmd.checkpoint import find_checkpoint
-
-    step_dir = find_checkpoint(checkpoint)
-    cfg_text = (step_dir / "config.yaml").read_text()
     flat = {}
     for n in NETWORKS:
-        from safetensors.torch import load_file
-
-        f = step_dir / "state" / f"net_{n}.safetensors"
-        if not f.is_file():
-            raise UserError(f"{step_dir} holds no state for network {n}; export from a full 'train reward' checkpoint.")
-        flat.update({f"{n}.{k}": v.contiguous() for k, v in load_file(str(f)).items()})
+        flat.update({f"{n}.{k}": v.detach().contiguous().cpu() for k, v in getattr(bundle, n).state_dict().items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(cfg_text)
-    step_meta = json.loads((step_dir / "meta.json").read_text())
-    meta = {"sha256": _sha256(out / "model.safetensors"), "step": step_meta.get("step"),
-            "git_commit": step_meta.get("git_commit"), "train_seconds": step_meta.get("train_seconds"),
-            "parameters": {n: int(sum(v.numel() for k, v in flat.items() if k.startswith(n + ".")
-                                      and not k.endswith(("scale", "offset")))) for n in NETWORKS},
+    (out / "config.yaml").write_text(config_yaml)
+    meta = {"sha256": _sha256(out / "model.safetensors"),
+            "parameters": {n: int(sum(p.numel() for p in getattr(bundle, n).parameters())) for n in NETWORKS},
             **(extra_meta or {})}
     (out / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _BUNDLES.pop((str(out.resolve()), "cpu"), None)
     return out
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, extra_meta: dict | None = None, pool=None) -> Path:
+    """A 'train reward' checkpoint (EMA weights where kept) -> bundle folder; offsets recalibrated on ``pool`` if given."""
+    from rtdmd.checkpoint import find_checkpoint, read_meta
+
+    step_dir = find_checkpoint(checkpoint)
+    bundle = load_bundle(step_dir)
+    _BUNDLES.clear()  # recalibration below changes the cached networks
+    meta = {k: read_meta(step_dir).get(k) for k in ("step", "git_commit", "train_seconds")}
+    meta["weights"] = bundle.meta.get("weights")
+    if pool is not None:
+        meta["offsets"] = recalibrate(bundle, pool)
+    return save_bundle(bundle, (step_dir / "config.yaml").read_text(), out, {**meta, **(extra_meta or {})})
 
 
 # ---------------------------------------------------------------------------- Reward protocol
@@ -385,14 +416,15 @@ class LearnedReward:
         self.identity = f"{kind}[{bundle.identity}]"
         self.device = next(self.net.parameters()).device
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
         if self.name == "shapes_pref":
             ids, mask = self.bundle.tokenize(prompts, self.device)
-            raw = self.net(x, ids, mask)
-        else:
-            raw = self.net(x)
-        return self.net.scale * raw + self.net.offset
+            return self.net(x, ids, mask)
+        return self.net(x)
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.net.scale * self._raw(images, prompts) + self.net.offset
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -433,3 +465,52 @@ def evaluate_bundle(bundle: RewardBundle, pool, batch_size: int = 256) -> dict:
                      "mae_vs_reference": float(np.abs(s - ref).mean()),
                      "pearson": float(np.corrcoef(s, ref)[0, 1])}
     return out
+
+
+# ---------------------------------------------------------------------------- export command
+
+
+def export_and_evaluate(run: str | Path, out: str | Path, progress: bool = True) -> dict:
+    """Export a 'train reward' run (offsets recalibrated on its training pool) and measure agreement with the
+    oracle on the training pool and on the held-out pool (built and cached like the training pool).
+
+    The agreement numbers go into the bundle's bundle.json.
+    """
+    from rtdmd import registry
+    from rtdmd.checkpoint import find_checkpoint
+    from rtdmd.config import load_resolved
+    from rtdmd.methods.reward_model import load_or_build_pool
+
+    step_dir = find_checkpoint(run)
+    cfg = load_resolved(step_dir / "config.yaml")
+    if cfg.method_name != "reward":
+        raise UserError(f"{step_dir} is a '{cfg.method_name}' checkpoint; pass a 'train reward' run.")
+    backend = registry.get_backend(cfg.backend_name).factory(cfg.backend, "cpu")
+    train = load_or_build_pool(cfg.method, backend, "train", progress=progress)
+    heldout = load_or_build_pool(cfg.method, backend, "heldout", progress=progress)
+    path = export_bundle(step_dir, out, pool=train)
+    bundle = load_bundle(path)
+    metrics = {"train": evaluate_bundle(bundle, train), "heldout": evaluate_bundle(bundle, heldout)}
+    meta = json.loads((path / "bundle.json").read_text())
+    (path / "bundle.json").write_text(json.dumps({**meta, **metrics}, indent=2) + "\n")  # the sha256 covers the weights only
+    return {"bundle": str(path), **metrics}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.shapes.reward_models",
+                                description="Evaluate a 'rtdmd-bench train reward' run on held-out pairs and export its bundle.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="held-out agreement with the oracle, then write the bundle folder")
+    e.add_argument("--run", required=True, help="run or checkpoint directory of 'rtdmd-bench train reward'")
+    e.add_argument("--out", required=True, help="bundle folder to write (e.g. rtdmd/assets/shapes_rewards)")
+    args = p.parse_args(argv)
+    try:
+        print(json.dumps(export_and_evaluate(args.run, args.out), indent=2))
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -40,6 +40,7 @@ class RewardModelOptions:
     # --- training
     flip: bool = True  # mirror pairs and swap "left of" / "right of": an exact symmetry of the world and the oracle
     calibration_momentum: float = 0.99  # running offset that puts scale * raw + offset in oracle units
+    ema_decay: float | None = 0.999  # EMA copies of all three networks (bundles use them); null: none
     encoder_every: int = 1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=1e-4))
     # --- the pool (benchmarks.shapes.pairs.PoolConfig)
@@ -69,6 +70,8 @@ class RewardModelOptions:
             raise UserError("method.corruption_counts must be non-negative probabilities of 0, 1, 2 ... corruptions.")
         if len(self.corruption_counts) > 6:
             raise UserError("method.corruption_counts allows at most 5 corruptions per image; shorten the list.")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise UserError("method.ema_decay must be in [0, 1) or null.")
         if self.encoder_every < 1:
             raise UserError("method.encoder_every must be at least 1.")
 
@@ -128,8 +131,9 @@ class RewardModelMethod(Method):
         self.tokenizer = self.arch.tokenizer()
         for n in NETWORKS:
             self.networks[n] = self.arch.build(n).to(backend.device)
-        self.updates = [Update("preference", optim=o.optim), Update("aesthetic", optim=o.optim),
-                        Update("encoder", every=o.encoder_every, optim=o.optim)]
+        self.updates = [Update("preference", optim=o.optim, ema_decay=o.ema_decay),
+                        Update("aesthetic", optim=o.optim, ema_decay=o.ema_decay),
+                        Update("encoder", every=o.encoder_every, optim=o.optim, ema_decay=o.ema_decay)]
         self.pool = load_or_build_pool(o, backend, "train")
         self._images = torch.from_numpy(self.pool.images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
 
