@@ -400,3 +400,27 @@ def test_missing_real_scorer_weights_name_path_and_fix(suite, fragments, monkeyp
     with pytest.raises(UserError) as e:
         make_suite(suite).load(BackendInfo("sd3", None), "cpu")
     assert all(f in str(e.value) for f in fragments), str(e.value)
+
+
+def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, ckpt, monkeypatch):
+    """--suite all: one image folder, then GenEval, oracle + learned rewards, FD-shapes (a random tiny reward bundle)."""
+    import torch
+
+    import benchmarks.shapes.reward_models as RM
+    from rtdmd.world.shapes import vocabulary
+
+    spec = runner.describe_checkpoint(ckpt).info.spec
+    torch.manual_seed(0)
+    arch = RM.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
+                           encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
+    nets = {n: arch.build(n).eval() for n in RM.NETWORKS}
+    bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec, "tiny@sha256:0", {})
+    monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
+    res = {r.suite: r for r in runner.run_eval([ckpt], _opts(tmp_path, suites=["all"], max_prompts=4))}
+    assert list(res) == ["geneval", "preference", "aesthetic", "fid"]
+    assert len({r.image_dir for r in res.values()}) == 1 and res["geneval"].generated == 8
+    assert set(res["preference"].metrics) == {"reward/oracle", "reward/shapes_pref"}
+    assert set(res["aesthetic"].metrics) == {"reward/shapes_aes"}
+    assert set(res["fid"].metrics) == {"fd_shapes"} and res["fid"].metrics["fd_shapes"] >= 0
+    assert all(np.isfinite(v) for r in res.values() for v in r.metrics.values())
+    assert json.loads((res["fid"].eval_dir / "summary.json").read_text())["tags"]["scorers"] == "shapes_encoder=tiny@sha256:0"
