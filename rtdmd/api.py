@@ -50,4 +50,8 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
         if extra:
             overrides = C._deep_merge(overrides, {"method": extra})
         cfg = make_config(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset)
+    if cfg.method_name == "rtdmd":  # one stage, or stage 1 then stage 2 as two runs under a parent MLflow run
+        from rtdmd.methods.rtdmd import train_stages
+
+        return train_stages(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
     return train(cfg, out=out, resume=resume, command=command, show_progress=show_progress)

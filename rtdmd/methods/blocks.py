@@ -124,20 +124,25 @@ def dm_generator_loss(backend: Backend, fake_net, x_s: torch.Tensor, s: float, p
 def fake_score_loss(backend: Backend, fake_net, x_s: torch.Tensor, s: float, p: Prompts, n_global: int,
                     ctx: StepContext, weighting: str = "ambient", t_sampling: str = "subinterval",
                     consistency_weight: float = 0.0, consistency_max_delta: int = 200, eta: float = 0.9,
-                    weight_clamp: float = 10.0, tag: str = "fake") -> tuple[torch.Tensor, dict]:
+                    weight_clamp: float = 10.0, tag: str = "fake",
+                    t_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict]:
     """Train the fake score on detached generator samples x_s at level s (method.md s3).
 
     ``weighting="ambient"`` with ``t_sampling="subinterval"`` is AC-DMD's ambient denoising
     score matching (target v*, weight min(1, clamp sigma_ts^2)); ``weighting="none"`` with
     ``t_sampling="uniform"`` and s = 0 is DMD2's plain flow matching on x0 (baselines.md).
     ``consistency_weight`` > 0 adds the two-sample consistency regulariser (gamma).
+    ``t_range``: the noise levels trained (subinterval: the clamp, default [0.02, 0.98]; uniform:
+    U[lo, hi], default U(0, 1)), e.g. where the DM term queries the fake score.
     """
     xd = x_s.detach()
     g = torch_generator(ctx.seed, f"{tag}-t")
     if t_sampling == "uniform":
-        t_all = torch.rand(n_global, generator=g)
+        lo, hi = t_range if t_range is not None else (0.0, 1.0)
+        t_all = lo + (hi - lo) * torch.rand(n_global, generator=g)
     else:
-        t_all = objectives.sample_subinterval_t(torch.full((n_global,), s), g)
+        lo, hi = t_range if t_range is not None else (0.02, 0.98)
+        t_all = objectives.sample_subinterval_t(torch.full((n_global,), s), g, lo=lo, hi=hi)
     t = t_all[ctx.shard(n_global)].to(xd.device)
     n = global_randn(backend, n_global, ctx, f"{tag}-n")
     x_t, _, sigma_ts = objectives.renoise_subinterval(xd, s, t, n)

@@ -9,6 +9,7 @@ Names (docs/shapes-rewards.md):
   refuses it: it plays the human raters).
 - ``hpsv21``, ``imagereward``, ``pickscore``, ``clipscore``, ``aesthetic``: the real
   scorers (benchmarks.scorers.get_scorer; options such as ``path`` pass through).
+User rewards (any backend, toy2d included): ``register_reward(name, fn, differentiable)``.
 Everything from ``benchmarks`` is imported on first use: rtdmd never imports benchmarks at
 module import time.
 """
@@ -36,8 +37,53 @@ ORACLE_REFUSAL = ("the preference oracle plays the human raters and is never a t
                   "train on shapes_pref / shapes_aes / geneval_partial")
 
 
+#: user rewards added with register_reward: name -> (callable, differentiable)
+_CUSTOM: dict[str, tuple] = {}
+
+
+def register_reward(name: str, fn, differentiable: bool = False) -> None:
+    """Make a user-written reward ``fn(images, prompts) -> (B,) scores`` available by ``name`` to every
+    method (``method.rewards: {name: weight}``), on any backend, toy2d included (its "images" are the
+    points). ``differentiable=True`` promises gradients w.r.t. the images (reward back-propagation)."""
+    if not isinstance(name, str) or not name or name in REWARD_NAMES:
+        raise UserError(f"cannot register reward {name!r}: use a new non-empty name (the built-in names are "
+                        f"{', '.join(REWARD_NAMES)}).")
+    if not callable(fn):
+        raise UserError(f"register_reward('{name}', fn) needs a callable fn(images, prompts) -> scores.")
+    _CUSTOM[name] = (fn, bool(differentiable))
+
+
+def unregister_reward(name: str) -> None:
+    _CUSTOM.pop(name, None)
+
+
+def is_differentiable(name: str) -> bool:
+    """Whether reward ``name`` (built-in or registered) can give gradients w.r.t. the images."""
+    if name in _CUSTOM:
+        return _CUSTOM[name][1]
+    return name in DIFFERENTIABLE
+
+
+class CustomReward:
+    """A registered user callable behind the Reward protocol (shape-checked)."""
+
+    def __init__(self, name: str, fn, differentiable: bool):
+        self.name, self.fn, self.differentiable = name, fn, differentiable
+        self.identity = f"custom:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+    def __call__(self, images, prompts):
+        import torch
+
+        out = self.fn(images, prompts)
+        if not torch.is_tensor(out) or out.shape != (images.shape[0],):
+            shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise UserError(f"reward '{self.name}' returned {shape} for {images.shape[0]} inputs; it must return a "
+                            f"tensor of shape ({images.shape[0]},).")
+        return out
+
+
 def reward_names() -> list[str]:
-    return list(REWARD_NAMES)
+    return list(REWARD_NAMES) + sorted(_CUSTOM)
 
 
 def _backend_name(backend) -> str:
@@ -142,8 +188,16 @@ def get_reward(name: str, backend=None, device="cpu", differentiable: bool = Fal
     ``differentiable=True`` asks for gradients w.r.t. the images (UserError for rewards
     that have none); options: ``path`` (weights), and each scorer's own (docs/scorers.md).
     """
+    if name in _CUSTOM:
+        fn, diff = _CUSTOM[name]
+        if differentiable and not diff:
+            raise UserError(f"reward '{name}' was registered as not differentiable; use it through GRPO only or "
+                            "register it with differentiable=True.")
+        _no_options(name, dict(options), "")
+        return CustomReward(name, fn, diff)
     if name not in REWARD_NAMES:
-        raise UserError(f"unknown reward '{name}'; choose one of {', '.join(REWARD_NAMES)}.")
+        raise UserError(f"unknown reward '{name}'; choose one of {', '.join(reward_names())}, or add your own with "
+                        "rtdmd.rewards.registry.register_reward.")
     bname = _backend_name(backend)
     if name in SHAPES_ONLY and bname != "shapes":
         raise UserError(f"reward '{name}' exists only in the shapes world, not on backend '{bname}'; "
