@@ -1,11 +1,11 @@
 """Python API: run any method on any backend from a script.
 
-Example (toy2d, a user-written reward; see docs/api.md)::
+Example (toy2d; docs/api.md has one with a user-written reward)::
 
-    from rtdmd.api import make_config, run_training
+    from rtdmd.api import make_config, run_training, sample
     cfg = make_config("teacher", backend="toy2d", overrides={"train": {"max_steps": 200}})
     result = run_training(cfg, out="runs/toy-teacher")
-    print(result.checkpoint)
+    points = sample(result.checkpoint, [""] * 1000)   # (1000, 2)
 """
 
 from __future__ import annotations
@@ -55,3 +55,20 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
 
         return train_stages(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
     return train(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
+
+
+def sample(checkpoint, prompts, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+           eta: float | None = None, batch_size: int = 256, device: str = "cpu"):
+    """Samples of a trained checkpoint (run or checkpoint directory), one per prompt, with the checkpoint's
+    own sampler unless steps / guidance / eta are given: images (B, 3, H, W) in [0, 1], or toy2d points (B, 2).
+    Sample i is seeded by (seed, i), as `rtdmd-bench sample` and the evaluation runner do."""
+    from rtdmd.checkpoint import load_for_inference
+    from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
+
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("sample() needs at least one prompt (toy2d: \"\" for the whole mixture).")
+    _, backend, net, meta = load_for_inference(checkpoint, device=device)
+    sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, guidance=guidance, eta=eta)
+    items = [(p, sample_seed(seed, i, 0)) for i, p in enumerate(prompts)]
+    return generate_batched(backend, net, items, sc, batch_size=batch_size)

@@ -240,3 +240,31 @@ def test_two_stage_run_is_a_parent_mlflow_run_with_two_children(tmp_path):
     assert sorted(c.info.run_name.rsplit("/", 1)[1] for c in children) == ["stage1", "stage2"]
     assert parent[0].info.status == "FINISHED" and parent[0].data.tags["checkpoint"] == str(result.checkpoint)
     assert parent[0].data.params["method.stage"] == "0"
+
+
+def test_custom_reward_example_and_api_sample(tmp_path):
+    """examples/toy2d_custom_reward.py in --quick mode (docs/api.md), api.sample, and the reward shape check."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example", Path(__file__).parent.parent / "examples" / "toy2d_custom_reward.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    try:
+        report = example.main(tmp_path, quick=True)
+    finally:
+        unregister_reward("right_half")
+    assert set(report) == {"teacher", "stage 1 (AC-DMD)", "stage 2 (RTDMD)"}
+    from rtdmd.api import sample
+
+    pts = sample(tmp_path / "rtdmd", ["", "mode 3"], seed=4)
+    assert pts.shape == (2, 2) and torch.equal(pts, sample(tmp_path / "rtdmd", ["", "mode 3"], seed=4))
+    from rtdmd.rewards.registry import get_reward
+
+    register_reward("bad_shape", lambda x, p: x, differentiable=True)
+    try:
+        with pytest.raises(UserError, match="must return a tensor of shape"):
+            get_reward("bad_shape", backend="toy2d")(torch.zeros(3, 2), [""] * 3)
+        with pytest.raises(UserError, match="new non-empty name"):
+            register_reward("oracle", _right)
+    finally:
+        unregister_reward("bad_shape")
