@@ -100,6 +100,9 @@ def load_runs(experiment: str, uri: str | None = None, kind: str = "eval") -> pd
 
 
 def _download(run_id: str, name: str, dst: Path, uri: str | None) -> Path | None:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
     mlflow = _mlflow(uri)
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst)))
@@ -261,7 +264,7 @@ def plot_tasks(rows: list[dict], path: Path) -> Path | None:
     if not tasks or not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) + 0.25 * len(rows) * len(tasks) / 2), 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(min(10.0, max(6.0, 1.3 * len(tasks) + 0.12 * len(rows) * len(tasks))), 3.6), dpi=110)
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):
         xs = np.arange(len(tasks)) + (j - (len(rows) - 1) / 2) * width
@@ -378,12 +381,17 @@ def _plots_section(rows, metrics, folder: Path, experiment: str, uri, work: Path
         name = f"grid_{_slug(label(r))}_seed{r['seed']}.png"
         shutil.copyfile(g, folder / name)
         prompts = _download(run_id, "grid_prompts.txt", work / f"grid-{run_id}", uri)
-        caption = ""
-        if prompts is not None:
-            caption = "; rows: " + " / ".join(prompts.read_text().splitlines())
-        grids.append(f"**{label(r)}** (seed {r['seed']}{caption})\n\n![{label(r)}]({name})\n")
+        rows_text = " / ".join(prompts.read_text().splitlines()) if prompts is not None else ""
+        grids.append((label(r), r["seed"], name, rows_text))
     if grids:
-        md += ["### Sample grids", "", "One row per prompt, one column per image (each image has its own seed).", ""] + grids
+        md += ["### Sample grids", "", "One row per prompt, one column per image (each image has its own seed)."]
+        shared = len({g[3] for g in grids}) == 1 and grids[0][3]
+        if shared:
+            md += [f"Rows (every grid): {grids[0][3]}."]
+        md += [""]
+        for lab, seed, name, rows_text in grids:
+            caption = "" if shared or not rows_text else f"; rows: {rows_text}"
+            md += [f"**{lab}** (seed {seed}{caption})", "", f"![{lab}]({name})", ""]
     return md
 
 

@@ -35,7 +35,7 @@ from rtdmd.errors import UserError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rtdmd-bench"
 SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "rtdmd" / "assets" / "shapes_teacher"
-GRID_PROMPTS = 8  # prompts shown in a run's sample grid (rows)
+GRID_PROMPTS = 8  # prompts shown in a run's sample grid (rows, evenly spaced over the prompt set)
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -407,7 +407,8 @@ def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem]
     p.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     paths.append(p)
     ncols = min(images_per_prompt, 4)
-    shown = sorted({it.index for it in items})[:GRID_PROMPTS]
+    prompts = sorted({it.index for it in items})
+    shown = [prompts[j] for j in select_indices(len(prompts), GRID_PROMPTS)]  # spread over the tasks
     grid_items = [it for it in items if it.index in shown and it.k < ncols]
     if grid_items:
         arrays = [load_png(it.path) for it in grid_items]

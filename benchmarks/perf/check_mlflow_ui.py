@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -54,7 +55,7 @@ def main() -> int:
     ap.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     ap.add_argument("--out", default=None, help="screenshot PNG (default reports/<experiment>/mlflow_compare.png)")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    ap.add_argument("--window", default="1600,2600", help="browser window WIDTH,HEIGHT")
+    ap.add_argument("--window", default="2200,2600", help="browser window WIDTH,HEIGHT")
     ap.add_argument("--startup-timeout", type=float, default=240.0)
     args = ap.parse_args()
 
@@ -78,7 +79,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
-    log = open(out.with_suffix(".server.log"), "w")
+    log = open(Path(tempfile.mkdtemp(prefix="mlflow-ui-")) / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         t0 = time.time()
