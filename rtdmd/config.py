@@ -319,6 +319,8 @@ def dump(cfg: RunConfig) -> str:
 
 def load_resolved(path: Path) -> RunConfig:
     """Re-read a config.yaml written next to a run or checkpoint."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} is missing, so this run or checkpoint is incomplete; use another checkpoint or retrain.")
     data = read_yaml(path)
     _check_sections(data)
     try:

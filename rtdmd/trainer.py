@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import threading
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +65,9 @@ def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "t
                                                           "train.keep_checkpoints", "train.device")) -> list[str]:
     a, b = flatten(saved), flatten(now)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k.startswith(p) for p in ignore_prefixes)]
+    # learning rates and clipping may change on resume: the NaN-loss advice is "lower the lr, then --resume"
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k.startswith(p) for p in ignore_prefixes)
+            and not k.endswith(".lr") and k != "train.grad_clip"]
 
 
 class Trainer:
@@ -167,8 +171,11 @@ class Trainer:
                 self.backend.load_network_state(acc.unwrap_model(net), state["tensors"][f"net_{name}"])
         for name, ema in self.emas.items():
             self.backend.load_network_state(ema, state["tensors"][f"ema_{name}"])
+        lrs = {u.network: u.optim.lr for u in self.method.updates}
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["objects"]["optimizers"][name])
+            for group in opt.param_groups:  # load_state_dict restores the saved lr; the config's lr wins
+                group["lr"] = lrs[name]
         self.method.load_state_dict(state["objects"].get("method", {}))
         o = state["objects"]
         return int(o["step"]), float(o.get("elapsed_seconds", 0.0)), o.get("mlflow_run_id")
@@ -209,10 +216,22 @@ class Trainer:
         last_ckpt = None
         t0 = time.perf_counter()
         status = "FAILED"
+        # Ctrl-C is deferred to the end of the step (after its checkpoint, if any), so the state saved on an
+        # interrupt is always a step boundary and --resume repeats the uninterrupted run; a second Ctrl-C stops at once.
+        sigints: list[int] = []
+        at_boundary = False
+
+        def _defer(signum, frame):
+            sigints.append(signum)
+            if len(sigints) > 1:
+                raise KeyboardInterrupt
+
+        old_handler = signal.signal(signal.SIGINT, _defer) if threading.current_thread() is threading.main_thread() else None
+        completed = start  # every update of steps < completed is applied
         try:
             for step in range(start, total):
                 logs = self._one_step(step)
-                done = step + 1
+                done = completed = step + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
@@ -221,6 +240,9 @@ class Trainer:
                 out_of_time = self._out_of_time(t0)
                 if done % cfg.train.checkpoint_every == 0 or done == total or out_of_time:
                     last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
+                if self._shared_flag(bool(sigints)):
+                    at_boundary = True
+                    raise KeyboardInterrupt
                 if out_of_time:
                     total = done
                     msg = (f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
@@ -229,21 +251,26 @@ class Trainer:
                     break
             status = "FINISHED"
         except KeyboardInterrupt:
-            # step `step` did not finish: save what the last completed step produced.
-            done = step
-            if done > start:
-                last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
             status = "KILLED"
-            where = f"checkpoint written to {last_ckpt}" if last_ckpt else "no step finished since the last checkpoint"
-            raise UserError(f"training interrupted at step {done}; {where}; continue with the same command and --resume.") from None
+            if at_boundary:
+                if completed > start and (last_ckpt is None or last_ckpt.name != f"step_{completed:06d}"):
+                    last_ckpt = self._save(completed, elapsed + time.perf_counter() - t0, run_id)
+                where = f"checkpoint written to {last_ckpt}" if last_ckpt else "no step finished since the last checkpoint"
+                raise UserError(f"training interrupted at step {completed}; {where}; "
+                                "continue with the same command and --resume.") from None
+            raise UserError("training stopped at once by a second Ctrl-C without saving (the last checkpoint is kept); "
+                            "continue with the same command and --resume.") from None
         except NonFiniteLossError as exc:
             done = step
             if done > start:  # parameters are still those before the bad step
                 last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
             where = f"last good state saved to {last_ckpt}" if last_ckpt else "no checkpoint was written"
-            raise NonFiniteLossError(f"{exc} at step {done + 1} ({where}); lower the learning rate (--set ...lr=) or "
-                                     "raise train.grad_clip tightness, then --resume.") from None
+            raise NonFiniteLossError(f"{exc} at step {done + 1} ({where}); lower that network's learning rate "
+                                     "(--set method.<optim>.lr=...) or train.grad_clip and --resume, or start over if the "
+                                     "weights had already diverged.") from None
         finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
             if bar is not None:
                 bar.close()
             method.close()
@@ -252,6 +279,13 @@ class Trainer:
         if last_ckpt is None:
             last_ckpt = ckpt.find_checkpoint(self.run_dir)
         return TrainResult(self.run_dir, last_ckpt, total, seconds, logs)
+
+    def _shared_flag(self, flag: bool) -> bool:
+        """True on every process when it is True on any (all processes stop at the same step)."""
+        acc = self._accelerator
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
 
     def _out_of_time(self, t0: float) -> bool:
         """train.max_minutes reached; decided by rank 0 and shared, so all processes stop at the same step."""
