@@ -22,7 +22,6 @@ the optimiser leaves it untouched (no gradient, no weight decay).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,8 +37,6 @@ from rtdmd.methods import blocks
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
 
-STAGE_KINDS = ("tscd", "refl", "unified")
-
 
 @dataclass
 class HyperSDOptions(ConsistencyOptions):
@@ -48,9 +45,9 @@ class HyperSDOptions(ConsistencyOptions):
     consistency_loss: Literal["mse", "pseudo_huber"] = "mse"  # Hyper-SD: MSE (huber_c applies to pseudo_huber only)
     # --- human feedback (baselines.md Hyper-SD 2, ReFL)
     refl_steps: int = 200  # length of the ReFL stage (0: skip it)
-    #: differentiable rewards by registry name, or 'module:function' for a Python callable f(images, prompts) -> (B,)
-    refl_rewards: list[str] = field(default_factory=lambda: ["shapes_pref", "shapes_aes"])
-    refl_margins: dict[str, float] = field(default_factory=lambda: {"shapes_pref": 2.0, "shapes_aes": 2.0})
+    #: differentiable reward name -> hinge margin (rtdmd.rewards.registry names, or rewards added with
+    #: register_reward, e.g. a Python f(x, prompts) -> (B,) on toy2d)
+    refl_margins: dict[str, float] = field(default_factory=lambda: {"shapes_pref": 1.0, "shapes_aes": 1.0})
     refl_weight: float = 1.0e-3  # ReFL loss scale (baselines.md ReFL)
     refl_total_steps: int = 8  # late_state: Euler schedule of the generator ...
     refl_stop_range: list[int] = field(default_factory=lambda: [6, 7])  # ... stopped after m ~ U{lo..hi} steps
@@ -78,11 +75,9 @@ class HyperSDOptions(ConsistencyOptions):
         if self.refl_steps < 0:
             raise UserError("method.refl_steps must be >= 0 (0 skips the ReFL stage).")
         if self.uses_refl():
-            if not self.refl_rewards:
-                raise UserError("method.refl_rewards is empty but the ReFL term is on; name rewards or set method.refl_steps=0.")
-            missing = [r for r in self.refl_rewards if r not in self.refl_margins]
-            if missing:
-                raise UserError(f"method.refl_margins has no margin for reward '{missing[0]}'; add one (ReFL uses 2).")
+            if not self.refl_margins:
+                raise UserError("method.refl_margins names no reward but the ReFL term is on; add {reward: margin} "
+                                "or set method.refl_steps=0.")
             lo_hi = self.refl_stop_range
             if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < self.refl_total_steps:
                 raise UserError("method.refl_stop_range must be [lo, hi] with 0 <= lo <= hi < method.refl_total_steps.")
@@ -100,7 +95,7 @@ class HyperSDOptions(ConsistencyOptions):
 class Stage:
     index: int
     name: str  # "tscd8", ..., "refl", "unified"
-    kind: str  # one of STAGE_KINDS
+    kind: str  # "tscd", "refl" or "unified"
     segments: int  # consistency segments of this stage (ReFL / unified: the last TSCD count)
     start: int  # first step (0-based) of the stage
 
@@ -128,38 +123,6 @@ def stage_at(plan: list[Stage], step: int) -> Stage:
     return current
 
 
-# ---------------------------------------------------------------------------- rewards
-
-
-class CallableReward:
-    """A user's Python reward f(images, prompts) -> (B,) named 'module:function' (toy2d: images are the points)."""
-
-    differentiable = True
-
-    def __init__(self, path: str):
-        mod, _, attr = path.partition(":")
-        try:
-            self.fn = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            raise UserError(f"reward '{path}' cannot be imported; name a function as 'module:function' on the Python path.") from None
-        self.name, self.identity = path, path
-
-    def __call__(self, images, prompts):
-        return self.fn(images, prompts)
-
-
-def load_reward(name: str, backend: Backend):
-    """A differentiable training reward: 'module:function', or a registry name (rtdmd.rewards.registry)."""
-    if ":" in name:
-        return CallableReward(name)
-    if not backend.has_images:
-        raise UserError(f"backend '{backend.name}' has no images for reward '{name}'; name a Python reward as "
-                        "'module:function' (f(x, prompts) -> (B,)) in method.refl_rewards.")
-    from rtdmd.rewards.registry import training_reward
-
-    return training_reward(name, backend=backend, device=backend.device, differentiable=True)
-
-
 # ---------------------------------------------------------------------------- the method
 
 
@@ -179,7 +142,7 @@ class HyperSDMethod(Method):
         self.target = EMATarget(backend, self.networks["generator"], o.target_ema_decay) if o.target == "ema" else None
         cfg_needed = o.guidance != 1.0 or bool(o.guidance_range)
         self.data = ConsistencyData(backend, o.data, cfg.train.batch_size, cfg.train.seed, cfg_needed, o.prefetch)
-        self.rewards = {r: load_reward(r, backend) for r in o.refl_rewards} if o.uses_refl() else {}
+        self.rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.uses_refl() else {}
         self._step = 0
         self._fake_input: tuple[int, torch.Tensor, blocks.Prompts] | None = None
 
@@ -244,8 +207,8 @@ class HyperSDMethod(Method):
         if o.dmd_weight > 0:
             x0_hat = flow.x0_from_v(out.x_s, out.v, out.s)
             dm, extra = blocks.dm_generator_loss(self.backend, self.networks["fake_score"], x0_hat, 0.0, p, o.guidance,
-                                                 self.cfg.train.batch_size, ctx, eta=1.0,
-                                                 normalize=o.dmd_normalize, tag="dmd")
+                                                 self.cfg.train.batch_size, ctx, eta=1.0, normalize=o.dmd_normalize,
+                                                 t_sampling="uniform", tag="dmd")  # DMD2: t ~ U[0.02, 0.98]
             logs.update(extra)
             logs["dmd/loss"] = float(dm.detach())
             loss = loss + o.dmd_weight * dm

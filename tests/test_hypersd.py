@@ -19,8 +19,17 @@ TOY_TARGET = torch.tensor([2.5, 0.0])
 
 
 def toy_reward(x, prompts):
-    """A differentiable toy2d reward (named 'test_hypersd:toy_reward'): closeness to the mode at (2.5, 0)."""
+    """A differentiable toy2d reward: closeness to the mode at (2.5, 0)."""
     return -((x - TOY_TARGET.to(x.device)) ** 2).sum(dim=1)
+
+
+@pytest.fixture(autouse=True)
+def _toy_reward_registered():
+    from rtdmd.rewards.registry import register_reward, unregister_reward
+
+    register_reward("hypersd_toy", toy_reward, differentiable=True)
+    yield
+    unregister_reward("hypersd_toy")
 
 
 # ---------------------------------------------------------------------------- the stage schedule
@@ -41,10 +50,10 @@ def test_option_errors():
     with pytest.raises(UserError, match="segment_steps"):
         make_config("hypersd", backend="toy2d", overrides={"method": {"segment_steps": [1, 2]}})
     with pytest.raises(UserError, match="refl_margins"):
-        make_config("hypersd", backend="toy2d", overrides={"method": {"refl_steps": 5, "refl_rewards": ["a:b"]}})
+        make_config("hypersd", backend="toy2d", overrides={"method": {"refl_steps": 5}})
     with pytest.raises(UserError, match="refl_stop_range"):
         make_config("hypersd", backend="toy2d", overrides={"method": {
-            "refl_steps": 5, "refl_rewards": ["a:b"], "refl_margins": {"a:b": 1.0}, "refl_stop_range": [6, 8]}})
+            "refl_steps": 5, "refl_margins": {"hypersd_toy": 1.0}, "refl_stop_range": [6, 8]}})
 
 
 # ---------------------------------------------------------------------------- ReFL hinge weighting
@@ -78,7 +87,7 @@ def _toy(steps, method=None, backend=None, **train):
 
 
 TINY_REFL = {"segments": [2, 1], "segment_steps": [3, 3], "solver_steps": 10, "refl_steps": 2, "prefetch": 0,
-             "refl_rewards": ["test_hypersd:toy_reward"], "refl_margins": {"test_hypersd:toy_reward": 0.0},
+             "refl_margins": {"hypersd_toy": 0.0},
              "refl_total_steps": 4, "refl_stop_range": [2, 3], "fake_warmup": False}
 
 
@@ -119,7 +128,7 @@ def test_refl_stage_raises_a_toy_reward(tmp_path):
 
     # only the ReFL stage (no TSCD): the student starts from the same seeded weights either way
     method = dict(TINY_REFL, segments=[1], segment_steps=[0], refl_steps=60, dmd_weight=0.0, ema_decay=None,
-                  optim={"lr": 3e-3}, refl_margins={"test_hypersd:toy_reward": 0.0})
+                  optim={"lr": 3e-3})
     over = _toy(60, method, batch_size=64)
     before = run_training(make_config("hypersd", backend="toy2d", overrides=dict(over, train=dict(over["train"], max_steps=1))),
                           out=tmp_path / "before", show_progress=False)
@@ -137,12 +146,12 @@ def test_toy2d_four_step_hypersd_matches_the_mixture_teacher(tmp_path):
     from rtdmd import checkpoint as ckpt
     from rtdmd.generate import SamplingConfig, generate
 
-    res = run_training(make_config("hypersd", backend="toy2d", overrides=_toy(1800)), out=tmp_path / "run",
-                       show_progress=False)
+    over = {"train": {"device": "cpu", "num_threads": 1}, "tracking": {"enabled": False}}  # the shipped toy2d config
+    res = run_training(make_config("hypersd", backend="toy2d", overrides=over), out=tmp_path / "run", show_progress=False)
     assert res.last_logs["stage/index"] == 4.0 and "dmd/loss" in res.last_logs  # ended in the unified stage
     _, b, net, meta = ckpt.load_for_inference(res.checkpoint)
     assert meta["sampler"] == {"kind": "cps", "steps": 4, "guidance": 1.0, "eta": 1.0}
-    n = 1000
+    n = 2000
     keys = lambda seed: [(seed, "toy", i) for i in range(n)]  # noqa: E731
     a = generate(b, b.teacher, [""] * n, keys(1), SamplingConfig(kind="euler", steps=200))
     c = generate(b, b.teacher, [""] * n, keys(2), SamplingConfig(kind="euler", steps=200))
