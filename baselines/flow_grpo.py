@@ -144,7 +144,7 @@ def _check_starts_at_teacher(backend, policy) -> None:
     """GRPO fine-tunes the teacher: its trainable copy must start with the teacher's velocity."""
     x = torch.randn((2, *backend.state_shape()), generator=torch.Generator().manual_seed(0)).to(backend.device)
     s = torch.full((2,), 0.5, device=backend.device)
-    cond = backend.encode_prompts(backend.training_prompts(2, torch.Generator().manual_seed(0)))
+    cond = backend.encode_prompts(["", ""])
     with torch.no_grad():
         same = torch.allclose(backend.velocity(policy, x, s, cond), backend.teacher_velocity(x, s, cond), atol=1e-4, rtol=1e-3)
     if not same:
