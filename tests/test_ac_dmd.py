@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtdmd import flow, objectives
+from rtdmd import objectives
 from rtdmd.api import make_config, run_training
 from rtdmd.methods import blocks
 from rtdmd.methods.base import StepContext
