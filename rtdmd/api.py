@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rtdmd import config as C
 from rtdmd.errors import UserError
-from rtdmd.trainer import TrainResult, train
+from rtdmd.trainer import TrainResult, default_run_dir, train
 
 
 def make_config(method: str, backend: str | None = None, config_file: Path | None = None,
@@ -26,9 +26,13 @@ def make_config(method: str, backend: str | None = None, config_file: Path | Non
 
 def run_training(method_or_cfg, backend: str | None = None, config_file: Path | None = None,
                  overrides: dict | None = None, preset: str | None = None, out: Path | None = None,
-                 resume: bool = False, stage: str | None = None, init: Path | None = None,
+                 resume: bool | str = False, stage: str | None = None, init: Path | None = None,
                  command: str = "", show_progress: bool = True) -> TrainResult:
-    """Train from a method name (resolved like the CLI) or from a ready RunConfig."""
+    """Train from a method name (resolved like the CLI) or from a ready RunConfig.
+
+    ``resume``: True continues the run in ``out``; "auto" continues it if ``out`` holds one and
+    starts it otherwise (for scripts that may be rerun after an interruption).
+    """
     overrides = dict(overrides or {})
     if isinstance(method_or_cfg, C.RunConfig):
         cfg = method_or_cfg
@@ -50,6 +54,9 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
         if extra:
             overrides = C._deep_merge(overrides, {"method": extra})
         cfg = make_config(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset)
+    if resume == "auto":
+        run_dir = Path(out) if out is not None else default_run_dir(cfg)
+        resume = any((run_dir / sub / "checkpoints" / "latest").is_file() for sub in ("", "stage1", "stage2"))
     if cfg.method_name == "rtdmd":  # one stage, or stage 1 then stage 2 as two runs under a parent MLflow run
         from rtdmd.methods.rtdmd import train_stages
 

@@ -51,14 +51,15 @@ def main():
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<method>-<backend>).")
 @click.option("--max-steps", type=int, default=None, help="Override train.max_steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume-if-exists", is_flag=True, help="Continue the run in --out if it holds one, else start it.")
 @click.option("--stage", type=click.Choice(["1", "2"]), default=None, help="rtdmd only: run stage 1 (AC-DMD) or stage 2 (RTDMD) alone.")
 @click.option("--init", "init", type=click.Path(path_type=Path), default=None, help="Checkpoint to initialise from (rtdmd stage 2: a stage-1 checkpoint).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--num-processes", type=int, default=1, show_default=True,
               help="Processes (GPUs) to train on; more than 1 relaunches through accelerate (torchrun/gloo on CPU).")
 @click.option("--accelerate-config", default="ddp", show_default=True, help="ddp, fsdp or the path of an accelerate config file.")
-def train(method, backend, config_file, sets, preset, out, max_steps, resume, stage, init, quiet, num_processes,
-          accelerate_config):
+def train(method, backend, config_file, sets, preset, out, max_steps, resume, resume_if_exists, stage, init, quiet,
+          num_processes, accelerate_config):
     """Train METHOD (teacher, reward, dmd2, lcm, hypersd, flow-grpo, ac-dmd, rtdmd)."""
     from rtdmd import config as C
     from rtdmd.api import run_training
@@ -77,7 +78,7 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, st
             raise UserError(f"--max-steps must be a positive integer, got {max_steps}.")
         overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps}})
     result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
-                          out=out, resume=resume, stage=stage, init=init, command=_command_line(),
+                          out=out, resume=resume or ("auto" if resume_if_exists else False), stage=stage, init=init, command=_command_line(),
                           show_progress=not quiet)
     click.echo(f"trained {method} for {result.steps} steps in {result.seconds / 60:.1f} min")
     click.echo(f"checkpoint: {result.checkpoint}")

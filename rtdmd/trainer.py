@@ -329,10 +329,14 @@ class Trainer:
         return logs
 
 
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.method_name}-{cfg.backend_name}"
+
+
 def train(cfg: RunConfig, out: Path | None = None, resume: bool = False, command: str = "",
           show_progress: bool = True) -> TrainResult:
     """Python API: train ``cfg`` into ``out`` (default runs/<method>-<backend>)."""
-    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.method_name}-{cfg.backend_name}"
+    run_dir = Path(out) if out is not None else default_run_dir(cfg)
     if not math.isfinite(cfg.train.max_steps) or cfg.train.max_steps <= 0:
         raise UserError("train.max_steps must be a positive integer; pass --max-steps N.")
     return Trainer(cfg, run_dir, resume=resume, command=command, show_progress=show_progress).run()
