@@ -16,11 +16,14 @@ DEMO_PROMPTS ?= 48
 
 # torch first, so that the project's `torch>=2.4` is already satisfied by the CPU build and pip
 # does not pull a CUDA build (GPU users pass their CUDA build in TORCH / TORCH_PIP_ARGS).
+# clean-fid goes in without its dependencies: it declares torchvision, which the parts we use
+# (Inception torchscript, the clean resize) never import, and which would pin another torch.
 # The stamp makes a second `make` skip the install; it is redone when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps 'clean-fid>=0.1.35'
 	touch $@
 
 install: $(VENV)/.installed
