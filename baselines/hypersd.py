@@ -27,14 +27,14 @@ from typing import Literal
 
 import torch
 
-from baselines.lcm import (ConsistencyData, ConsistencyOptions, EMATarget, PhaseSchedule, phased_consistency_loss,
-                           phased_sampler, unwrap)
+from baselines.lcm import (ConsistencyMethod, ConsistencyOptions, PhaseSchedule, phased_consistency_loss, phased_sampler,
+                           unwrap)
 from rtdmd import flow
 from rtdmd.backends.base import Backend
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
-from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
+from rtdmd.methods.base import SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
 
 
@@ -126,9 +126,7 @@ def stage_at(plan: list[Stage], step: int) -> Stage:
 # ---------------------------------------------------------------------------- the method
 
 
-class HyperSDMethod(Method):
-    inference_network = "generator"
-
+class HyperSDMethod(ConsistencyMethod):
     def __init__(self, cfg: RunConfig, backend: Backend):
         super().__init__(cfg, backend)
         o = self.options
@@ -139,9 +137,7 @@ class HyperSDMethod(Method):
             self.networks["fake_score"] = backend.make_trainable("fake_score")
             self.updates.append(Update("fake_score", every=1, optim=o.fake_optim))
         self.schedules = {k: PhaseSchedule(backend, k, o.solver_steps) for k in sorted(set(o.segments))}
-        self.target = EMATarget(backend, self.networks["generator"], o.target_ema_decay) if o.target == "ema" else None
-        cfg_needed = o.guidance != 1.0 or bool(o.guidance_range)
-        self.data = ConsistencyData(backend, o.data, cfg.train.batch_size, cfg.train.seed, cfg_needed, o.prefetch)
+        self._init_target_and_data()
         self.rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.uses_refl() else {}
         self._step = 0
         self._fake_input: tuple[int, torch.Tensor, blocks.Prompts] | None = None
@@ -152,15 +148,14 @@ class HyperSDMethod(Method):
 
     def before_step(self, ctx: StepContext) -> None:
         self._step = ctx.step
-        if self.target is not None:  # the target follows the student after each optimiser step
-            self.target.update(self.networks["generator"])
+        super().before_step(ctx)
 
     # -- losses ------------------------------------------------------------------
     def _consistency(self, ctx: StepContext, segments: int):
         o, n = self.options, self.cfg.train.batch_size
         gen = self.networks["generator"]
         x0, p = self.data.get(ctx, gen, self._data_sampler())
-        target = self.target.net if self.target is not None else unwrap(gen)
+        target = self.target_net()
         out = phased_consistency_loss(self.backend, gen, target, x0, p, self.schedules[segments], n, ctx, o.guidance,
                                       o.guidance_range, o.consistency_loss, o.huber_c)
         return out, p
@@ -247,16 +242,6 @@ class HyperSDMethod(Method):
         o, st = self.options, self.stage()
         k = st.segments if st.kind == "tscd" else o.segments[-1]
         return phased_sampler(k, o.sample_steps, o.inference_guidance, o.inference_eta)
-
-    def state_dict(self):
-        return {"target": self.target.state_dict()} if self.target is not None else {}
-
-    def load_state_dict(self, state):
-        if self.target is not None and "target" in state:
-            self.target.load_state_dict(state["target"])
-
-    def close(self):
-        self.data.close()
 
 
 @register_method("hypersd", HyperSDOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",

@@ -240,15 +240,14 @@ class EMATarget:
 # ---------------------------------------------------------------------------- the method
 
 
-class LCMMethod(Method):
+class ConsistencyMethod(Method):
+    """A generator distilled by consistency (LCM, Hyper-SD): its target network and its data stream."""
+
     inference_network = "generator"
 
-    def __init__(self, cfg: RunConfig, backend: Backend):
-        super().__init__(cfg, backend)
-        o = self.options
-        self.networks["generator"] = backend.make_trainable("generator")
-        self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
-        self.schedule = PhaseSchedule(backend, o.phases, o.solver_steps)
+    def _init_target_and_data(self) -> None:
+        """Build ``target`` (EMA copy, or None: the student itself) and ``data``; needs ``networks["generator"]``."""
+        o, cfg, backend = self.options, self.cfg, self.backend
         self.target = EMATarget(backend, self.networks["generator"], o.target_ema_decay) if o.target == "ema" else None
         cfg_needed = o.guidance != 1.0 or bool(o.guidance_range)
         self.data = ConsistencyData(backend, o.data, cfg.train.batch_size, cfg.train.seed, cfg_needed, o.prefetch)
@@ -261,6 +260,26 @@ class LCMMethod(Method):
     def target_net(self) -> nn.Module:
         return self.target.net if self.target is not None else unwrap(self.networks["generator"])
 
+    def state_dict(self):
+        return {"target": self.target.state_dict()} if self.target is not None else {}
+
+    def load_state_dict(self, state):
+        if self.target is not None and "target" in state:
+            self.target.load_state_dict(state["target"])
+
+    def close(self):
+        self.data.close()
+
+
+class LCMMethod(ConsistencyMethod):
+    def __init__(self, cfg: RunConfig, backend: Backend):
+        super().__init__(cfg, backend)
+        o = self.options
+        self.networks["generator"] = backend.make_trainable("generator")
+        self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
+        self.schedule = PhaseSchedule(backend, o.phases, o.solver_steps)
+        self._init_target_and_data()
+
     def loss(self, network: str, ctx: StepContext):
         o, n = self.options, self.cfg.train.batch_size
         gen = self.networks["generator"]
@@ -272,16 +291,6 @@ class LCMMethod(Method):
     def sampler(self) -> SamplerSpec:
         o = self.options
         return phased_sampler(o.phases, o.sample_steps, o.inference_guidance)
-
-    def state_dict(self):
-        return {"target": self.target.state_dict()} if self.target is not None else {}
-
-    def load_state_dict(self, state):
-        if self.target is not None and "target" in state:
-            self.target.load_state_dict(state["target"])
-
-    def close(self):
-        self.data.close()
 
 
 @register_method("lcm", LCMOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",
