@@ -13,7 +13,8 @@ from rtdmd import config as C
 from rtdmd.api import make_config, run_training
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
-from runhelp import assert_same_tensors, checkpoint_tensors
+from runhelp import checkpoint_tensors
+from test_lcm import assert_toy2d_resume_is_exact
 
 TOY_TARGET = torch.tensor([2.5, 0.0])
 
@@ -110,15 +111,7 @@ def test_fake_score_is_untouched_before_the_unified_stage(tmp_path):
 def test_toy2d_resume_is_exact_across_stage_boundaries(tmp_path):
     # 11 steps cross TSCD 2 -> TSCD 1 -> ReFL -> unified; the interrupted run stops inside TSCD 1 (step 4)
     over = _toy(11, dict(TINY_REFL, fake_warmup=True), {"hidden": 16, "depth": 2}, batch_size=8, checkpoint_every=4)
-    full = run_training(make_config("hypersd", backend="toy2d", overrides=over), out=tmp_path / "full", show_progress=False)
-    part = dict(over, train=dict(over["train"], max_steps=4))
-    run_training(make_config("hypersd", backend="toy2d", overrides=part), out=tmp_path / "res", show_progress=False)
-    res = run_training(make_config("hypersd", backend="toy2d", overrides=over), out=tmp_path / "res", resume=True,
-                       show_progress=False)
-    assert_same_tensors(checkpoint_tensors(full.checkpoint), checkpoint_tensors(res.checkpoint))
-    load = lambda p: torch.load(Path(p) / "state" / "trainer.pt", weights_only=False)["method"]["target"]  # noqa: E731
-    ta, tb = load(full.checkpoint), load(res.checkpoint)
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    res = assert_toy2d_resume_is_exact("hypersd", over, 4, tmp_path)
     assert res.last_logs["stage/index"] == 3.0 and "dmd/loss" in res.last_logs
 
 

@@ -259,15 +259,21 @@ def test_toy2d_four_step_lcm_matches_the_mixture_teacher(tmp_path):
     assert not matches_teacher(euler4, a, c)[0]
 
 
-def test_toy2d_resume_is_exact(tmp_path):
-    sets = {"backend": {"hidden": 16, "depth": 2}, "method": {"solver_steps": 10, "prefetch": 0},
-            **_toy_overrides(6, batch_size=8, checkpoint_every=3)}
-    full = run_training(make_config("lcm", backend="toy2d", overrides=sets), out=tmp_path / "full", show_progress=False)
-    part = dict(sets, train=dict(sets["train"], max_steps=3))
-    run_training(make_config("lcm", backend="toy2d", overrides=part), out=tmp_path / "res", show_progress=False)
-    res = run_training(make_config("lcm", backend="toy2d", overrides=sets), out=tmp_path / "res", resume=True,
+def assert_toy2d_resume_is_exact(method: str, overrides: dict, stop_at: int, tmp_path: Path):
+    """Train straight through, and stopped at ``stop_at`` then resumed: same weights and EMA target; the resumed run."""
+    full = run_training(make_config(method, backend="toy2d", overrides=overrides), out=tmp_path / "full", show_progress=False)
+    part = dict(overrides, train=dict(overrides["train"], max_steps=stop_at))
+    run_training(make_config(method, backend="toy2d", overrides=part), out=tmp_path / "res", show_progress=False)
+    res = run_training(make_config(method, backend="toy2d", overrides=overrides), out=tmp_path / "res", resume=True,
                        show_progress=False)
     assert_same_tensors(checkpoint_tensors(full.checkpoint), checkpoint_tensors(res.checkpoint))
     load = lambda p: torch.load(Path(p) / "state" / "trainer.pt", weights_only=False)["method"]["target"]  # noqa: E731
     ta, tb = load(full.checkpoint), load(res.checkpoint)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    return res
+
+
+def test_toy2d_resume_is_exact(tmp_path):
+    sets = {"backend": {"hidden": 16, "depth": 2}, "method": {"solver_steps": 10, "prefetch": 0},
+            **_toy_overrides(6, batch_size=8, checkpoint_every=3)}
+    assert_toy2d_resume_is_exact("lcm", sets, 3, tmp_path)
