@@ -105,6 +105,14 @@ def timesteps_to_sigmas(timesteps: Sequence[float] | torch.Tensor, shift: float 
     return torch.cat([s, s.new_zeros(1)]).to(torch.float32)
 
 
+def generator_timesteps(num_steps: int, configured: Sequence[float]) -> list[float]:
+    """The few-step generator's timesteps: ``configured`` when it has ``num_steps`` entries, else uniform
+    1000 (1 - i / num_steps) for i < num_steps (the schedule of method.md section 2, at another step count)."""
+    if len(configured) == num_steps:
+        return list(configured)
+    return [NUM_TRAIN_TIMESTEPS * (1 - i / num_steps) for i in range(num_steps)]
+
+
 def timestep_from_sigma(sigma: SigmaLike) -> SigmaLike:
     """Model timestep = 1000 s."""
     return NUM_TRAIN_TIMESTEPS * sigma

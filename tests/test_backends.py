@@ -122,6 +122,9 @@ def test_toy2d_schedules():
     assert torch.allclose(b.sampling_sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     assert torch.allclose(b.generator_sigmas(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     assert torch.allclose(b.generator_sigmas(2), torch.tensor([1.0, 0.5, 0.0]))
+    # the configured timesteps at their own step count; uniform 1000 (1 - i/n) at any other
+    assert flow.generator_timesteps(4, [999.0, 700.0, 400.0, 100.0]) == [999.0, 700.0, 400.0, 100.0]
+    assert flow.generator_timesteps(3, [999.0, 700.0, 400.0, 100.0]) == pytest.approx([1000.0, 2000.0 / 3, 1000.0 / 3])
     # shift 3: s' = 3 s / (1 + 2 s): 0.75 -> 0.9, 0.5 -> 0.75, 0.25 -> 0.5
     assert torch.allclose(_toy(shift=3.0).sampling_sigmas(4), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
 

@@ -184,9 +184,7 @@ class ShapesBackend(Backend):
         return flow.sampling_sigmas(num_steps, self.options.shift).to(self.device)
 
     def generator_sigmas(self, num_steps=4):
-        ts = self.options.generator_timesteps
-        if num_steps != len(ts):
-            ts = [1000.0 * (1 - i / num_steps) for i in range(num_steps)]
+        ts = flow.generator_timesteps(num_steps, self.options.generator_timesteps)
         return flow.timesteps_to_sigmas(ts, self.options.generator_shift).to(self.device)
 
     # ------------------------------------------------------------------ text
