@@ -1,9 +1,13 @@
-"""Helpers for the eval / report tests: a tiny shapes checkpoint (16 px, ~20k parameters)."""
+"""Helpers for the eval / report tests: a tiny shapes checkpoint (16 px, ~20k parameters) and fixtures.
+
+A test module uses the fixtures by importing them: ``from tests.eval_fixtures import ckpt, one_torch_thread``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY_BACKEND = {"image_size": 16, "size_range": [4, 6], "max_objects": 2, "unet_channels": [8, 16],
@@ -25,3 +29,18 @@ def tiny_checkpoint(run_dir: Path, method: str = "teacher", step: int = 3, seed:
     return ckpt.write_checkpoint(run_dir, step, config_yaml=dump(cfg), sampler=dict(TINY_SAMPLER), method=method,
                                  backend="shapes", inference_state=dict(backend.network_state(net)),
                                  training_state=None, extra_meta={"role": "teacher", "train_seconds": train_seconds})
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny networks: one torch thread is faster, and far faster on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One tiny checkpoint per test module."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "run")

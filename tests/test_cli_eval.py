@@ -5,36 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pytest
-from click.testing import CliRunner
-
 from benchmarks.geneval.prompts import generate_metadata
-from rtdmd.cli import main
-from tests.eval_fixtures import tiny_checkpoint
+from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)
 
 OFFICIAL_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"
-
-
-@pytest.fixture()
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("cli") / "run")
 
 
 def user_error(result, *fragments):

@@ -15,23 +15,7 @@ from benchmarks.geneval import suite as gsuite
 from benchmarks.suites import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem
 from rtdmd.errors import UserError
-from tests.eval_fixtures import tiny_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one torch thread is faster, and far faster on a shared, oversubscribed CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "run")
+from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
