@@ -82,25 +82,19 @@ def test_scalar_section_in_config_file_is_not_silently_ignored(cli, tmp_path):
     assert_user_error(cli(*train_args("toy2d", tmp_path / "run", 2, extra=("--config", f))), "'train'")
 
 
-def test_config_file_errors(cli, tmp_path):
-    run = tmp_path / "run"
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", tmp_path / "missing.yaml"))),
-                      "missing.yaml does not exist", "--config")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  max_steps: 3\n  seed: [1, 2\n")
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", bad))), "not valid YAML", "line")
-    seq = tmp_path / "seq.yaml"
-    seq.write_text("- 1\n- 2\n")
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", seq))), "must hold a mapping")
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("backend:\n  hiden: 3\n")
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", typo))), "'backend.hiden'", "hidden")
-    other = tmp_path / "other.yaml"
-    other.write_text("method:\n  name: dmd2\n")
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", other))), "another method")
-    wrong_backend = tmp_path / "wb.yaml"
-    wrong_backend.write_text("backend:\n  name: shapes\n")
-    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", wrong_backend))), "backend.name")
+@pytest.mark.parametrize("text, fragments", [
+    (None, ("c.yaml does not exist", "--config")),  # no file written
+    ("train:\n  max_steps: 3\n  seed: [1, 2\n", ("not valid YAML", "line")),
+    ("- 1\n- 2\n", ("must hold a mapping",)),
+    ("backend:\n  hiden: 3\n", ("'backend.hiden'", "hidden")),
+    ("method:\n  name: dmd2\n", ("another method",)),
+    ("backend:\n  name: shapes\n", ("backend.name",)),
+], ids=["missing", "bad-yaml", "sequence", "typo", "other-method", "other-backend"])
+def test_config_file_errors(cli, tmp_path, text, fragments):
+    run, f = tmp_path / "run", tmp_path / "c.yaml"
+    if text is not None:
+        f.write_text(text)
+    assert_user_error(cli(*train_args("toy2d", run, 2, extra=("--config", f))), *fragments)
     assert not run.exists()
 
 
