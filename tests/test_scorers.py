@@ -51,6 +51,21 @@ def tiny_clip_dir(root, seed=0, proj=16, image=32):
     return root
 
 
+#: key stems of one pre-LN transformer block: LN 1, LN 2, fused qkv, attention out, MLP in, MLP out
+OPENCLIP_BLOCK = ("ln_1.", "ln_2.", "attn.in_proj_", "attn.out_proj.", "mlp.c_fc.", "mlp.c_proj.")
+TIMM_BLOCK = ("norm1.", "norm2.", "attn.qkv.", "attn.proj.", "mlp.fc1.", "mlp.fc2.")
+
+
+def random_block(r, prefix, w, stems):
+    """Random weights of one block of width w (MLP 4w) named prefix + stem + weight/bias; r(*shape, s) draws."""
+    shapes = [(w,), (w,), (3 * w, w), (w, w), (4 * w, w), (w, 4 * w)]
+    sd = {}
+    for i, (stem, shape) in enumerate(zip(stems, shapes)):
+        sd[prefix + stem + "weight"] = 1 + r(*shape) if i < 2 else r(*shape, s=0.3)  # LayerNorm gains near 1
+        sd[prefix + stem + "bias"] = r(shape[0])
+    return sd
+
+
 def tiny_openclip_state_dict(seed=0, width=32, tw=24, layers=2, embed=16, patch=8, grid=4, ctx=16):
     """Random weights under open_clip's CLIP key names (the HPS_v2.1_compressed.pt layout)."""
     g = torch.Generator().manual_seed(seed)
@@ -73,14 +88,7 @@ def tiny_openclip_state_dict(seed=0, width=32, tw=24, layers=2, embed=16, patch=
     }
     for prefix, w in (("visual.transformer.resblocks.", width), ("transformer.resblocks.", tw)):
         for i in range(layers):
-            p = f"{prefix}{i}."
-            sd |= {
-                p + "ln_1.weight": 1 + r(w), p + "ln_1.bias": r(w), p + "ln_2.weight": 1 + r(w), p + "ln_2.bias": r(w),
-                p + "attn.in_proj_weight": r(3 * w, w, s=0.3), p + "attn.in_proj_bias": r(3 * w),
-                p + "attn.out_proj.weight": r(w, w, s=0.3), p + "attn.out_proj.bias": r(w),
-                p + "mlp.c_fc.weight": r(4 * w, w, s=0.3), p + "mlp.c_fc.bias": r(4 * w),
-                p + "mlp.c_proj.weight": r(w, 4 * w, s=0.3), p + "mlp.c_proj.bias": r(w),
-            }
+            sd |= random_block(r, f"{prefix}{i}.", w, OPENCLIP_BLOCK)
     return sd
 
 
@@ -163,14 +171,7 @@ def tiny_imagereward_files(tmp_path, seed=0, width=32, depth=2, patch=8, image=3
         "blip.text_encoder.embeddings.position_ids": torch.arange(40)[None],
     }
     for i in range(depth):
-        p = f"blip.visual_encoder.blocks.{i}."
-        sd |= {
-            p + "norm1.weight": 1 + r(width), p + "norm1.bias": r(width), p + "norm2.weight": 1 + r(width), p + "norm2.bias": r(width),
-            p + "attn.qkv.weight": r(3 * width, width, s=0.3), p + "attn.qkv.bias": r(3 * width),
-            p + "attn.proj.weight": r(width, width, s=0.3), p + "attn.proj.bias": r(width),
-            p + "mlp.fc1.weight": r(4 * width, width, s=0.3), p + "mlp.fc1.bias": r(4 * width),
-            p + "mlp.fc2.weight": r(width, 4 * width, s=0.3), p + "mlp.fc2.bias": r(width),
-        }
+        sd |= random_block(r, f"blip.visual_encoder.blocks.{i}.", width, TIMM_BLOCK)
     # the med BERT's parameter names are BlipTextModel's (BLIP's med.py was ported as-is)
     text = BlipTextModel(BlipTextConfig(vocab_size=vocab, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=2, max_position_embeddings=40, encoder_hidden_size=width,
