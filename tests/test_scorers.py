@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.scorers import get_scorer, scorer_names
 from benchmarks.scorers.clip_family import AestheticMLP
-from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, preprocess
+from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, load_weights, preprocess
 from rtdmd.errors import UserError
 from rtdmd.rewards.base import Reward
 
@@ -379,6 +379,13 @@ def test_missing_hub_id_says_how_to_download(tmp_path, monkeypatch):
         get_scorer("clipscore")
     with pytest.raises(UserError, match="HPS_v2.1_compressed.pt"):
         get_scorer("hpsv21")
+
+
+def test_load_weights_reports_missing_and_unexpected_keys_but_not_position_ids():
+    m = torch.nn.Linear(2, 1)
+    m.register_buffer("position_ids", torch.arange(2))
+    assert load_weights(m, {"weight": torch.ones(1, 2), "extra": torch.zeros(1)}) == (["bias"], ["extra"])
+    assert torch.equal(m.weight, torch.ones(1, 2))
 
 
 def test_wrong_checkpoint_is_a_user_error(scorer_files, tmp_path):

@@ -23,6 +23,7 @@ from benchmarks.scorers.common import (
     OPENAI_STD,
     BatchedScorer,
     identity_of,
+    load_weights,
     preprocess,
     read_json,
     resolve_dir,
@@ -335,8 +336,7 @@ class HPSv21(_ClipScorerBase):
         except (KeyError, StopIteration, ValueError) as exc:
             raise UserError(f"{ckpt} is not an open_clip CLIP state dict (missing {exc}); pass {HPS_FILE}.") from None
         model = CLIPModel(config)
-        missing, unexpected = model.load_state_dict(hf_sd, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
+        missing, unexpected = load_weights(model, hf_sd)
         if missing or unexpected:
             raise RuntimeError(f"HPS key mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
         tok_dir = resolve_dir(tokenizer_path or LAION_H14, "HPSv2.1 tokenizer (laion ViT-H-14)")

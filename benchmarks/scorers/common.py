@@ -117,6 +117,13 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def load_weights(module: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    """Non-strict load_state_dict -> (missing, unexpected) keys; the ``position_ids`` buffers that
+    transformers builds itself (and checkpoints may omit) do not count as missing."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    return [k for k in missing if not k.endswith("position_ids")], list(unexpected)
+
+
 # ---------------------------------------------------------------------------------------------
 # preprocessing: two paths with one set of parameters.
 # - exact (not differentiable): quantise to uint8 and resize with PIL bicubic, as the official

@@ -29,6 +29,7 @@ from benchmarks.scorers.common import (
     OPENAI_STD,
     BatchedScorer,
     identity_of,
+    load_weights,
     preprocess,
     read_json,
     resolve_dir,
@@ -162,8 +163,7 @@ class ImageReward(BatchedScorer):
         self.text = BlipTextModel(tcfg, add_pooling_layer=False)
         self.mlp = AestheticMLP(tcfg.hidden_size)
         for module, part, label in ((self.vision, vision_sd, "vision"), (self.text, text_sd, "text"), (self.mlp, mlp_sd, "mlp")):
-            missing, unexpected = module.load_state_dict(part, strict=False)
-            missing = [k for k in missing if not k.endswith("position_ids")]
+            missing, unexpected = load_weights(module, part)
             if missing or unexpected:
                 raise UserError(
                     f"{ckpt} does not match the ImageReward {label} layout (missing {missing[:3]}, unexpected {unexpected[:3]}); pass {IR_FILE}."
