@@ -7,6 +7,7 @@ Compare runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Tracker:
         self._mlflow = None
         self.run_id: str | None = None
         self._pending: list = []
+        self._last_flush_ms = 0
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None,
               nested: bool = False) -> str | None:
@@ -62,17 +64,18 @@ class Tracker:
         if not self.enabled:
             return
         from mlflow.entities import Metric
-        import time
 
         ts = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-        if len(self._pending) >= 200:
+        # batched (one sqlite write per batch), but at least every 30 s so the MLflow UI follows a slow run
+        if len(self._pending) >= 200 or ts - self._last_flush_ms > 30_000:
             self.flush()
 
     def flush(self) -> None:
         if self.enabled and self._pending:
             self._mlflow.tracking.MlflowClient().log_batch(self.run_id, metrics=self._pending)
             self._pending = []
+        self._last_flush_ms = int(time.time() * 1000)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
