@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.scorers import get_scorer, scorer_names
 from benchmarks.scorers.clip_family import AestheticMLP
-from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, load_weights, preprocess
+from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, load_pretrained, load_weights, preprocess
 from rtdmd.errors import UserError
 from rtdmd.rewards.base import Reward
 
@@ -386,6 +386,16 @@ def test_load_weights_reports_missing_and_unexpected_keys_but_not_position_ids()
     m.register_buffer("position_ids", torch.arange(2))
     assert load_weights(m, {"weight": torch.ones(1, 2), "extra": torch.zeros(1)}) == (["bias"], ["extra"])
     assert torch.equal(m.weight, torch.ones(1, 2))
+
+
+def test_load_pretrained_failure_is_one_sentence_naming_folder_and_fix(tmp_path):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(UserError) as e:
+        load_pretrained(AutoTokenizer, tmp_path, "X tokenizer", "pass a vocab directory")
+    msg = str(e.value)
+    assert msg.startswith(f"X tokenizer: could not load AutoTokenizer from {tmp_path} (") and "\n" not in msg
+    assert msg.endswith("); pass a vocab directory.")
 
 
 def test_wrong_checkpoint_is_a_user_error(scorer_files, tmp_path):

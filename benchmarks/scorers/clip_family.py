@@ -23,6 +23,7 @@ from benchmarks.scorers.common import (
     OPENAI_STD,
     BatchedScorer,
     identity_of,
+    load_pretrained,
     load_weights,
     preprocess,
     read_json,
@@ -87,10 +88,7 @@ def image_config(folder: Path | None) -> dict:
 def _load_tokenizer(folder: Path, what: str):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"{what}: no usable tokenizer in {folder} ({type(exc).__name__}); pass a complete model directory.") from None
+    return load_pretrained(AutoTokenizer, folder, what)
 
 
 class _ClipScorerBase(BatchedScorer):
@@ -139,10 +137,7 @@ class _ClipScorerBase(BatchedScorer):
 def _load_clip_model(folder: Path, what: str):
     from transformers import CLIPModel
 
-    try:
-        return CLIPModel.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"{what}: could not load a CLIPModel from {folder} ({type(exc).__name__}: {exc}); pass a complete model directory.") from None
+    return load_pretrained(CLIPModel, folder, what)
 
 
 class CLIPScore(_ClipScorerBase):

@@ -117,6 +117,15 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def load_pretrained(cls, folder: Path, what: str, fix: str = "pass a complete model directory"):
+    """``cls.from_pretrained(folder)`` (a transformers class) from local files only; a failure is a UserError."""
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise UserError(f"{what}: could not load {cls.__name__} from {folder} ({type(exc).__name__}: {first}); {fix}.") from None
+
+
 def load_weights(module: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     """Non-strict load_state_dict -> (missing, unexpected) keys; the ``position_ids`` buffers that
     transformers builds itself (and checkpoints may omit) do not count as missing."""

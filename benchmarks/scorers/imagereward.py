@@ -29,6 +29,7 @@ from benchmarks.scorers.common import (
     OPENAI_STD,
     BatchedScorer,
     identity_of,
+    load_pretrained,
     load_weights,
     preprocess,
     read_json,
@@ -122,10 +123,7 @@ def blip_tokenizer(folder: Path):
     """bert-base-uncased with BLIP's added [DEC] bos and [ENC] special tokens."""
     from transformers import BertTokenizer
 
-    try:
-        tok = BertTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"ImageReward tokenizer: no BERT vocab in {folder} ({type(exc).__name__}); pass a bert-base-uncased directory.") from None
+    tok = load_pretrained(BertTokenizer, folder, "ImageReward tokenizer", "pass a bert-base-uncased directory")
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
