@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.scorers import get_scorer, scorer_names
 from benchmarks.scorers.clip_family import AestheticMLP
-from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, load_pretrained, load_weights, preprocess
+from benchmarks.scorers.common import OPENAI_MEAN, OPENAI_STD, load_pretrained, load_weights, preprocess, scorer_options
 from rtdmd.errors import UserError
 from rtdmd.rewards.base import Reward
 
@@ -396,6 +396,12 @@ def test_load_pretrained_failure_is_one_sentence_naming_folder_and_fix(tmp_path)
     msg = str(e.value)
     assert msg.startswith(f"X tokenizer: could not load AutoTokenizer from {tmp_path} (") and "\n" not in msg
     assert msg.endswith("); pass a vocab directory.")
+
+
+def test_scorer_options_are_the_constructors_own_and_the_common_parameters():
+    from benchmarks.scorers.clip_family import PickScore
+
+    assert scorer_options(PickScore) == {"path", "processor_path", "device", "dtype", "batch_size", "differentiable"}
 
 
 def test_wrong_checkpoint_is_a_user_error(scorer_files, tmp_path):

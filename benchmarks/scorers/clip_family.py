@@ -17,19 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.scorers.common import (
-    DEFAULT_WEIGHTS_DIR,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    BatchedScorer,
-    identity_of,
-    load_pretrained,
-    load_weights,
-    preprocess,
-    read_json,
-    resolve_dir,
-    resolve_file,
-)
+from benchmarks.scorers.common import (DEFAULT_WEIGHTS_DIR, OPENAI_MEAN, OPENAI_STD, BatchedScorer,
+                                       identity_of, load_pretrained, load_weights, preprocess, read_json,
+                                       resolve_dir, resolve_file)
 from rtdmd.errors import UserError
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -145,8 +135,8 @@ class CLIPScore(_ClipScorerBase):
 
     name = "clipscore"
 
-    def __init__(self, path: str | None = None, device="cpu", dtype=torch.float32, batch_size=16, differentiable=False):
-        super().__init__(device, dtype, batch_size, differentiable)
+    def __init__(self, path: str | None = None, **common):
+        super().__init__(**common)
         folder = resolve_dir(path or CLIP_L14, "CLIPScore (CLIP ViT-L/14)", ["config.json"])
         self._setup(_load_clip_model(folder, "CLIPScore"), _load_tokenizer(folder, "CLIPScore"), image_config(folder))
         self.identity = identity_of(folder)
@@ -160,16 +150,8 @@ class PickScore(_ClipScorerBase):
 
     name = "pickscore"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        device="cpu",
-        dtype=torch.float32,
-        batch_size=16,
-        differentiable=False,
-        processor_path: str | None = None,
-    ):
-        super().__init__(device, dtype, batch_size, differentiable)
+    def __init__(self, path: str | None = None, processor_path: str | None = None, **common):
+        super().__init__(**common)
         folder = resolve_dir(path or PICKSCORE, "PickScore model", ["config.json"])
         proc = resolve_dir(processor_path or LAION_H14, "PickScore processor (laion ViT-H-14)")
         self._setup(_load_clip_model(folder, "PickScore"), _load_tokenizer(proc, "PickScore processor"), image_config(proc))
@@ -185,16 +167,8 @@ class AestheticScore(_ClipScorerBase):
 
     name = "aesthetic"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        device="cpu",
-        dtype=torch.float32,
-        batch_size=16,
-        differentiable=False,
-        clip_path: str | None = None,
-    ):
-        super().__init__(device, dtype, batch_size, differentiable)
+    def __init__(self, path: str | None = None, clip_path: str | None = None, **common):
+        super().__init__(**common)
         mlp_file = resolve_file(str(path or AESTHETIC_DEFAULT), "aesthetic MLP (improved-aesthetic-predictor)")
         folder = resolve_dir(clip_path or CLIP_L14, "aesthetic CLIP ViT-L/14", ["config.json"])
         self._setup(_load_clip_model(folder, "aesthetic CLIP"), _load_tokenizer(folder, "aesthetic CLIP"), image_config(folder))
@@ -309,18 +283,9 @@ class HPSv21(_ClipScorerBase):
 
     name = "hpsv21"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        device="cpu",
-        dtype=torch.float32,
-        batch_size=16,
-        differentiable=False,
-        tokenizer_path: str | None = None,
-        vision_heads: int = VIT_H14_HEADS["vision_heads"],
-        text_heads: int = VIT_H14_HEADS["text_heads"],
-    ):
-        super().__init__(device, dtype, batch_size, differentiable)
+    def __init__(self, path: str | None = None, tokenizer_path: str | None = None,
+                 vision_heads: int = VIT_H14_HEADS["vision_heads"], text_heads: int = VIT_H14_HEADS["text_heads"], **common):
+        super().__init__(**common)
         from transformers import CLIPModel
 
         ckpt = resolve_file(path or HPS_REPO, "HPSv2.1", (HPS_REPO, HPS_FILE))

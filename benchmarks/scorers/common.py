@@ -7,6 +7,7 @@ in the local Hugging Face cache (resolved with ``local_files_only=True``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Sequence
@@ -226,13 +227,15 @@ class BatchedScorer:
     """Reward-protocol base: resident model, batched calls, grad only when differentiable.
 
     Subclasses set name / identity and implement ``_score(images, prompts)`` on one batch
-    already on ``self.device`` (images float32 in [0, 1]); it returns (b,) scores.
+    already on ``self.device`` (images float32 in [0, 1]); it returns (b,) scores. Their constructors
+    take ``path``, their own options, and ``**common`` (the four parameters here), passed on unchanged.
     """
 
     name: str = ""
     identity: str = ""
 
-    def __init__(self, device: str | torch.device, dtype: torch.dtype, batch_size: int, differentiable: bool):
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 16,
+                 differentiable: bool = False):
         if batch_size < 1:
             raise UserError(f"scorer batch_size must be >= 1; got {batch_size}.")
         self.device = torch.device(device)
@@ -261,3 +264,9 @@ class BatchedScorer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, identity={self.identity!r}, differentiable={self.differentiable})"
+
+
+def scorer_options(klass: type[BatchedScorer]) -> set[str]:
+    """A scorer class's keyword options: its constructor's named parameters and BatchedScorer's."""
+    own = {n for n, p in inspect.signature(klass.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    return (own | set(inspect.signature(BatchedScorer.__init__).parameters)) - {"self"}

@@ -24,18 +24,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.scorers.clip_family import AestheticMLP, _load_state_dict
-from benchmarks.scorers.common import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    BatchedScorer,
-    identity_of,
-    load_pretrained,
-    load_weights,
-    preprocess,
-    read_json,
-    resolve_dir,
-    resolve_file,
-)
+from benchmarks.scorers.common import (OPENAI_MEAN, OPENAI_STD, BatchedScorer, identity_of, load_pretrained,
+                                       load_weights, preprocess, read_json, resolve_dir, resolve_file)
 from rtdmd.errors import UserError
 
 IR_REPO, IR_FILE, IR_CONFIG = "THUDM/ImageReward", "ImageReward.pt", "med_config.json"
@@ -134,18 +124,9 @@ class ImageReward(BatchedScorer):
 
     name = "imagereward"
 
-    def __init__(
-        self,
-        path: str | None = None,
-        device="cpu",
-        dtype=torch.float32,
-        batch_size=16,
-        differentiable=False,
-        med_config: str | None = None,
-        tokenizer_path: str | None = None,
-        vision_heads: int | None = None,
-    ):
-        super().__init__(device, dtype, batch_size, differentiable)
+    def __init__(self, path: str | None = None, med_config: str | None = None, tokenizer_path: str | None = None,
+                 vision_heads: int | None = None, **common):
+        super().__init__(**common)
         from transformers import BlipTextModel, BlipVisionModel
 
         ckpt = resolve_file(path or IR_REPO, "ImageReward", (IR_REPO, IR_FILE))

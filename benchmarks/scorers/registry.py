@@ -38,7 +38,8 @@ def get_scorer(
     tokenizer_path; imagereward med_config, tokenizer_path.
     """
     import importlib
-    import inspect
+
+    from benchmarks.scorers.common import scorer_options
 
     if name not in _SCORERS:
         raise UserError(f"unknown scorer '{name}'; choose one of {', '.join(_SCORERS)}.")
@@ -48,7 +49,7 @@ def get_scorer(
         dtype = _DTYPES[dtype]
     module, cls = _SCORERS[name]
     klass = getattr(importlib.import_module(module), cls)
-    allowed = set(inspect.signature(klass.__init__).parameters) - {"self"}
+    allowed = scorer_options(klass)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"scorer '{name}' has no option {', '.join(unknown)}; its options are {', '.join(sorted(allowed))}.")
