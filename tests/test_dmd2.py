@@ -229,6 +229,7 @@ def test_toy2d_dmd2_generator_matches_the_teacher(toy_teacher, tmp_path):
     keys = [("toy", i) for i in range(n)]
     x = generate(b, net, [""] * n, keys, SamplingConfig("cps", 4, 1.0, 1.0))
     ok, m, ref = matches_teacher(x, ta, tb)
+    print(f"toy2d dmd2: MMD {m:.4f} vs teacher-teacher {ref:.4f} (ratio {m / ref:.2f}, criterion 2)")  # shown with -s
     assert ok, (m, ref)
     teacher4 = generate(b, b.teacher, [""] * n, keys, SamplingConfig("cps", 4, 1.0, 1.0))
     ok_t, m_t, _ = matches_teacher(teacher4, ta, tb)

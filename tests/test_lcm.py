@@ -253,6 +253,7 @@ def test_toy2d_four_step_lcm_matches_the_mixture_teacher(tmp_path):
     c = generate(b, b.teacher, [""] * n, keys(2), teacher_sc)
     x = generate(b, net, [""] * n, keys(3), SamplingConfig.from_meta(meta["sampler"]))
     ok, m, ref = matches_teacher(x, a, c)
+    print(f"toy2d lcm: MMD {m:.4f} vs teacher-teacher {ref:.4f} (ratio {m / ref:.2f}, criterion 2)")  # shown with -s
     assert ok, (m, ref)
     # the test can fail: the teacher's own 4-step Euler on the same edges does not match
     euler4 = generate(b, b.teacher, [""] * n, keys(3), SamplingConfig(kind="cps", steps=4, eta=0.0))
