@@ -155,14 +155,31 @@ def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple
     return out, metrics_seen
 
 
+def _run_label(checkpoint: str) -> str:
+    """'runs/x/rtdmd-no-dm/checkpoints/step_000120' -> 'rtdmd-no-dm@120'; a two-stage run's stage keeps its parent
+    ('runs/x/rtdmd/stage1/checkpoints/step_000600' -> 'rtdmd/stage1@600'); a bare checkpoint folder -> its name."""
+    p = Path(str(checkpoint))
+    run, step = (p.parent.parent, p.name) if p.parent.name == "checkpoints" else (p, "")
+    name = f"{run.parent.name}/{run.name}" if run.name in ("stage1", "stage2") else run.name
+    digits = step.rsplit("_", 1)[-1]
+    return f"{name}@{int(digits)}" if digits.isdigit() else name
+
+
 def _name_checkpoints(rows: list[dict]) -> None:
-    """Row names: the method, plus the checkpoint's sha prefix where one method has several checkpoints."""
+    """Row names: the method, plus which run (and step) where one method has several checkpoints; the
+    checkpoint's sha prefix where the run labels do not tell them apart."""
     by_method: dict[str, set] = {}
     for r in rows:
         by_method.setdefault(str(r["method"]), set()).add(r["checkpoint"])
-    for r in rows:
-        if len(by_method[str(r["method"])]) > 1:
-            r["name"] = f"{r['method']}@{(r['sha'] or str(abs(hash(r['checkpoint']))))[:6]}"
+    for method, checkpoints in by_method.items():
+        if len(checkpoints) < 2:
+            continue
+        labels = {c: _run_label(c) for c in checkpoints}
+        distinct = len(set(labels.values())) == len(labels) and all(labels.values())
+        for r in rows:
+            if str(r["method"]) == method:
+                tail = labels[r["checkpoint"]] if distinct else (r["sha"] or str(abs(hash(r["checkpoint"]))))[:6]
+                r["name"] = f"{method} [{tail}]" if distinct else f"{method}@{tail}"
 
 
 # ---------------------------------------------------------------------------- formatting

@@ -170,8 +170,13 @@ def test_default_report_path(fake_experiment, tmp_path, monkeypatch):
 
 
 def test_rows_of_one_method_with_several_checkpoints_are_named_apart():
-    rows = [{"method": "dmd2", "checkpoint": "/a", "sha": "abcdef123", "name": "dmd2"},
-            {"method": "dmd2", "checkpoint": "/b", "sha": "987654fed", "name": "dmd2"},
+    rows = [{"method": "dmd2", "checkpoint": "/x/run/checkpoints/step_000100", "sha": "abcdef123", "name": "dmd2"},
+            {"method": "dmd2", "checkpoint": "/y/run/checkpoints/step_000100", "sha": "987654fed", "name": "dmd2"},
             {"method": "lcm", "checkpoint": "/c", "sha": "555555", "name": "lcm"}]
     report._name_checkpoints(rows)
-    assert [r["name"] for r in rows] == ["dmd2@abcdef", "dmd2@987654", "lcm"]
+    assert [r["name"] for r in rows] == ["dmd2@abcdef", "dmd2@987654", "lcm"]  # same run label: the sha tells them apart
+    rows = [{"method": "rtdmd", "checkpoint": "runs/s/rtdmd/stage2/checkpoints/step_000120", "sha": "a1", "name": "rtdmd"},
+            {"method": "rtdmd", "checkpoint": "runs/s/rtdmd-no-dm/checkpoints/step_000120", "sha": "b2", "name": "rtdmd"},
+            {"method": "rtdmd", "checkpoint": "runs/s/rtdmd-epoch50", "sha": "c3", "name": "rtdmd"}]
+    report._name_checkpoints(rows)
+    assert [r["name"] for r in rows] == ["rtdmd [rtdmd/stage2@120]", "rtdmd [rtdmd-no-dm@120]", "rtdmd [rtdmd-epoch50]"]
