@@ -60,6 +60,19 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+def _init_seconds(cfg) -> float:
+    """Training time already in the weights a run starts from (``method.init``: RTDMD stage 2 from stage 1,
+    Flow-GRPO on a distilled generator), so a checkpoint's train_seconds is the whole cost of its weights
+    and methods compare at equal total cost in reports."""
+    init = getattr(cfg.method, "init", "")
+    if not init:
+        return 0.0
+    try:
+        return float(ckpt.read_meta(ckpt.find_checkpoint(init)).get("train_seconds") or 0.0)
+    except (UserError, OSError, ValueError):
+        return 0.0
+
+
 def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "train.max_minutes", "tracking.", "train.num_threads",
                                                           "train.checkpoint_every", "train.log_every",
                                                           "train.keep_checkpoints", "train.device")) -> list[str]:
@@ -153,7 +166,8 @@ class Trainer:
             inference_state=self._inference_state(),
             training_state=self._training_state(step, elapsed, run_id),
             keep=self.cfg.train.keep_checkpoints,
-            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed, 2),
+            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed + _init_seconds(self.cfg), 2),
+                        "run_train_seconds": round(elapsed, 2),
                         "git_commit": git_commit(), "mlflow_run_id": run_id},
         )
 

@@ -201,7 +201,12 @@ def test_two_stage_run_layout_and_exact_resume(tmp_path):
     assert full.checkpoint.parent.parent.name == "stage2"
     # <out> resolves to the final stage's checkpoint; stage 1 is an ac-dmd run
     assert ckpt.find_checkpoint(tmp_path / "full").resolve() == full.checkpoint.resolve()
-    assert ckpt.read_meta(ckpt.find_checkpoint(tmp_path / "full" / "stage1"))["method"] == "ac-dmd"
+    m1 = ckpt.read_meta(ckpt.find_checkpoint(tmp_path / "full" / "stage1"))
+    assert m1["method"] == "ac-dmd"
+    # the final checkpoint's cost includes stage 1's (reports compare methods at total training cost)
+    m2 = ckpt.read_meta(full.checkpoint)
+    assert m2["train_seconds"] == pytest.approx(m1["train_seconds"] + m2["run_train_seconds"], abs=0.02)
+    assert m2["run_train_seconds"] > 0
     # interrupted in stage 2 after its step-2 checkpoint: --resume skips stage 1 and ends in the same state
     cut = dict(over, train={**over["train"], "max_steps": 2})
     run_training("rtdmd", backend="toy2d", overrides=cut, out=tmp_path / "cut", show_progress=False)
