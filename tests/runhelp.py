@@ -14,6 +14,21 @@ SHAPES_SETS = ("backend.image_size=16", "backend.size_range=[4,6]", "backend.max
                "tracking.enabled=false", "method.ema_decay=0.9")
 
 
+def toy_ctx(seed: int = 3, step: int = 0):
+    """A StepContext with its own seeded generator, for calling a method's hooks outside the trainer."""
+    from rtdmd.methods.base import StepContext
+    from rtdmd.seeding import torch_generator
+
+    return StepContext(step=step, generator=torch_generator(seed), seed=seed)
+
+
+def tiny_toy_backend(**over):
+    """A toy2d backend with a 16-wide, 2-deep MLP (the tests' tiny size)."""
+    from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
+
+    return make_toy2d(Toy2DOptions(hidden=16, depth=2, **over))
+
+
 def train_args(backend: str, out: Path, steps: int, *sets: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Arguments of `rtdmd-bench train teacher` on a tiny ``backend`` run into ``out``."""
     base = TOY2D_SETS if backend == "toy2d" else SHAPES_SETS

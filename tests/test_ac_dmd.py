@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runhelp import tiny_toy_backend, toy_ctx
 from rtdmd import objectives
 from rtdmd.api import make_config, run_training
 from rtdmd.methods import blocks
-from rtdmd.methods.base import StepContext
 from rtdmd.seeding import torch_generator
 
 # init "": random MLPs (the shipped toy2d configs start from a flow-matching MLP run)
@@ -21,14 +21,8 @@ TINY_TOY = {"backend": {"hidden": 16, "depth": 2}, "method": {"init": ""},
             "tracking": {"enabled": False}}
 
 
-def _ctx(seed: int = 3, step: int = 0) -> StepContext:
-    return StepContext(step=step, generator=torch_generator(seed), seed=seed)
-
-
-def _toy_backend(**over):
-    from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
-
-    return make_toy2d(Toy2DOptions(hidden=16, depth=2, **over))
+_ctx = toy_ctx
+_toy_backend = tiny_toy_backend
 
 
 def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.runhelp import tiny_toy_backend, toy_ctx
 from rtdmd.api import make_config, run_training
 from rtdmd.config import CONFIG_DIR
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
-from rtdmd.methods.base import StepContext
 from rtdmd.seeding import torch_generator
 from tests.runhelp import assert_same_tensors, checkpoint_tensors
 from tests.toy_teacher import fit_mlp_teacher, teacher_samples
@@ -24,14 +24,8 @@ TINY = {"backend": {"hidden": 16, "depth": 2},
         "tracking": {"enabled": False}}
 
 
-def _ctx(seed: int = 3, step: int = 0) -> StepContext:
-    return StepContext(step=step, generator=torch_generator(seed), seed=seed)
-
-
-def _toy_backend(**over):
-    from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
-
-    return make_toy2d(Toy2DOptions(hidden=16, depth=2, **over))
+_ctx = toy_ctx
+_toy_backend = tiny_toy_backend
 
 
 class ConstantX0(nn.Module):

@@ -17,13 +17,7 @@ from rtdmd.world.shapes import ALL_CLASSES, Scene, ShapeObject, WorldSpec, rende
 SPEC = WorldSpec(classes=("circle", "square", "triangle", "cross"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the detector's small convolutions are ~10x faster on one thread on shared cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.eval_fixtures import one_torch_thread_per_module  # noqa: E402,F401  (autouse)
 
 
 def _arch(**kw) -> RM.Architecture:

@@ -18,12 +18,7 @@ SCENE = Scene([ShapeObject("circle", "red", 9, 16, 12), ShapeObject("square", "b
 PROMPTS = ["a photo of a red circle and a blue square", "a photo of two crosses"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.eval_fixtures import one_torch_thread_per_module  # noqa: E402,F401  (autouse)
 
 
 def _images():
