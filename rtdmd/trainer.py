@@ -88,6 +88,7 @@ class Trainer:
                  show_progress: bool = True, accelerator=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self._init_seconds = _init_seconds(cfg)  # read once: the init checkpoint does not change during the run
         self.resume = resume
         self.command = command
         self.show_progress = show_progress
@@ -166,7 +167,7 @@ class Trainer:
             inference_state=self._inference_state(),
             training_state=self._training_state(step, elapsed, run_id),
             keep=self.cfg.train.keep_checkpoints,
-            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed + _init_seconds(self.cfg), 2),
+            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed + self._init_seconds, 2),
                         "run_train_seconds": round(elapsed, 2),
                         "git_commit": git_commit(), "mlflow_run_id": run_id},
         )
