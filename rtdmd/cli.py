@@ -62,26 +62,29 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, re
           num_processes, accelerate_config):
     """Train METHOD (teacher, reward, dmd2, lcm, hypersd, flow-grpo, ac-dmd, rtdmd)."""
     from rtdmd import config as C
+    from rtdmd import distributed
     from rtdmd.api import run_training
 
     if num_processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {num_processes}.")
-    if num_processes > 1:
-        from rtdmd import distributed
-
-        if not distributed.inside_launch():
-            raise SystemExit(distributed.relaunch(sys.argv[1:], num_processes, accelerate_config))
+    if num_processes > 1 and not distributed.inside_launch():
+        raise SystemExit(distributed.relaunch(sys.argv[1:], num_processes, accelerate_config))
 
     overrides = C.parse_set(sets)
     if max_steps is not None:
         if max_steps <= 0:
             raise UserError(f"--max-steps must be a positive integer, got {max_steps}.")
         overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps}})
-    result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
-                          out=out, resume=resume or ("auto" if resume_if_exists else False), stage=stage, init=init, command=_command_line(),
-                          show_progress=not quiet)
-    click.echo(f"trained {method} for {result.steps} steps in {result.seconds / 60:.1f} min")
-    click.echo(f"checkpoint: {result.checkpoint}")
+    try:
+        result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
+                              out=out, resume=resume or ("auto" if resume_if_exists else False), stage=stage, init=init,
+                              command=_command_line(), show_progress=not quiet)
+    finally:
+        main_rank = distributed.rank() == 0
+        distributed.shutdown()  # inside a launch, every rank leaves its process group before exiting
+    if main_rank:
+        click.echo(f"trained {method} for {result.steps} steps in {result.seconds / 60:.1f} min")
+        click.echo(f"checkpoint: {result.checkpoint}")
 
 
 # ---------------------------------------------------------------------------- sample

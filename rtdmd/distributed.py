@@ -131,8 +131,17 @@ def _spawn_entry(local_rank: int, fn: Callable, args: tuple, world: int, port: i
     try:
         fn(*args)
     finally:
-        if is_distributed():
-            torch.distributed.destroy_process_group()
+        shutdown()
+
+
+def shutdown() -> None:
+    """Destroy this process's process group, if any, before the interpreter exits.
+
+    A gloo group left to interpreter teardown can abort the process ("terminate called without an active
+    exception", SIGABRT) after its work is done, which turns a finished multi-process run into a failed launch.
+    """
+    if is_distributed():
+        torch.distributed.destroy_process_group()
 
 
 def spawn(fn: Callable, num_processes: int, args: tuple = ()) -> None:
