@@ -43,7 +43,7 @@ class TrainConfig:
     """The training loop shared by every method."""
 
     max_steps: int = 1000
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes of this process; 0 = no limit
+    max_minutes: float = 0.0  # stop (with a checkpoint) once the run has trained this many minutes, resumes included; 0 = no limit
     batch_size: int = 32
     seed: int = 0
     grad_clip: float = 1.0

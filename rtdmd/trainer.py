@@ -243,6 +243,10 @@ class Trainer:
 
         old_handler = signal.signal(signal.SIGINT, _defer) if threading.current_thread() is threading.main_thread() else None
         completed = start  # every update of steps < completed is applied
+        if 0 < start < total and self._out_of_time(t0, elapsed):  # a resumed run that already used its budget
+            total = start
+            self._say(f"train.max_minutes={cfg.train.max_minutes} was already used by this run ({elapsed / 60:.1f} min "
+                      f"at step {start}); raise it with --set train.max_minutes=... to continue.", bar)
         try:
             for step in range(start, total):
                 logs = self._one_step(step)
@@ -252,7 +256,7 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
                 if done % cfg.train.log_every == 0 or done == total:
                     tracker.log_metrics(logs, step=done)
-                out_of_time = self._out_of_time(t0)
+                out_of_time = self._out_of_time(t0, elapsed)
                 if done % cfg.train.checkpoint_every == 0 or done == total or out_of_time:
                     last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
                 if self._shared_flag(bool(sigints)):
@@ -260,9 +264,8 @@ class Trainer:
                     raise KeyboardInterrupt
                 if out_of_time:
                     total = done
-                    msg = (f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
-                           "continue later with --resume and a larger budget.")
-                    bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
+                    self._say(f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
+                              "continue later with --resume and a larger budget.", bar)
                     break
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -302,13 +305,19 @@ class Trainer:
             return flag
         return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item() > 0)
 
-    def _out_of_time(self, t0: float) -> bool:
-        """train.max_minutes reached; decided by rank 0 and shared, so all processes stop at the same step."""
+    @staticmethod
+    def _say(msg: str, bar) -> None:
+        bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
+
+    def _out_of_time(self, t0: float, elapsed: float) -> bool:
+        """train.max_minutes reached by this run (``elapsed`` seconds before this process, plus this process's);
+        decided by rank 0 and shared, so all processes stop at the same step."""
         limit = self.cfg.train.max_minutes
         if limit <= 0:
             return False
         acc = self._accelerator
-        flag = torch.tensor([float((time.perf_counter() - t0) / 60 >= limit and acc.is_main_process)], device=acc.device)
+        used = (elapsed + time.perf_counter() - t0) / 60
+        flag = torch.tensor([float(used >= limit and acc.is_main_process)], device=acc.device)
         if acc.num_processes > 1:
             flag = acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)

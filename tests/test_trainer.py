@@ -111,6 +111,9 @@ def test_max_minutes_stops_with_a_checkpoint_and_resumes(cli, tmp_path):
     assert "trained teacher for 1 steps" in r.stdout
     assert "max_minutes" in r.stderr and "--resume" in r.stderr
     assert _latest(run).name == "step_000001"
+    # the budget counts the whole run: resuming with the same budget trains nothing and says how to go on
+    r = _ok(cli(*train_args("toy2d", run, 5, "train.max_minutes=1e-9", "train.checkpoint_every=1000", extra=("--resume",))))
+    assert "already used" in r.stderr and "train.max_minutes" in r.stderr and _latest(run).name == "step_000001"
     r = _ok(cli(*train_args("toy2d", run, 5, "train.checkpoint_every=1000", extra=("--resume",))))
     assert _latest(run).name == "step_000005"
 
