@@ -1,4 +1,4 @@
-"""Quick learning-curve experiment for the shapes rewards (not committed)."""
+"""Learning-curve probe for the shapes rewards: one network trained on Bradley-Terry pairs, held-out agreement logged."""
 import argparse, time
 import torch, torch.nn.functional as F
 torch.set_num_threads(1)
