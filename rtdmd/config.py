@@ -36,6 +36,16 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / train.max_steps)) / 2
+
+
+def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
+    """The learning rate of 0-based ``step`` of a ``total``-step run under ``o.schedule``."""
+    if o.schedule == "cosine":
+        import math
+
+        return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    return o.lr
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import nn
 
 from rtdmd import checkpoint as ckpt
 from rtdmd import registry
-from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved
+from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved, scheduled_lr
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
 from rtdmd.seeding import derive_seed, step_seed, torch_generator
@@ -342,6 +342,10 @@ class Trainer:
             if cfg.train.grad_clip > 0:
                 gn = acc.clip_grad_norm_(list(self.backend.trainable_parameters(net)), cfg.train.grad_clip)
                 logs[f"grad_norm/{u.network}"] = float(gn)
+            if u.optim.schedule != "constant":
+                lr = scheduled_lr(u.optim, step, cfg.train.max_steps)
+                for group in self.optimizers[u.network].param_groups:
+                    group["lr"] = lr
             self.optimizers[u.network].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)

@@ -141,7 +141,7 @@ def test_lists_replace_not_merge():
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(UserError) as e:
         C.resolve("teacher", backend="toy2d", overrides={"method": {"optim": {"lr": 1, "beta": 2}}})
-    assert "'method.optim.beta'" in str(e.value) and "betas, eps, lr, weight_decay" in str(e.value)
+    assert "'method.optim.beta'" in str(e.value) and "betas, eps, lr, schedule, weight_decay" in str(e.value)
     with pytest.raises(UserError, match="unknown config section 'optim'"):
         C.resolve("teacher", backend="toy2d", overrides={"optim": {"lr": 1}})
 
@@ -194,3 +194,17 @@ def test_every_shipped_teacher_config_resolves(backend, yaml_file):
 def test_shipped_teacher_asset_config_loads():
     cfg = C.load_resolved(Path(C.__file__).parent / "assets" / "shapes_teacher" / "config.yaml")
     assert cfg.method_name == "teacher" and cfg.backend.unet_channels == [32, 64, 128]
+
+
+def test_scheduled_lr_constant_and_cosine_hand_values():
+    from rtdmd.config import OptimConfig, scheduled_lr
+
+    const = OptimConfig(lr=0.01)
+    assert scheduled_lr(const, 0, 100) == scheduled_lr(const, 99, 100) == 0.01
+    cos = OptimConfig(lr=0.01, schedule="cosine")
+    assert scheduled_lr(cos, 0, 100) == pytest.approx(0.01)
+    assert scheduled_lr(cos, 50, 100) == pytest.approx(0.005)  # cos(pi / 2) = 0
+    assert scheduled_lr(cos, 25, 100) == pytest.approx(0.01 * (1 + 2 ** -0.5) / 2)
+    assert scheduled_lr(cos, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(UserError, match="schedule"):
+        C.resolve("teacher", backend="toy2d", overrides={"method": {"optim": {"schedule": "linear"}}})

@@ -155,6 +155,18 @@ def test_sample_pairs_same_group_and_any():
     assert (a != b).all() and (pool.group[a] != pool.group[b]).any()
 
 
+def test_sample_groups_and_all_pairs():
+    pool = _pool(groups=5, per=4)
+    idx, slot = P.sample_groups(pool, 3, torch.Generator().manual_seed(0))
+    assert len(idx) == 12 and slot.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for k in range(3):  # each slot holds one whole group
+        assert sorted(idx[slot == k].tolist()) == [i for i in range(20) if pool.group[i] == pool.group[idx[slot == k][0]]]
+    a, b = P.all_pairs(slot, same_group=True)
+    assert len(a) == 3 * 6 and (slot[a] == slot[b]).all() and (a < b).all()  # C(4, 2) pairs per group
+    a, b = P.all_pairs(slot, same_group=False)
+    assert len(a) == 12 * 11 // 2 and len(set(zip(a.tolist(), b.tolist()))) == 66
+
+
 def test_corruptions_change_the_image_deterministically():
     scene = Scene([ShapeObject("circle", "red", 9, 16, 12), ShapeObject("square", "blue", 24, 16, 11)])
     clean = P.corrupted_render(scene, [], np.random.default_rng(0), SPEC)
@@ -179,13 +191,25 @@ def test_flip_prompt_swaps_left_and_right():
 # ---------------------------------------------------------------------------- training through the trainer
 
 
+def test_independent_pairs_train_through_the_trainer(tmp_path):
+    from rtdmd.api import make_config, run_training
+
+    over = {"method": {"groups": 2, "heldout_groups": 1, "teacher_per_group": 0, "renders_per_group": 3,
+                       "pool_dir": str(tmp_path / "pools"), "width": 8, "pairs": "independent",
+                       "aesthetic_width": 8, "encoder_width": 8, "embed_dim": 8, "text_hidden": 8, "feature_dim": 16},
+            "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 2, "num_threads": 1, "device": "cpu"},
+            "tracking": {"enabled": False}}
+    result = run_training(make_config("reward", backend="shapes", overrides=over), out=tmp_path / "run", show_progress=False)
+    assert {"loss/preference", "loss/aesthetic", "preference/batch_agreement"} <= set(result.last_logs)
+
+
 def test_short_training_runs_through_the_trainer(tmp_path):
     from rtdmd.api import make_config, run_training
     from rtdmd.checkpoint import find_checkpoint
 
     # renders only: loading the teacher costs ~10 s of imports (the teacher path is tested on the pool below)
     over = {"method": {"groups": 2, "heldout_groups": 1, "teacher_per_group": 0, "renders_per_group": 3,
-                       "pool_dir": str(tmp_path / "pools"), "width": 8,
+                       "pool_dir": str(tmp_path / "pools"), "width": 8, "groups_per_step": 2,
                        "aesthetic_width": 8, "encoder_width": 8, "embed_dim": 8, "text_hidden": 8, "feature_dim": 16},
             "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 2, "num_threads": 1, "device": "cpu"},
             "tracking": {"enabled": False}}

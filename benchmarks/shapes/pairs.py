@@ -418,6 +418,24 @@ def sample_pairs(pool: Pool, n: int, generator: torch.Generator, same_group: boo
     return a, b + (b >= a)
 
 
+def sample_groups(pool: Pool, n_groups: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """All images of ``n_groups`` random prompt groups: (image indices, position of each image's group in the draw)."""
+    order, starts, counts = pool.group_index()
+    gs = torch.randint(0, len(counts), (n_groups,), generator=generator).numpy()
+    idx = np.concatenate([order[starts[g]:starts[g] + counts[g]] for g in gs])
+    slot = np.concatenate([np.full(counts[g], k) for k, g in enumerate(gs)])
+    return idx, slot
+
+
+def all_pairs(slot: np.ndarray, same_group: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every unordered pair (i < j) of positions in a batch, or only those with equal ``slot`` (same prompt)."""
+    i, j = np.triu_indices(len(slot), k=1)
+    if same_group:
+        keep = slot[i] == slot[j]
+        i, j = i[keep], j[keep]
+    return i, j
+
+
 def flip_prompt(prompt: str) -> str:
     """The caption of the mirrored scene: "left of" and "right of" swap (every shape is mirror-symmetric)."""
     return prompt.replace("left of", "\0").replace("right of", "left of").replace("\0", "right of")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,11 @@ class RewardModelOptions:
     feature_dim: int = 64
     # --- training
     flip: bool = True  # mirror pairs and swap "left of" / "right of": an exact symmetry of the world and the oracle
+    # group: each step draws method.groups_per_step prompt groups and labels every pair among their images (within
+    # a group for the preference model, any two for the aesthetic model): 28 pairs per 8-image group for the cost
+    # of 8 images. independent: train.batch_size independent pairs (two images each).
+    pairs: Literal["group", "independent"] = "group"
+    groups_per_step: int = 8
     calibration_momentum: float = 0.99  # running offset that puts scale * raw + offset in oracle units
     ema_decay: float | None = 0.999  # EMA copies of all three networks (bundles use them); null: none
     encoder_every: int = 1
@@ -72,6 +79,8 @@ class RewardModelOptions:
             raise UserError("method.corruption_counts allows at most 5 corruptions per image; shorten the list.")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise UserError("method.ema_decay must be in [0, 1) or null.")
+        if self.groups_per_step < 1:
+            raise UserError("method.groups_per_step must be at least 1 (8 is the default).")
         if self.encoder_every < 1:
             raise UserError("method.encoder_every must be at least 1.")
 
@@ -143,38 +152,58 @@ class RewardModelMethod(Method):
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x.to(self.backend.device)
 
+    def _draw_pairs(self, pref: bool, ref, temp: float, ctx: StepContext):
+        """This process's share of the step's pairs: (pool indices of its images, pair positions a / b into them,
+        Bradley-Terry labels, mirror flag per image). All random draws cover the whole step (every process makes
+        the same ones), then the pairs are split by group (group mode) or by row (independent)."""
+        from benchmarks.shapes.pairs import all_pairs, bradley_terry_labels, sample_groups, sample_pairs
+
+        o, g = self.options, ctx.generator
+        if o.pairs == "group":
+            n = o.groups_per_step
+            idx, slot = sample_groups(self.pool, n, g)
+            # one mirror decision per group, so every image of a prompt keeps the same caption
+            flip = ((torch.rand(n, generator=g) < 0.5) & torch.tensor(bool(o.flip)))[torch.as_tensor(slot)]
+            a, b = all_pairs(slot, same_group=pref)
+            y = bradley_terry_labels(ref[idx[a]], ref[idx[b]], temp, g)
+            sl = ctx.shard(n)
+            mine = (slot >= sl.start) & (slot < sl.stop)
+            keep = mine[a] & mine[b]
+            local = np.cumsum(mine) - 1  # position of each of this process's images among them
+            return idx[mine], local[a[keep]], local[b[keep]], y[torch.as_tensor(keep)], flip[torch.as_tensor(mine)]
+        n = self.cfg.train.batch_size
+        ia, ib = sample_pairs(self.pool, n, g, same_group=pref)
+        y = bradley_terry_labels(ref[ia], ref[ib], temp, g)
+        flip = (torch.rand(n, generator=g) < 0.5) & torch.tensor(bool(o.flip))  # one decision per pair
+        sl = ctx.shard(n)
+        ia, ib, y, flip = ia[sl], ib[sl], y[sl], flip[sl]
+        m = len(ia)
+        return np.concatenate([ia, ib]), np.arange(m), np.arange(m, 2 * m), y, flip.repeat(2)
+
     def _pair_loss(self, network: str, ctx: StepContext):
-        from benchmarks.shapes.pairs import bradley_terry_labels, flip_prompt, sample_pairs
+        from benchmarks.shapes.pairs import flip_prompt
 
         o, pool = self.options, self.pool
-        n = self.cfg.train.batch_size
-        g = ctx.generator
         pref = network == "preference"
-        a, b = sample_pairs(pool, n, g, same_group=pref)
         ref = pool.oracle if pref else pool.quality
         temp = o.temperature if pref else o.quality_temperature
-        y = bradley_terry_labels(ref[a], ref[b], temp, g)
-        # one mirror decision per pair, so both images of a pair keep the same caption
-        flip = (torch.rand(n, generator=g) < 0.5) & torch.tensor(bool(o.flip))
-        sl = ctx.shard(n)
-        a, b, y, flip = a[sl], b[sl], y[sl].to(self.backend.device), flip[sl]
-        m = len(a)
-        images = torch.cat([self._batch(a, flip), self._batch(b, flip)])
+        idx, a, b, y, flip = self._draw_pairs(pref, ref, temp, ctx)
+        y = y.to(self.backend.device)
+        images = self._batch(idx, flip)
         net = self.networks[network]
         if pref:
-            prompts = [pool.prompts[pool.group[i]] for i in list(a) + list(b)]
-            fl = flip.tolist() * 2
-            prompts = [flip_prompt(p) if f else p for p, f in zip(prompts, fl)]
+            prompts = [pool.prompts[pool.group[i]] for i in idx]
+            prompts = [flip_prompt(p) if f else p for p, f in zip(prompts, flip.tolist())]
             ids, mask = self.tokenizer(prompts)
             raw = net(images, ids.to(images.device), mask.to(images.device))
         else:
             raw = net(images)
-        d = raw[:m] - raw[m:]
+        d = raw[torch.as_tensor(a)] - raw[torch.as_tensor(b)]
         loss = F.binary_cross_entropy_with_logits(d, y)
-        target = torch.as_tensor(list(ref[a]) + list(ref[b]), dtype=torch.float32, device=raw.device)
+        target = torch.as_tensor(ref[idx], dtype=torch.float32, device=raw.device)
         getattr(net, "module", net).calibrate(raw, target, o.calibration_momentum)
         with torch.no_grad():
-            dref = torch.as_tensor(ref[a] - ref[b], dtype=torch.float32, device=d.device)
+            dref = torch.as_tensor(ref[idx[a]] - ref[idx[b]], dtype=torch.float32, device=d.device)
             valid = dref != 0
             agree = ((d.sign() == dref.sign()) & valid).float().sum() / valid.float().sum().clamp(min=1)
         return loss, {f"{network}/batch_agreement": float(agree)}
