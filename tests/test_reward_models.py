@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.shapes import pairs as P
 from benchmarks.shapes import reward_models as RM
@@ -66,6 +67,70 @@ def test_prompt_word_order_matters():
     assert abs(float(r[0] - r[1])) > 1e-6
 
 
+def test_reader_targets_hand_values_and_loss():
+    scene = Scene([ShapeObject("circle", "red", 8, 16, 12), ShapeObject("circle", "red", 24, 8, 12),
+                   ShapeObject("square", "blue", 16, 24, 11)])
+    t = RM.reader_targets([scene, Scene([])], SPEC)
+    red, blue = RM.GENEVAL_COLORS.index("red"), RM.GENEVAL_COLORS.index("blue")
+    assert t["color_class_counts"][0, 0, red] == 2 and t["color_class_counts"][0, 1, blue] == 1
+    assert int(t["color_class_counts"].sum()) == 3 and t["class_counts"][0].tolist() == [2, 1, 0, 0]
+    # centroid of the two circles: x = (8 + 24) / 2 = 16 -> 0; y = (16 + 8) / 2 = 12 -> 12 / 32 * 2 - 1 = -0.25
+    assert t["centroids"][0, 0].tolist() == pytest.approx([0.0, -0.25])
+    assert t["present"][0].tolist() == [1, 1, 0, 0] and t["present"][1].sum() == 0
+    reader = RM.SceneReader(4, width=8)
+    out = reader(torch.rand(2, 3, 32, 32))
+    assert reader.read(torch.rand(2, 3, 32, 32)).shape == (2, reader.out_dim)
+    loss, logs = RM.reader_loss(out, t)
+    assert loss.item() > 0 and 0.0 <= logs["reader/exact_counts"] <= 1.0
+    # a reader that outputs the targets exactly (large one-hot logits) has only the centroid error of absent classes
+    perfect = {"color_class_counts": F.one_hot(t["color_class_counts"], RM.MAX_COUNT + 1).float() * 50,
+               "class_counts": F.one_hot(t["class_counts"], RM.MAX_COUNT + 1).float() * 50, "centroids": t["centroids"]}
+    loss, logs = RM.reader_loss(perfect, t)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and logs["reader/exact_counts"] == 1.0
+
+
+def test_reader_preference_is_bounded_faithfulness_plus_weighted_quality():
+    arch = _arch(preference_net="reader", checks=3, mirror_average=False)  # one view: compared with a direct call below
+    net = arch.build("preference").eval()
+    ids, mask = arch.tokenizer()(["a photo of a red circle", "a photo of two squares"])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        f = net.faithfulness(x, ids, mask)
+        r0 = net(x, ids, mask, torch.zeros(2))
+        r1 = net(x, ids, mask, torch.ones(2))
+    assert ((f > 0) & (f < 1)).all()
+    assert r0.tolist() == pytest.approx((0.6 / 0.05 * f).tolist(), rel=1e-5)  # initial weights 0.6 / T and 0.4
+    assert (r1 - r0).tolist() == pytest.approx([0.4, 0.4], rel=1e-5)
+    r, read = net(x, ids, mask, torch.zeros(2), renders=torch.rand(3, 3, 32, 32))
+    assert read["class_counts"].shape == (3, 4, RM.MAX_COUNT + 1)
+    wide = _arch(preference_net="reader", checks=3, check_inputs="reading+hidden").build("preference")
+    assert wide.checks[0].in_features == net.checks[0].in_features + wide.reader.hidden_dim
+    assert wide.faithfulness(x, ids, mask).shape == (2,)
+    # the shapes_pref reward of a bundle with this network feeds it the bundle's aesthetic logit
+    b = _bundle()
+    b = RM.RewardBundle(net, b.aesthetic, b.encoder, arch, SPEC, "test@sha256:0", {})
+    got = RM.LearnedReward("shapes_pref", b)(x, ["a photo of a red circle", "a photo of two squares"])
+    with torch.no_grad():
+        want = net.scale * net(x, ids, mask, b.aesthetic(x)) + net.offset
+    assert torch.allclose(got, want)
+
+
+def test_mirror_average_makes_the_rewards_exactly_mirror_symmetric():
+    b = _bundle()
+    torch.nn.init.normal_(b.preference.trunk.film.weight, std=0.1)
+    x = torch.rand(2, 3, 32, 32)
+    p = ["a photo of a circle left of a square", "a photo of a red cross"]
+    q = ["a photo of a circle right of a square", "a photo of a red cross"]
+    for kind in ("shapes_pref", "shapes_aes"):
+        r = RM.LearnedReward(kind, b)
+        assert b.architecture.mirror_average
+        assert torch.allclose(r(x, p), r(x.flip(-1), q), atol=1e-6)
+        raw = r._raw_view(x, p)
+        assert torch.allclose(r._raw(x, p), 0.5 * (raw + r._raw_view(x.flip(-1), q)))
+    b.architecture.mirror_average = False
+    assert not torch.allclose(RM.LearnedReward("shapes_pref", b)(x, p), RM.LearnedReward("shapes_pref", b)(x.flip(-1), q))
+
+
 def test_calibration_offset_update_hand_computed():
     net = _bundle().aesthetic
     assert float(net.scale) == pytest.approx(0.05) and float(net.offset) == 0.0
@@ -86,10 +151,11 @@ def test_learned_reward_protocol_and_differentiability():
     assert s.shape == (5,)
     s.sum().backward()
     assert x.grad.abs().sum() > 0
-    # batching does not change scores; scores are scale * raw + offset
+    # batching does not change scores; scores are scale * raw + offset, raw averaged over the image and its mirror
     ids, mask = b.tokenize(prompts, "cpu")
     with torch.no_grad():
-        want = b.preference.scale * b.preference(x, ids, mask) + b.preference.offset
+        raw = 0.5 * (b.preference(x, ids, mask) + b.preference(x.flip(-1), ids, mask))  # no left / right to swap
+        want = b.preference.scale * raw + b.preference.offset
     assert torch.allclose(s.detach(), want, atol=1e-5)
     aes = RM.LearnedReward("shapes_aes", b)
     assert not aes(x, prompts).requires_grad and aes(x, prompts).shape == (5,)
@@ -201,6 +267,23 @@ def test_independent_pairs_train_through_the_trainer(tmp_path):
             "tracking": {"enabled": False}}
     result = run_training(make_config("reward", backend="shapes", overrides=over), out=tmp_path / "run", show_progress=False)
     assert {"loss/preference", "loss/aesthetic", "preference/batch_agreement"} <= set(result.last_logs)
+
+
+def test_reader_preference_trains_through_the_trainer(tmp_path):
+    from rtdmd.api import make_config, run_training
+
+    over = {"method": {"groups": 2, "heldout_groups": 1, "teacher_per_group": 0, "renders_per_group": 3,
+                       "pool_dir": str(tmp_path / "pools"), "width": 8, "preference_net": "reader", "checks": 2,
+                       "reader_batch": 4, "groups_per_step": 2,
+                       "aesthetic_width": 8, "encoder_width": 8, "embed_dim": 8, "text_hidden": 8, "feature_dim": 16},
+            "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 2, "num_threads": 1, "device": "cpu"},
+            "tracking": {"enabled": False}}
+    result = run_training(make_config("reward", backend="shapes", overrides=over), out=tmp_path / "run", show_progress=False)
+    assert {"loss/preference", "loss/reader", "reader/exact_counts"} <= set(result.last_logs)
+    bundle = RM.load_bundle(RM.export_bundle(result.run_dir, tmp_path / "bundle"))
+    assert isinstance(bundle.preference, RM.ReaderPreferenceNet) and bundle.architecture.checks == 2
+    s = RM.LearnedReward("shapes_pref", bundle)(torch.rand(2, 3, 32, 32), ["a photo of a circle"] * 2)
+    assert s.shape == (2,) and torch.isfinite(s).all()
 
 
 def test_short_training_runs_through_the_trainer(tmp_path):

@@ -152,6 +152,112 @@ class AestheticNet(_Calibrated):
         return self.head(_pool(self.trunk(images)))[:, 0]
 
 
+class SceneReader(nn.Module):
+    """Reads a scene from an image: per (class, colour) object counts and per-class counts (0..MAX_COUNT, as
+    logits) and per-class centroids in [-1, 1]; trained on renders with the world's ground truth (reader_loss)."""
+
+    def __init__(self, n_classes: int, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.n_classes, self.n_colors, self.hidden_dim = n_classes, len(GENEVAL_COLORS), hidden
+        self.trunk = ConvTrunk(width)
+        self.proj = nn.Linear(2 * self.trunk.out_channels, hidden)
+        m = MAX_COUNT + 1
+        self.color_class_counts = nn.Linear(hidden, n_classes * self.n_colors * m)
+        self.class_counts = nn.Linear(hidden, n_classes * m)
+        self.centroids = nn.Linear(hidden, n_classes * 2)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of read(): count distributions and centroids, flattened."""
+        m = MAX_COUNT + 1
+        return self.n_classes * (self.n_colors * m + m + 2)
+
+    def hidden(self, images: torch.Tensor) -> torch.Tensor:
+        """The features every head reads (B, hidden)."""
+        return F.silu(self.proj(_pool(self.trunk(images))))
+
+    def heads(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, C, K, m = len(f), self.n_classes, self.n_colors, MAX_COUNT + 1
+        return {"color_class_counts": self.color_class_counts(f).view(B, C, K, m),
+                "class_counts": self.class_counts(f).view(B, C, m),
+                "centroids": torch.tanh(self.centroids(f)).view(B, C, 2)}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.hidden(images))
+
+    def read(self, images: torch.Tensor, with_hidden: bool = False) -> torch.Tensor:
+        """The reading, flattened: count distributions and centroids (out_dim), then the hidden features if asked."""
+        f = self.hidden(images)
+        out = self.heads(f)
+        parts = [out["color_class_counts"].softmax(-1).flatten(1), out["class_counts"].softmax(-1).flatten(1),
+                 out["centroids"].flatten(1)]
+        return torch.cat(parts + [f] if with_hidden else parts, 1)
+
+
+def reader_targets(scenes, spec: WorldSpec) -> dict[str, torch.Tensor]:
+    """SceneReader's ground truth from renderer scenes: counts clamped to MAX_COUNT, centroids in [-1, 1] (0 and
+    masked out for absent classes)."""
+    B, C, K, S = len(scenes), len(spec.classes), len(GENEVAL_COLORS), spec.image_size
+    cc = torch.zeros(B, C, K, dtype=torch.long)
+    pos = torch.zeros(B, C, 2)
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:
+            if o.cls in spec.classes:
+                c = spec.classes.index(o.cls)
+                cc[b, c, GENEVAL_COLORS.index(o.color)] += 1
+                pos[b, c] += torch.tensor([o.cx / S * 2 - 1, o.cy / S * 2 - 1])
+    n = cc.sum(2)
+    return {"color_class_counts": cc.clamp(max=MAX_COUNT), "class_counts": n.clamp(max=MAX_COUNT),
+            "centroids": pos / n.clamp(min=1)[..., None], "present": (n > 0).float()}
+
+
+def reader_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on both count heads plus the squared centroid error of present classes; also the share of
+    images whose every (class, colour) count is exact."""
+    lcc = F.cross_entropy(out["color_class_counts"].flatten(0, 2), targets["color_class_counts"].flatten())
+    lc = F.cross_entropy(out["class_counts"].flatten(0, 1), targets["class_counts"].flatten())
+    pres = targets["present"]
+    lp = ((out["centroids"] - targets["centroids"]).square().sum(-1) * pres).sum() / pres.sum().clamp(min=1)
+    with torch.no_grad():
+        exact = (out["color_class_counts"].argmax(-1) == targets["color_class_counts"]).flatten(1).all(1).float().mean()
+    return lcc + lc + lp, {"reader/exact_counts": float(exact)}
+
+
+class ReaderPreferenceNet(_Calibrated):
+    """r(image, prompt) = w_F * mean_k sigmoid(check_k) + w_Q * a(image), in Bradley-Terry logit units.
+
+    A SceneReader (also trained on renders) reads the image; an MLP over [its reading, the caption's GRU code]
+    gives ``checks`` logits, soft yes/no answers whose mean is a faithfulness estimate bounded in [0, 1], so
+    images equally faithful differ mostly through the aesthetic model's logit a(image) (passed in as
+    ``quality``). w_F and w_Q are learned positive weights, initialised at 0.6 / T and 0.4.
+    """
+
+    def __init__(self, vocab_size: int, n_classes: int, width: int = 32, embed_dim: int = 32, text_hidden: int = 64,
+                 checks: int = 4, hidden: int = 256, temperature: float = 0.05, with_hidden: bool = False):
+        super().__init__()
+        self.reader = SceneReader(n_classes, width)
+        self.text = PromptEncoder(vocab_size, embed_dim, text_hidden)
+        self.with_hidden = bool(with_hidden)  # the checks also see the reader's hidden features, not only its reading
+        d = self.reader.out_dim + (self.reader.hidden_dim if with_hidden else 0)
+        self.checks = nn.Sequential(nn.Linear(d + self.text.out_dim, hidden), nn.SiLU(),
+                                    nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, checks))
+        self.log_w_faithful = nn.Parameter(torch.tensor(float(np.log(0.6 / temperature))))
+        self.log_w_quality = nn.Parameter(torch.tensor(float(np.log(0.4))))
+        self._init_calibration(temperature)
+
+    def faithfulness(self, images, input_ids, attention_mask) -> torch.Tensor:
+        """The mean of the check probabilities, in [0, 1] (B,)."""
+        h = torch.cat([self.reader.read(images, self.with_hidden), self.text(input_ids, attention_mask)], 1)
+        return torch.sigmoid(self.checks(h)).mean(1)
+
+    def forward(self, images, input_ids, attention_mask, quality, renders: torch.Tensor | None = None):
+        """The raw reward (B,); with ``renders`` also the reader's output on them (its training loss, in the same
+        forward call so that distributed training sees one forward)."""
+        r = (self.log_w_faithful.exp() * self.faithfulness(images, input_ids, attention_mask)
+             + self.log_w_quality.exp() * quality)
+        return r if renders is None else (r, self.reader(renders))
+
+
 class ShapesEncoder(nn.Module):
     """Feature extractor for FD-shapes, trained to read scene content from renders."""
 
@@ -223,8 +329,16 @@ class Architecture:
     temperature: float = 0.05
     quality_temperature: float = 0.05
     max_tokens: int = 16
+    preference_net: str = "film"  # film: PreferenceNet; reader: ReaderPreferenceNet (needs the aesthetic model)
+    checks: int = 4  # ReaderPreferenceNet's soft checks
+    check_inputs: str = "reading"  # reading | reading+hidden: what ReaderPreferenceNet's checks see
+    mirror_average: bool = True  # score = mean over the image and its mirror (left / right swapped in the prompt)
 
     def build(self, name: str) -> nn.Module:
+        if name == "preference" and self.preference_net == "reader":
+            return ReaderPreferenceNet(len(self.vocab) + 4, self.n_classes, self.width, self.embed_dim, self.text_hidden,
+                                       self.checks, temperature=self.temperature,
+                                       with_hidden=self.check_inputs == "reading+hidden")
         if name == "preference":
             return PreferenceNet(len(self.vocab) + 4, self.width, self.embed_dim, self.text_hidden, self.temperature)
         if name == "aesthetic":
@@ -247,7 +361,10 @@ def architecture_from_config(method: dict, backend: dict) -> Architecture:
                         embed_dim=int(method["embed_dim"]), text_hidden=int(method["text_hidden"]),
                         feature_dim=int(method["feature_dim"]), temperature=float(method["temperature"]),
                         quality_temperature=float(method["quality_temperature"]),
-                        max_tokens=int(backend.get("max_tokens", 16)))
+                        max_tokens=int(backend.get("max_tokens", 16)),
+                        preference_net=str(method.get("preference_net", "film")), checks=int(method.get("checks", 4)),
+                        check_inputs=str(method.get("check_inputs", "reading")),
+                        mirror_average=bool(method.get("mirror_average", True)))
 
 
 def spec_from_config(backend: dict) -> WorldSpec:
@@ -418,8 +535,19 @@ class LearnedReward:
 
     def _raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
+        if not self.bundle.architecture.mirror_average:
+            return self._raw_view(x, prompts)
+        # the world and the oracle are mirror-symmetric (docs/shapes-rewards.md): averaging the two views makes the
+        # learned rewards exactly so as well
+        from benchmarks.shapes.pairs import flip_prompt
+
+        return 0.5 * (self._raw_view(x, prompts) + self._raw_view(x.flip(-1), [flip_prompt(p) for p in prompts]))
+
+    def _raw_view(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.name == "shapes_pref":
             ids, mask = self.bundle.tokenize(prompts, self.device)
+            if isinstance(self.net, ReaderPreferenceNet):
+                return self.net(x, ids, mask, self.bundle.aesthetic(x))
             return self.net(x, ids, mask)
         return self.net(x)
 

@@ -46,6 +46,14 @@ class RewardModelOptions:
     # of 8 images. independent: train.batch_size independent pairs (two images each).
     pairs: Literal["group", "independent"] = "group"
     groups_per_step: int = 8
+    # film: a FiLM-conditioned CNN; reader: a scene reader (also trained on method.reader_batch fresh renders per
+    # step) whose reading and the caption give method.checks soft checks, plus the aesthetic model's score
+    preference_net: Literal["film", "reader"] = "film"
+    checks: int = 4
+    check_inputs: Literal["reading", "reading+hidden"] = "reading"  # + the reader's hidden features
+    mirror_average: bool = True  # the bundle's scores average the image and its mirror (prompt's left / right swapped)
+    reader_batch: int = 32
+    reader_weight: float = 1.0
     calibration_momentum: float = 0.99  # running offset that puts scale * raw + offset in oracle units
     ema_decay: float | None = 0.999  # EMA copies of all three networks (bundles use them); null: none
     encoder_every: int = 1
@@ -79,6 +87,8 @@ class RewardModelOptions:
             raise UserError("method.corruption_counts allows at most 5 corruptions per image; shorten the list.")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise UserError("method.ema_decay must be in [0, 1) or null.")
+        if self.checks < 1 or self.reader_batch < 1 or self.reader_weight < 0:
+            raise UserError("method.checks and method.reader_batch must be at least 1 and method.reader_weight >= 0.")
         if self.groups_per_step < 1:
             raise UserError("method.groups_per_step must be at least 1 (8 is the default).")
         if self.encoder_every < 1:
@@ -101,7 +111,9 @@ def architecture(o: RewardModelOptions, backend):
     return Architecture(vocab=vocabulary(backend.spec), n_classes=len(backend.spec.classes), width=o.width,
                         aesthetic_width=o.aesthetic_width, encoder_width=o.encoder_width, embed_dim=o.embed_dim,
                         text_hidden=o.text_hidden, feature_dim=o.feature_dim, temperature=o.temperature,
-                        quality_temperature=o.quality_temperature, max_tokens=backend.options.max_tokens)
+                        quality_temperature=o.quality_temperature, max_tokens=backend.options.max_tokens,
+                        preference_net=o.preference_net, checks=o.checks, check_inputs=o.check_inputs,
+                        mirror_average=o.mirror_average)
 
 
 def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: bool = True):
@@ -195,15 +207,38 @@ class RewardModelMethod(Method):
             prompts = [pool.prompts[pool.group[i]] for i in idx]
             prompts = [flip_prompt(p) if f else p for p, f in zip(prompts, flip.tolist())]
             ids, mask = self.tokenizer(prompts)
-            raw = net(images, ids.to(images.device), mask.to(images.device))
+            ids, mask = ids.to(images.device), mask.to(images.device)
+            if o.preference_net == "reader":
+                return self._reader_preference_loss(net, images, ids, mask, a, b, y, ref[idx], ctx)
+            raw = net(images, ids, mask)
         else:
             raw = net(images)
+        return self._bradley_terry(network, net, raw, a, b, y, ref[idx])
+
+    def _reader_preference_loss(self, net, images, ids, mask, a, b, y, ref, ctx: StepContext):
+        from benchmarks.shapes.reward_models import reader_loss, reader_targets
+
+        o = self.options
+        with torch.no_grad():  # the aesthetic model is an input here, trained by its own update
+            quality = self.networks["aesthetic"](images)
+        n = o.reader_batch
+        data = self.backend.sample_data(n, ctx.generator)
+        sl = ctx.shard(n)
+        targets = {k: v[sl].to(images.device) for k, v in reader_targets(data.scenes, self.backend.spec).items()}
+        raw, read = net(images, ids, mask, quality, renders=data.images[sl].to(images.device))
+        loss, logs = self._bradley_terry("preference", net, raw, a, b, y, ref)
+        aux, aux_logs = reader_loss(read, targets)
+        return loss + o.reader_weight * aux, {**logs, **aux_logs, "loss/reader": float(aux.detach())}
+
+    def _bradley_terry(self, network: str, net, raw, a, b, y, ref):
+        """Bradley-Terry loss of raw[a] - raw[b] against labels y; updates the calibration; batch agreement."""
+        o = self.options
         d = raw[torch.as_tensor(a)] - raw[torch.as_tensor(b)]
         loss = F.binary_cross_entropy_with_logits(d, y)
-        target = torch.as_tensor(ref[idx], dtype=torch.float32, device=raw.device)
+        target = torch.as_tensor(ref, dtype=torch.float32, device=raw.device)
         getattr(net, "module", net).calibrate(raw, target, o.calibration_momentum)
         with torch.no_grad():
-            dref = torch.as_tensor(ref[idx[a]] - ref[idx[b]], dtype=torch.float32, device=d.device)
+            dref = torch.as_tensor(ref[a] - ref[b], dtype=torch.float32, device=d.device)
             valid = dref != 0
             agree = ((d.sign() == dref.sign()) & valid).float().sum() / valid.float().sum().clamp(min=1)
         return loss, {f"{network}/batch_agreement": float(agree)}
