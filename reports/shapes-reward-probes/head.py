@@ -5,7 +5,7 @@ import time
 import torch
 
 from benchmarks.shapes.reward_models import load_bundle
-from probe_common import World, pool_features, train_head
+from probe_common import V1_BUNDLE, World, pool_features, train_head
 
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
@@ -14,7 +14,7 @@ ap.add_argument("--batch", type=int, default=128)
 ap.add_argument("--noaes", action="store_true")
 ap.add_argument("--hidden", type=int, default=256)
 a = ap.parse_args()
-w, bd = World(), load_bundle()
+w, bd = World(), load_bundle(V1_BUNDLE)
 
 
 def feats(x):

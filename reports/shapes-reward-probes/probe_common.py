@@ -1,6 +1,8 @@
 """Shared pieces of the reward probes: the world and pools, a scene reader with its targets and loss, pool
 features, and a Bradley-Terry head trained on frozen features. Imported by the probe scripts beside it."""
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,20 +12,39 @@ import torch.nn.functional as F
 from benchmarks.shapes.pairs import (PIXEL_CORRUPTIONS, SCENE_CORRUPTIONS, bradley_terry_labels, corrupt_pixels,
                                      corrupt_scene, flip_prompt, pairwise_agreement, random_corruptions, sample_pairs,
                                      within_group_pairs)
-from benchmarks.shapes.reward_models import MAX_COUNT, ConvTrunk, PromptEncoder
+from benchmarks.shapes.reward_models import PromptEncoder, reader_loss, reader_targets  # noqa: F401  (re-exported)
+from benchmarks.shapes.reward_models import SceneReader as Reader  # noqa: F401  (re-exported)
 from rtdmd import registry
 from rtdmd.api import make_config
 from rtdmd.methods.reward_model import architecture, load_or_build_pool
-from rtdmd.world.shapes import GENEVAL_COLORS, render, sample_training_example, to_uint8
+from rtdmd.world.shapes import render, sample_training_example, to_uint8
 
-M = MAX_COUNT + 1
+
+
+def v1_bundle() -> Path:
+    """The first shipped reward bundle (commit f0ebb83; its aesthetic model is an input of some probes), copied out
+    of the git history into the cache once."""
+    out = Path("~/.cache/rtdmd-bench/shapes_rewards_v1").expanduser()
+    if not (out / "bundle.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "config.yaml", "bundle.json", "README.md"):
+            blob = subprocess.run(["git", "show", f"f0ebb83:rtdmd/assets/shapes_rewards/{name}"], check=True,
+                                  capture_output=True, cwd=Path(__file__).parent).stdout
+            (out / name).write_bytes(blob)
+    return out
+
+
+V1_BUNDLE = v1_bundle()
 
 
 class World:
-    """The shapes backend of the reward config, its tokenizer and the cached train / held-out pools."""
+    """The shapes backend of the reward config, its tokenizer and the cached train / held-out pools (the training
+    pool of 1,200 groups the probes before the pool grew used, unless ``overrides`` say otherwise)."""
 
     def __init__(self, overrides=None):
-        self.cfg = make_config("reward", backend="shapes", overrides=overrides or {})
+        overrides = {"method": {"groups": 1200, **(overrides or {}).get("method", {})},
+                     **{k: v for k, v in (overrides or {}).items() if k != "method"}}
+        self.cfg = make_config("reward", backend="shapes", overrides=overrides)
         self.backend = registry.get_backend("shapes").factory(self.cfg.backend, torch.device("cpu"))
         self.spec = self.backend.spec
         self.arch = architecture(self.cfg.method, self.backend)
@@ -48,55 +69,6 @@ class World:
         flip = torch.rand(n, generator=g) < 0.5
         ps = [tr.prompts[tr.group[i]] for i in ia]
         return ia, ib, y, flip, [flip_prompt(p) if f else p for p, f in zip(ps, flip.tolist())]
-
-
-class Reader(nn.Module):
-    """Per (class, colour) counts, per-class counts and per-class centroids from an image."""
-
-    def __init__(self, n_classes, width=32):
-        super().__init__()
-        self.C, self.K = n_classes, len(GENEVAL_COLORS)
-        self.trunk = ConvTrunk(width)
-        self.proj = nn.Linear(2 * self.trunk.out_channels, 128)
-        self.cc = nn.Linear(128, self.C * self.K * M)
-        self.cls = nn.Linear(128, self.C * M)
-        self.pos = nn.Linear(128, self.C * 2)
-
-    @property
-    def out_dim(self):
-        return self.C * (self.K * M + M + 2)
-
-    def forward(self, x):
-        h = self.trunk(x)
-        f = F.silu(self.proj(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)))
-        B = len(x)
-        return self.cc(f).view(B, self.C, self.K, M), self.cls(f).view(B, self.C, M), torch.tanh(self.pos(f)).view(B, self.C, 2)
-
-    def read(self, x):
-        occ, ocl, opos = self(x)
-        return torch.cat([occ.softmax(-1).flatten(1), ocl.softmax(-1).flatten(1), opos.flatten(1)], 1)
-
-
-def reader_targets(scenes, spec):
-    C, K, S = len(spec.classes), len(GENEVAL_COLORS), spec.image_size
-    cc = torch.zeros(len(scenes), C, K, dtype=torch.long)
-    pos = torch.zeros(len(scenes), C, 2)
-    for i, sc in enumerate(scenes):
-        for o in sc.objects:
-            if o.cls in spec.classes:
-                c = spec.classes.index(o.cls)
-                cc[i, c, GENEVAL_COLORS.index(o.color)] += 1
-                pos[i, c] += torch.tensor([o.cx / S * 2 - 1, o.cy / S * 2 - 1])
-    n = cc.sum(2)
-    return cc.clamp(max=MAX_COUNT), n.clamp(max=MAX_COUNT), pos / n.clamp(min=1)[..., None], (n > 0).float()
-
-
-def reader_loss(out, targets):
-    """(loss, exact-count accuracy over all (class, colour) cells)."""
-    (occ, ocl, opos), (cc, cl, pos, pres) = out, targets
-    loss = (F.cross_entropy(occ.flatten(0, 2), cc.flatten()) + F.cross_entropy(ocl.flatten(0, 1), cl.flatten())
-            + ((opos - pos).square().sum(-1) * pres).sum() / pres.sum())
-    return loss, float((occ.argmax(-1) == cc).all(2).all(1).float().mean())
 
 
 def corrupted_batch(n, rng, spec, pcorrupt):

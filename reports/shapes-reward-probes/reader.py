@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from benchmarks.shapes.reward_models import load_bundle
-from probe_common import Reader, World, corrupted_batch, pool_features, reader_loss, reader_targets, train_head
+from probe_common import V1_BUNDLE, Reader, World, corrupted_batch, pool_features, reader_loss, reader_targets, train_head
 
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
@@ -34,9 +34,9 @@ for step in range(1, a.rsteps + 1):
     loss.backward()
     opt.step()
     if step % 500 == 0:
-        print(f"reader {step} loss {loss.item():.4f} cc_acc {acc:.3f} t {time.time() - t0:.0f}s", flush=True)
+        print(f"reader {step} loss {loss.item():.4f} cc_acc {acc['reader/exact_counts']:.3f} t {time.time() - t0:.0f}s", flush=True)
 R.eval()
-bd = load_bundle()
+bd = load_bundle(V1_BUNDLE)
 
 
 def feats(x):

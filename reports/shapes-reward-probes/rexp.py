@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.shapes.pairs import bradley_terry_labels, flip_prompt, pairwise_agreement, sample_pairs
-from probe_common import World, pool_images
+from probe_common import V1_BUNDLE, World, pool_images
 
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
@@ -27,7 +27,7 @@ net = w.arch.build(a.net)
 if a.init_encoder:
     from benchmarks.shapes.reward_models import load_bundle
 
-    missing = net.trunk.load_state_dict(load_bundle().encoder.trunk.state_dict(), strict=False)
+    missing = net.trunk.load_state_dict(load_bundle(V1_BUNDLE).encoder.trunk.state_dict(), strict=False)
     print("init from encoder trunk; missing", missing.missing_keys, flush=True)
 train, held = w.train, w.held
 X, HX, hp = pool_images(train), pool_images(held), held.image_prompts()
