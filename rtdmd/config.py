@@ -15,6 +15,7 @@ valid ones, and a value of the wrong type is an error that names the expected ty
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -42,8 +43,6 @@ class OptimConfig:
 def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
     """The learning rate of 0-based ``step`` of a ``total``-step run under ``o.schedule``."""
     if o.schedule == "cosine":
-        import math
-
         return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
     return o.lr
 

@@ -342,10 +342,8 @@ class Trainer:
             if cfg.train.grad_clip > 0:
                 gn = acc.clip_grad_norm_(list(self.backend.trainable_parameters(net)), cfg.train.grad_clip)
                 logs[f"grad_norm/{u.network}"] = float(gn)
-            if u.optim.schedule != "constant":
-                lr = scheduled_lr(u.optim, step, cfg.train.max_steps)
-                for group in self.optimizers[u.network].param_groups:
-                    group["lr"] = lr
+            for group in self.optimizers[u.network].param_groups:
+                group["lr"] = scheduled_lr(u.optim, step, cfg.train.max_steps)
             self.optimizers[u.network].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
