@@ -378,6 +378,13 @@ def test_pool_batches_teacher_samples_by_setting_and_relabels_without_regenerati
     with pytest.raises(UserError, match="no teacher"):
         P.build_pool(cfg, SPEC, tmp_path / "other", None, first, key="k", progress=False)
 
+    # a pool built in parts: shard 1 alone (another process's share), then the rest; same images as built at once
+    part = _CountingOracle("oracle-a")
+    assert P.build_pool(cfg, SPEC, tmp_path / "parts", teacher, part, key="k", progress=False, shards=[1]) is None
+    assert part.calls == 3 and len(calls) == 6  # shard 1: one group x 3 images, 2 teacher settings
+    whole = P.build_pool(cfg, SPEC, tmp_path / "parts", teacher, part, key="k", progress=False)
+    assert part.calls == 9 and np.array_equal(whole.images, pool.images) and np.array_equal(whole.oracle, pool.oracle)
+
 
 def test_bundle_errors(tmp_path):
     with pytest.raises(UserError, match="do not exist"):

@@ -330,11 +330,12 @@ def _save(path: Path, arrays: dict) -> None:
 
 
 def build_pool(cfg: PoolConfig, spec: WorldSpec, directory: str | Path, teacher: TeacherFn | None, oracle,
-               key: str = "", progress: bool = True) -> Pool:
+               key: str = "", progress: bool = True, shards=None) -> Pool | None:
     """Build (or finish) the pool in ``directory`` shard by shard, label it with ``oracle``, load it.
 
     Images are stored once (images_<i>.npz); labels per oracle identity under labels/<hash>/,
-    so a changed oracle relabels the same images instead of regenerating them.
+    so a changed oracle relabels the same images instead of regenerating them. ``shards``: build
+    only these shard indices and return None (several processes can share one pool's work).
     """
     if cfg.split not in ("train", "heldout"):
         raise UserError(f"pool split {cfg.split!r} is unknown; use 'train' or 'heldout'.")
@@ -354,7 +355,8 @@ def build_pool(cfg: PoolConfig, spec: WorldSpec, directory: str | Path, teacher:
     label_dir.mkdir(parents=True, exist_ok=True)
     (label_dir / "oracle.txt").write_text(oracle.identity + "\n")
     n_shards = -(-cfg.groups // cfg.shard_groups)
-    todo = [i for i in range(n_shards) if not (label_dir / f"shard_{i:04d}.npz").is_file()]
+    wanted = range(n_shards) if shards is None else [i for i in shards if 0 <= i < n_shards]
+    todo = [i for i in wanted if not (label_dir / f"shard_{i:04d}.npz").is_file()]
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -373,7 +375,7 @@ def build_pool(cfg: PoolConfig, spec: WorldSpec, directory: str | Path, teacher:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return load_pool(d, label_dir, n_shards)
+    return load_pool(d, label_dir, n_shards) if shards is None else None
 
 
 def load_pool(directory: str | Path, label_dir: str | Path, n_shards: int) -> Pool:
@@ -429,11 +431,10 @@ def sample_groups(pool: Pool, n_groups: int, generator: torch.Generator) -> tupl
 
 def all_pairs(slot: np.ndarray, same_group: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every unordered pair (i < j) of positions in a batch, or only those with equal ``slot`` (same prompt)."""
-    i, j = np.triu_indices(len(slot), k=1)
     if same_group:
-        keep = slot[i] == slot[j]
-        i, j = i[keep], j[keep]
-    return i, j
+        i, j = within_group_pairs(slot).T
+        return i, j
+    return np.triu_indices(len(slot), k=1)
 
 
 def flip_prompt(prompt: str) -> str:

@@ -116,15 +116,11 @@ def architecture(o: RewardModelOptions, backend):
                         mirror_average=o.mirror_average)
 
 
-def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: bool = True):
-    """The pool of ``split`` ("train" / "heldout"), built once and cached (see RewardModelOptions.pool_dir)."""
-    from benchmarks.shapes import pairs
-    from benchmarks.shapes.oracle import PreferenceOracle
+def pool_location(o: RewardModelOptions, backend, split: str):
+    """(PoolConfig, cache key, cache folder) of the pool of ``split`` (see RewardModelOptions.pool_dir)."""
     from rtdmd import checkpoint as ckpt
-    from rtdmd.generate import SamplingConfig, generate
 
     pc = pool_config(o, split, backend.options.distractor_prob)
-    oracle = PreferenceOracle(backend.spec)
     teacher_id = "none"
     if pc.teacher_per_group:
         teacher_id = ckpt.read_meta(backend.teacher_dir()).get("model_sha256", "unknown")
@@ -132,12 +128,26 @@ def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: boo
              "size_range": list(backend.spec.size_range), "max_objects": backend.spec.max_objects}
     key = pc.key(world, teacher_id)
     root = Path(o.pool_dir).expanduser() if o.pool_dir else DEFAULT_POOL_ROOT.expanduser()
-    directory = root / f"{split}-{key}"
+    return pc, key, root / f"{split}-{key}"
+
+
+def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: bool = True, shards=None):
+    """The pool of ``split`` ("train" / "heldout"), built once and cached (see RewardModelOptions.pool_dir).
+
+    ``shards``: build (and label) only these shards and return None, so that several processes can share the
+    work of one pool; a later call without it finds them and builds the rest.
+    """
+    from benchmarks.shapes import pairs
+    from benchmarks.shapes.oracle import PreferenceOracle
+    from rtdmd.generate import SamplingConfig, generate
+
+    pc, key, directory = pool_location(o, backend, split)
 
     def teacher(prompts, keys, steps, guidance):
         return generate(backend, backend.teacher, prompts, keys, SamplingConfig("euler", steps, guidance))
 
-    return pairs.build_pool(pc, backend.spec, directory, teacher, oracle, key=key, progress=progress)
+    return pairs.build_pool(pc, backend.spec, directory, teacher, PreferenceOracle(backend.spec), key=key,
+                            progress=progress, shards=shards)
 
 
 class RewardModelMethod(Method):
