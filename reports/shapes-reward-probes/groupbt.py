@@ -6,12 +6,11 @@ import argparse
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.shapes.pairs import bradley_terry_labels, flip_prompt, pairwise_agreement
-from probe_common import V1_BUNDLE, World, pool_images
+from benchmarks.shapes.pairs import pairwise_agreement
+from probe_common import V1_BUNDLE, World, group_batch, pool_images
 
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
@@ -55,41 +54,28 @@ if a.checks:
 
     net = Structured(net, load_bundle(V1_BUNDLE).aesthetic)
 train, held = w.train, w.held
-X, HX, hp = pool_images(train), pool_images(held), held.image_prompts()
+X = pool_images(train)
 ref, href = (train.oracle, held.oracle) if pref else (train.quality, held.quality)
 opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0))))
 ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
 g = torch.Generator().manual_seed(0)
-order, starts, counts = train.group_index()
 
 
 def score(m, x, prompts):
     return m(x, *w.tok(prompts)) if pref else m(x)
 
 
-@torch.no_grad()
 def held_agreement(m):
-    s = torch.cat([score(m, HX[i:i + 256], hp[i:i + 256]) for i in range(0, len(HX), 256)]).numpy()
-    return pairwise_agreement(s, href, w.hpairs)[0]
+    return pairwise_agreement(w.held_scores(lambda x, p: score(m, x, p)), href, w.hpairs)[0]
 
 
 t0, run = time.time(), 0.0
 for step in range(1, a.steps + 1):
-    gs = torch.randint(0, len(counts), (a.groups,), generator=g).numpy()
-    idx = np.concatenate([order[starts[k]:starts[k] + counts[k]] for k in gs])
-    gid = np.concatenate([np.full(counts[k], j) for j, k in enumerate(gs)])
-    flip = (torch.rand(a.groups, generator=g) < 0.5)[torch.as_tensor(gid)]
+    idx, flip, ii, jj, y, prompts = group_batch(train, a.groups, ref, g, same_group=pref)
     imgs = X[torch.as_tensor(idx)]
     imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)
-    ii, jj = np.triu_indices(len(idx), 1)
-    if pref:
-        keep = gid[ii] == gid[jj]
-        ii, jj = ii[keep], jj[keep]
-    prompts = [train.prompts[train.group[i]] for i in idx]
-    prompts = [flip_prompt(p) if f else p for p, f in zip(prompts, flip.tolist())]
     raw = score(net, imgs, prompts)
-    y = bradley_terry_labels(ref[idx[ii]], ref[idx[jj]], 0.05, g)
     loss = F.binary_cross_entropy_with_logits(raw[ii] - raw[jj], y)
     opt.zero_grad()
     loss.backward()

@@ -1,18 +1,15 @@
 """Probe: the scene reader trained jointly on renders (scene labels) and Bradley-Terry pairs through an MLP head
-over [reader predictions, the shipped aesthetic score, caption GRU]; held-out agreement logged."""
+over [reader predictions, the first bundle's aesthetic score, caption GRU] (--checks: soft checks); held-out agreement logged."""
 import argparse
 import math
 import time
-
-import numpy as np
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.shapes.pairs import bradley_terry_labels, flip_prompt
 from benchmarks.shapes.reward_models import load_bundle
-from probe_common import V1_BUNDLE, Head, Reader, World, pool_images, reader_loss, reader_targets
+from probe_common import V1_BUNDLE, Head, Reader, World, group_batch, pool_images, reader_loss, reader_targets
 
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
@@ -52,27 +49,12 @@ class Pref(nn.Module):
 net = Pref()
 opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
 ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
-X, HX, hids = pool_images(w.train), pool_images(w.held), w.tok(w.held.image_prompts())
+X = pool_images(w.train)
 g, t0, run = torch.Generator().manual_seed(0), time.time(), 0.0
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0))) if a.cosine else 1.0)
-order, starts, counts = w.train.group_index()
-
-
-def group_batch():
-    gs = torch.randint(0, len(counts), (a.groups,), generator=g).numpy()
-    idx = np.concatenate([order[starts[k]:starts[k] + counts[k]] for k in gs])
-    gid = np.concatenate([np.full(counts[k], j) for j, k in enumerate(gs)])
-    flip = (torch.rand(a.groups, generator=g) < 0.5)[torch.as_tensor(gid)]
-    ii, jj = np.triu_indices(len(idx), 1)
-    keep = gid[ii] == gid[jj]
-    ii, jj = ii[keep], jj[keep]
-    y = bradley_terry_labels(w.train.oracle[idx[ii]], w.train.oracle[idx[jj]], 0.05, g)
-    prompts = [w.train.prompts[w.train.group[i]] for i in idx]
-    return idx, flip, ii, jj, y, [flip_prompt(p) if f else p for p, f in zip(prompts, flip.tolist())]
-
 for step in range(1, a.steps + 1):
     if a.groups:
-        idx, flip, ii, jj, y, prompts = group_batch()
+        idx, flip, ii, jj, y, prompts = group_batch(w.train, a.groups, w.train.oracle, g)
         imgs = X[torch.as_tensor(idx)]
         imgs = torch.where(flip.view(-1, 1, 1, 1), imgs.flip(-1), imgs)
         raw = net(imgs, *w.tok(prompts))
@@ -96,9 +78,8 @@ for step in range(1, a.steps + 1):
         res = []
         for m in (ema.module, net):
             m.eval()
-            with torch.no_grad():
-                s = torch.cat([m(HX[i:i + 256], hids[0][i:i + 256], hids[1][i:i + 256]) for i in range(0, len(HX), 256)])
+            s = w.held_scores(lambda x, p: m(x, *w.tok(p)))
             m.train()
-            res += w.agreement(s.numpy())
+            res += w.agreement(s)
         print(f"step {step} bt {run:.4f} aux {aux.item():.4f} held_ema {res[0]:.4f} F_ema {res[1]:.4f} "
               f"held_raw {res[2]:.4f} F_raw {res[3]:.4f} t {time.time() - t0:.0f}s", flush=True)

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.shapes.pairs import (PIXEL_CORRUPTIONS, SCENE_CORRUPTIONS, bradley_terry_labels, corrupt_pixels,
-                                     corrupt_scene, flip_prompt, pairwise_agreement, random_corruptions, sample_pairs,
-                                     within_group_pairs)
+from benchmarks.shapes.pairs import (PIXEL_CORRUPTIONS, SCENE_CORRUPTIONS, all_pairs, bradley_terry_labels, corrupt_pixels,
+                                     corrupt_scene, flip_prompt, pairwise_agreement, random_corruptions, sample_groups,
+                                     sample_pairs, within_group_pairs)
 from benchmarks.shapes.reward_models import PromptEncoder, reader_loss, reader_targets  # noqa: F401  (re-exported)
 from benchmarks.shapes.reward_models import SceneReader as Reader  # noqa: F401  (re-exported)
 from rtdmd import registry
@@ -39,10 +39,11 @@ V1_BUNDLE = v1_bundle()
 
 class World:
     """The shapes backend of the reward config, its tokenizer and the cached train / held-out pools (the training
-    pool of 1,200 groups the probes before the pool grew used, unless ``overrides`` say otherwise)."""
+    pool of 1,200 groups the probes before the pool grew used, and the FiLM preference network they trained,
+    unless ``overrides`` say otherwise)."""
 
     def __init__(self, overrides=None):
-        overrides = {"method": {"groups": 1200, **(overrides or {}).get("method", {})},
+        overrides = {"method": {"groups": 1200, "preference_net": "film", **(overrides or {}).get("method", {})},
                      **{k: v for k, v in (overrides or {}).items() if k != "method"}}
         self.cfg = make_config("reward", backend="shapes", overrides=overrides)
         self.backend = registry.get_backend("shapes").factory(self.cfg.backend, torch.device("cpu"))
@@ -55,6 +56,12 @@ class World:
         self.hpairs = within_group_pairs(self.held.group)
         i, j = self.hpairs.T
         self.f_pairs = self.hpairs[np.abs(self.held.faithfulness[i] - self.held.faithfulness[j]) > 0]
+
+    @torch.no_grad()
+    def held_scores(self, fn, batch=256):
+        """fn(images, prompts) -> (B,) scores, over the held-out pool in batches (numpy)."""
+        x, prompts = pool_images(self.held), self.held.image_prompts()
+        return torch.cat([fn(x[i:i + batch], prompts[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
 
     def agreement(self, scores):
         """(held-out agreement with the oracle, agreement with F on the pairs whose F differs)."""
@@ -103,6 +110,18 @@ def pool_features(pool, fn, flip=False, batch=256):
     """fn(images) -> (B, D) features over a pool, in batches."""
     x = pool_images(pool, flip)
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def group_batch(pool, n_groups, ref, g, same_group=True):
+    """Every within-prompt pair (or every pair: same_group False) of the images of n_groups random groups
+    (benchmarks.shapes.pairs, as the trainer draws them): (image indices, mirror flag per image, pair positions
+    i / j, Bradley-Terry labels on ref, mirrored captions)."""
+    idx, slot = sample_groups(pool, n_groups, g)
+    flip = (torch.rand(n_groups, generator=g) < 0.5)[torch.as_tensor(slot)]
+    ii, jj = all_pairs(slot, same_group)
+    y = bradley_terry_labels(ref[idx[ii]], ref[idx[jj]], 0.05, g)
+    prompts = [pool.prompts[pool.group[i]] for i in idx]
+    return idx, flip, ii, jj, y, [flip_prompt(p) if f else p for p, f in zip(prompts, flip.tolist())]
 
 
 class Head(nn.Module):

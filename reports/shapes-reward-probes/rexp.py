@@ -30,7 +30,7 @@ if a.init_encoder:
     missing = net.trunk.load_state_dict(load_bundle(V1_BUNDLE).encoder.trunk.state_dict(), strict=False)
     print("init from encoder trunk; missing", missing.missing_keys, flush=True)
 train, held = w.train, w.held
-X, HX, hp = pool_images(train), pool_images(held), held.image_prompts()
+X = pool_images(train)
 ref, href = (train.oracle, held.oracle) if pref else (train.quality, held.quality)
 opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.wd)
 ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
@@ -41,10 +41,8 @@ def score(m, x, prompts):
     return m(x, *w.tok(prompts)) if pref else m(x)
 
 
-@torch.no_grad()
 def held_agreement(m):
-    s = torch.cat([score(m, HX[i:i + 256], hp[i:i + 256]) for i in range(0, len(HX), 256)]).numpy()
-    return pairwise_agreement(s, href, w.hpairs)[0]
+    return pairwise_agreement(w.held_scores(lambda x, p: score(m, x, p)), href, w.hpairs)[0]
 
 
 t0, run = time.time(), 0.0
