@@ -42,7 +42,8 @@ demo: install
 	$(BIN)/rtdmd-bench eval --suite all --experiment $(DEMO_EXPERIMENT) --max-prompts $(DEMO_PROMPTS) \
 		--checkpoint rtdmd/assets/shapes_teacher --steps 28 --guidance 4 --out $(DEMO_OUT)/eval
 	$(BIN)/rtdmd-bench report --experiment $(DEMO_EXPERIMENT) --out reports/$(DEMO_EXPERIMENT)/report.md
-	@echo "Done. Open the report: reports/$(DEMO_EXPERIMENT)/report.md (MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+	@echo "Done. Open the report: reports/$(DEMO_EXPERIMENT)/report.md"
+	@echo "MLflow experiment '$(DEMO_EXPERIMENT)': $(BIN)/rtdmd-bench report --experiment $(DEMO_EXPERIMENT), or $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 clean-demo:
 	rm -rf $(DEMO_OUT) reports/$(DEMO_EXPERIMENT)
