@@ -354,9 +354,9 @@ def test_two_processes_share_generation_and_rank0_scores(tmp_path, ckpt):
 
 def test_preference_suite_end_to_end_with_the_oracle(tmp_path, ckpt, monkeypatch):
     """The preference suite through the runner, with the registry's oracle (the learned rewards need the shipped bundle)."""
-    import rtdmd.rewards.registry as R
+    import benchmarks.rewards as BR
 
-    monkeypatch.setattr(R, "suite_rewards", lambda backend, suite: ["oracle"])
+    monkeypatch.setattr(BR, "suite_rewards", lambda backend, suite: ["oracle"])
     (g,) = runner.run_eval([ckpt], _opts(tmp_path))
     (p,) = runner.run_eval([ckpt], _opts(tmp_path, suites=["preference"]))
     assert p.generated == 0 and p.image_dir == g.image_dir  # same prompts -> the same images, not regenerated
@@ -391,13 +391,14 @@ def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, c
     import torch
 
     import benchmarks.shapes.reward_models as RM
+    import benchmarks.shapes.reward_nets as RN
     from rtdmd.world.shapes import vocabulary
 
     spec = runner.describe_checkpoint(ckpt).info.spec
     torch.manual_seed(0)
-    arch = RM.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
+    arch = RN.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
                            encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
-    nets = {n: arch.build(n).eval() for n in RM.NETWORKS}
+    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
     bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec, "tiny@sha256:0", {})
     monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
     res = {r.suite: r for r in runner.run_eval([ckpt], _opts(tmp_path, suites=["all"], max_prompts=4))}
