@@ -13,8 +13,6 @@ colours, class embedding = normalised mean of the normalised embeddings of three
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F

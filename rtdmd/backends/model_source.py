@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from huggingface_hub import snapshot_download
 
 from rtdmd.errors import UserError

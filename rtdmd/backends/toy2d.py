@@ -21,7 +21,7 @@ from torch import nn
 
 from rtdmd import checkpoint as ckpt
 from rtdmd import flow
-from rtdmd.backends.base import Backend, Cond, DataBatch
+from rtdmd.backends.base import Backend, DataBatch
 from rtdmd.errors import UserError
 from rtdmd.registry import register_backend
 

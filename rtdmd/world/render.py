@@ -17,7 +17,6 @@ import torch
 from rtdmd.errors import UserError
 from rtdmd.world.geneval import GENEVAL_COLORS, POSITION_THRESHOLD, relative_position
 
-from rtdmd.world.geneval import plural as make_plural
 
 # Saturated, pairwise distinct; black and white far from the #999999 background.
 PALETTE: dict[str, tuple[float, float, float]] = {
