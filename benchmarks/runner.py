@@ -33,7 +33,7 @@ from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoi
 from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, select_indices
 from benchmarks.geneval import suite as gsuite
 from benchmarks.processes import Processes
-from benchmarks.suites import expand_suites, make_suite
+from benchmarks.suites.registry import expand_suites, make_suite
 from benchmarks.suites.base import ImageItem, SuiteResult
 from rtdmd.checkpoint import load_for_inference
 from rtdmd.errors import UserError

@@ -14,7 +14,7 @@ from benchmarks import eval_models as EM
 from benchmarks import eval_prompts as EP
 from benchmarks.geneval import layout
 from benchmarks.geneval import suite as gsuite
-from benchmarks.suites import expand_suites, make_suite
+from benchmarks.suites.registry import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem
 from rtdmd.errors import UserError
 from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)

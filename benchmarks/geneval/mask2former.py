@@ -20,6 +20,7 @@ from PIL import Image
 
 from benchmarks.geneval.detection import Detection
 from benchmarks.geneval.prompts import COCO_CLASSES, GENEVAL_COLORS
+from benchmarks.scorers.clip_family import CLIPScore
 from benchmarks.scorers.common import identity_of, resolve_dir
 from rtdmd.errors import UserError
 
@@ -83,8 +84,6 @@ class Mask2FormerDetector:
         clip_batch_size: int = 16,
     ):
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
-
-        from benchmarks.scorers.clip_family import CLIPScore
 
         folder = resolve_dir(path or MASK2FORMER_ID, "Mask2Former (COCO instance)", ["config.json", "preprocessor_config.json"])
         try:
