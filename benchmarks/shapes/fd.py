@@ -3,7 +3,7 @@
 The reference set is renders of the same prompts (rtdmd.world.shapes.scene_for_metadata:
 exactly the prompt's objects, on the world's background), so FD-shapes measures how far
 generated images are from what the world draws for those prompts: the FID analogue with
-the project's encoder (benchmarks.shapes.reward_models.ShapesEncoder) in place of Inception.
+the project's encoder (benchmarks.shapes.reward_nets.ShapesEncoder) in place of Inception.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from rtdmd.errors import UserError
-from rtdmd.registry import entry_points, load_entry
+from rtdmd import registry
 
 REWARD_GROUP = "rtdmd_bench.rewards"
 IMAGE_BACKENDS = ("shapes", "sd3", "flux2")
@@ -51,7 +51,7 @@ def register_reward_factory(name: str, differentiable: bool, backends=IMAGE_BACK
 
 
 def _builtin_names() -> list[str]:
-    return sorted({*entry_points(REWARD_GROUP), *_FACTORIES})
+    return sorted({*registry.entry_points(REWARD_GROUP), *_FACTORIES})
 
 
 def register_reward(name: str, fn, differentiable: bool = False) -> None:
@@ -76,10 +76,10 @@ def reward_names() -> list[str]:
 
 
 def _entry(name: str) -> RewardEntry:
-    if name not in _FACTORIES and name not in entry_points(REWARD_GROUP):
+    if name not in _FACTORIES and name not in registry.entry_points(REWARD_GROUP):
         raise UserError(f"unknown reward '{name}'; choose one of {', '.join(reward_names())}, or add your own with "
                         "rtdmd.rewards.registry.register_reward.")
-    return load_entry("reward", name, REWARD_GROUP, _FACTORIES)
+    return registry.load_entry("reward", name, REWARD_GROUP, _FACTORIES)
 
 
 def is_differentiable(name: str) -> bool:
