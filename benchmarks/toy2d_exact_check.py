@@ -101,14 +101,18 @@ def fit_beta(weights: torch.Tensor, teacher: torch.Tensor, rewards) -> float:
     return float((rc * yc).sum() / (rc * rc).sum())
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/toy2d-exact"))
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     ap.add_argument("--stage2-steps", type=int, default=None, help="override stage 2's train.max_steps")
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
