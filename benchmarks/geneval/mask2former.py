@@ -9,6 +9,7 @@ COCO index onto GenEval's names (benchmarks.geneval.prompts.COCO_CLASSES).
 Colours follow GenEval's evaluate_images.py: the object composited with its mask on a #999999
 background, cropped to its box (PIL crop), classified zero-shot by CLIP ViT-L/14 over the 10
 colours, class embedding = normalised mean of the normalised embeddings of three templates.
+transformers' model classes are imported when the detector loads (heavy).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ HPSv2.1 ships an open_clip ViT-H-14 state dict; it is mapped key by key onto a C
 the same architecture (same maths: pre-LN ViT with class-token pooling, causal text
 transformer pooled at the end-of-text token, GELU, LayerNorm eps 1e-5). open_clip itself is
 not imported: it needs torchvision, whose PyPI wheels are CUDA builds that fail to import
-beside a CPU torch (see docs/scorers.md).
+beside a CPU torch (see docs/scorers.md). transformers' model classes are imported when a
+scorer loads (heavy).
 """
 
 from __future__ import annotations
