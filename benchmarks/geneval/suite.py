@@ -23,7 +23,7 @@ from benchmarks.geneval.prompts import COCO_CLASSES, generate_metadata
 from benchmarks.shapes.detector import ShapesDetector
 from benchmarks.suites.base import SuiteResult, per_prompt_means
 from rtdmd.errors import UserError
-from rtdmd.generate import generate, sample_seed
+from rtdmd import generate as gen  # through the module: tests replace gen.generate
 from rtdmd.images import to_uint8
 
 
@@ -73,8 +73,8 @@ def generate_images(backend, net, metadata: Sequence[dict], out: Path, sampling,
         bar = tqdm(total=len(todo), desc="generate", unit="img", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = generate(backend, net, [metadata[i]["prompt"] for i, _ in chunk],
-                          [sample_seed(seed, i, k) for i, k in chunk], sampling)
+        images = gen.generate(backend, net, [metadata[i]["prompt"] for i, _ in chunk],
+                              [gen.sample_seed(seed, i, k) for i, k in chunk], sampling)
         for (i, k), arr in zip(chunk, to_uint8(images)):
             layout.save_image(out, i, k, arr)
         if bar is not None:
