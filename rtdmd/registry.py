@@ -84,6 +84,13 @@ def available(group: str) -> list[str]:
     return sorted(names)
 
 
+def require_installed(kind: str, group: str) -> None:
+    """UserError when no installed package lists any entry point of ``group`` (a source tree never pip-installed)."""
+    if not entry_points(group):
+        raise UserError(f"no {kind}s are registered because rtdmd-bench is not installed; install it with "
+                        "pip install -e . in the project folder so that its entry points exist.")
+
+
 def load_entry(kind: str, name: str, group: str, table: dict):
     """The entry ``name`` of ``table``, importing the module its entry point names if it is not registered yet.
 
@@ -92,6 +99,7 @@ def load_entry(kind: str, name: str, group: str, table: dict):
     """
     if name in table:
         return table[name]
+    require_installed(kind, group)
     ep = entry_points(group).get(name)
     if ep is None:
         raise UserError(f"unknown {kind} '{name}'; choose one of: {', '.join(available(group))}.")

@@ -102,3 +102,11 @@ def test_a_plugin_reward_is_listed_and_built(plugin):
         rewards.get_reward("brightness", colour="red")
     with pytest.raises(UserError, match="cannot register reward 'brightness'"):
         rewards.register_reward("brightness", lambda images, prompts: images.sum())
+
+
+def test_an_uninstalled_tree_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(registry, "entry_points", lambda group: {})
+    with pytest.raises(UserError, match="rtdmd-bench is not installed; install it with pip install -e ."):
+        registry.get_method("a-method-of-an-uninstalled-tree")
+    with pytest.raises(UserError, match="no rewards are registered"):
+        rewards.get_reward("a-reward-of-an-uninstalled-tree")

@@ -77,6 +77,7 @@ def reward_names() -> list[str]:
 
 def _entry(name: str) -> RewardEntry:
     if name not in _FACTORIES and name not in registry.entry_points(REWARD_GROUP):
+        registry.require_installed("reward", REWARD_GROUP)
         raise UserError(f"unknown reward '{name}'; choose one of {', '.join(reward_names())}, or add your own with "
                         "rtdmd.rewards.registry.register_reward.")
     return registry.load_entry("reward", name, REWARD_GROUP, _FACTORIES)
