@@ -12,10 +12,12 @@ pieces (PIL float bicubic resize to 299, the TorchScript Inception of StyleGAN2-
 never lets it download: the Inception file and any reference statistics must be in place.
 Only clean-fid modules that do not import torchvision are used, so this runs beside a CPU
 torch.
+clean-fid is imported when FID is computed (an optional extra).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +159,6 @@ def reference_statistics(spec: str, mode: str = "clean", res: int | str | None =
             raise UserError(f"FID reference statistics {p} not found; pass an existing .npz with keys mu and sigma.")
         stats = np.load(p)
         return stats["mu"], stats["sigma"]
-    import importlib.util
-
     found = importlib.util.find_spec("cleanfid")
     if found is None:
         _load_cleanfid()

@@ -13,6 +13,7 @@ commands and commits that produced the runs close the report.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from benchmarks.eval_models import tracking_uri
 from rtdmd.errors import UserError
+from rtdmd.plots import pyplot
+from rtdmd.tracking import download_artifact, git_commit, metric_history, search_runs
 
 CONFIG_KEYS = ("checkpoint", "method", "backend", "sampler", "steps", "guidance", "eta", "seed", "images_per_prompt")
 #: metrics where lower is better (distribution distances); every other metric: higher is better
@@ -81,33 +85,18 @@ def best_index(values: Sequence[float], lower_is_better: bool) -> set[int]:
 # ---------------------------------------------------------------------------- MLflow
 
 
-def _mlflow(uri: str | None):
-    from benchmarks.runner import _mlflow as m
-
-    return m(uri, must_exist=True)
-
-
 def load_runs(experiment: str, uri: str | None = None, kind: str = "eval") -> pd.DataFrame:
     """Finished runs of ``experiment`` tagged kind=<kind>, newest first (pandas, via mlflow.search_runs)."""
-    mlflow = _mlflow(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        raise UserError(f"MLflow experiment '{experiment}' does not exist in {mlflow.get_tracking_uri()}; "
+    uri = tracking_uri(uri)
+    df = search_runs(uri, experiment, f"tags.kind = '{kind}' and attributes.status = 'FINISHED'", must_exist=True)
+    if df is None:
+        raise UserError(f"MLflow experiment '{experiment}' does not exist in {uri}; "
                         "run 'rtdmd-bench eval --experiment NAME' first or pass --tracking-uri.")
-    return mlflow.search_runs(experiment_ids=[exp.experiment_id],
-                              filter_string=f"tags.kind = '{kind}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
+    return df
 
 
 def _download(run_id: str, name: str, dst: Path, uri: str | None) -> Path | None:
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-    mlflow = _mlflow(uri)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst)))
-    except Exception:  # the artifact is optional (fid runs have no per_prompt.csv)
-        return None
+    return download_artifact(tracking_uri(uri), run_id, name, dst)
 
 
 def _param(row, key):
@@ -234,17 +223,11 @@ def markdown_table(rows: list[dict], metrics: list[str], ci: bool = True) -> str
 # ---------------------------------------------------------------------------- plots
 
 
-def _plt():
-    from rtdmd.plots import _plt as p
-
-    return p()
-
-
 def plot_metric_vs_nfe(rows: list[dict], metrics: list[str], path: Path) -> Path | None:
     metrics = [m for m in metrics if any(r["nfe"] for r in rows if m in r["metrics"])]
     if not metrics:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), dpi=110, squeeze=False)
     series: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -280,7 +263,7 @@ def plot_tasks(rows: list[dict], path: Path) -> Path | None:
     rows = [r for r in rows if any(f"geneval/{t}" in r["metrics"] for t in tasks)]
     if not tasks or not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(10.0, max(6.0, 1.3 * len(tasks) + 0.12 * len(rows) * len(tasks))), 3.6), dpi=110)
     width = 0.8 / len(rows)
     for j, r in enumerate(rows):
@@ -306,20 +289,16 @@ def plot_training(experiment: str, uri: str | None, path: Path) -> Path | None:
         return None
     if df.empty:
         return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
     curves = []
     for _, run in df.iterrows():
         for c in df.columns:
             if c.startswith("metrics.loss/") and not pd.isna(run[c]):
-                hist = client.get_metric_history(run["run_id"], c[len("metrics."):])
-                if len(hist) > 1:
-                    pts = sorted((h.step, h.value) for h in hist)
+                pts = metric_history(tracking_uri(uri), run["run_id"], c[len("metrics."):])
+                if len(pts) > 1:
                     curves.append((f"{run.get('tags.method')} {c[len('metrics.'):]}", pts))
     if not curves:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     for name, pts in curves:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
@@ -334,8 +313,6 @@ def plot_training(experiment: str, uri: str | None, path: Path) -> Path | None:
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -345,8 +322,6 @@ def _slug(text: str) -> str:
 def write_report(experiment: str, out: Path | None = None, uri: str | None = None, n_boot: int = 1000,
                  command: str = "") -> Path:
     """Write the Markdown report of ``experiment`` and its PNGs; returns the Markdown path."""
-    from rtdmd.tracking import git_commit
-
     df = load_runs(experiment, uri)
     if df.empty:
         raise UserError(f"MLflow experiment '{experiment}' holds no finished eval runs; run 'rtdmd-bench eval --experiment "

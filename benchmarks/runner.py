@@ -22,213 +22,32 @@ import csv
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.suites import expand_suites, make_suite
-from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult
+import torch
+
+from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoint, images_only_model, tracking_uri
+from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, select_indices
+from benchmarks.geneval import suite as gsuite
+from benchmarks.processes import Processes
+from benchmarks.suites.registry import expand_suites, make_suite
+from benchmarks.suites.base import ImageItem, SuiteResult
+from rtdmd.checkpoint import load_for_inference
 from rtdmd.errors import UserError
+from rtdmd.generate import SamplingConfig
+from rtdmd.images import load_png, make_grid, save_png
+from rtdmd.tracking import Tracker, git_commit, search_runs
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rtdmd-bench"
-SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "rtdmd" / "assets" / "shapes_teacher"
 GRID_PROMPTS = 8  # prompts shown in a run's sample grid (rows, evenly spaced over the prompt set)
-
-
-def tracking_uri(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def nfe(steps: int, guidance: float) -> int:
     """Network evaluations per image: one per step, two with classifier-free guidance (w != 1)."""
     return int(steps) * (2 if float(guidance) != 1.0 else 1)
-
-
-# ---------------------------------------------------------------------------- models
-
-
-@dataclass
-class Model:
-    """A checkpoint described without building its networks."""
-
-    checkpoint: Path | None  # the step directory (None: images given without a checkpoint)
-    method: str
-    info: BackendInfo
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def train_seconds(self) -> float | None:
-        v = self.meta.get("train_seconds")
-        return float(v) if v is not None else None
-
-    @property
-    def slug(self) -> str:
-        if self.checkpoint is None:
-            return f"images-{self.info.name}"
-        sha = (self.meta.get("model_sha256") or hashlib.sha256(str(self.checkpoint).encode()).hexdigest())[:8]
-        return f"{self.method}-step{self.meta.get('step', 0)}-{sha}"
-
-
-def describe_checkpoint(path: str | Path) -> Model:
-    from rtdmd.checkpoint import find_checkpoint, read_meta
-    from rtdmd.config import load_resolved
-
-    step_dir = find_checkpoint(path).resolve()
-    meta = read_meta(step_dir)
-    cfg = load_resolved(step_dir / "config.yaml")
-    return Model(step_dir, meta.get("method", cfg.method_name), BackendInfo.from_options(cfg.backend_name, cfg.backend), meta)
-
-
-def images_only_model(backend: str) -> Model:
-    """The model of --images without --checkpoint: only the backend (its default options) is known."""
-    from rtdmd import registry
-
-    entry = registry.get_backend(backend)
-    return Model(None, "images", BackendInfo.from_options(backend, entry.options()), {})
-
-
-def default_checkpoints(experiment: str, uri: str | None = None, include_teacher: bool = True,
-                        warn=lambda msg: print(msg, file=sys.stderr)) -> list[Path]:
-    """The newest checkpoint of every (method, backend) trained in ``experiment``, then the shipped teacher.
-
-    Training runs are the runs tagged kind=train; their run_dir tag locates the checkpoints.
-    """
-    from rtdmd.checkpoint import find_checkpoint
-
-    mlflow = _mlflow(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    out: list[Path] = []
-    if exp is not None:
-        df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string="tags.kind = 'train'",
-                                order_by=["attributes.start_time DESC"])
-        seen: set[tuple[str, str]] = set()
-        for _, row in df.iterrows():
-            key = (row.get("tags.method"), row.get("tags.backend"))
-            run_dir = row.get("tags.run_dir")
-            if key in seen or not isinstance(run_dir, str):
-                continue
-            if key[1] == "toy2d":
-                continue  # 2-D points: no images to evaluate
-            try:
-                ckpt = find_checkpoint(run_dir)
-            except UserError:
-                warn(f"skipping training run {row['run_id']} ({key[0]}): no checkpoint in {run_dir}")
-                continue
-            seen.add(key)
-            out.append(ckpt.resolve())
-    if include_teacher:
-        teacher = find_checkpoint(SHIPPED_TEACHER).resolve()
-        if teacher not in out:
-            out.append(teacher)
-    return out
-
-
-# ---------------------------------------------------------------------------- prompts
-
-
-def read_prompt_file(path: str | Path) -> tuple[list[dict], bool]:
-    """(entries, is_geneval): a GenEval JSONL file (first non-blank line is a JSON object), or
-    plain text with one prompt per line (blank lines skipped) -> [{"prompt": ...}]."""
-    from benchmarks.geneval.prompts import read_metadata
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompt file {path} does not exist; pass a text file (one prompt per line) or a GenEval JSONL file.") from None
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {path} ({e.strerror}); check the path and its permissions.") from None
-    except UnicodeDecodeError:
-        raise UserError(f"prompt file {path} is not UTF-8 text; pass a text file (one prompt per line) or a GenEval JSONL file.") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise UserError(f"prompt file {path} holds no prompts; put one prompt per line.")
-    if lines[0].startswith("{"):
-        return read_metadata(path), True
-    for n, ln in enumerate(text.splitlines(), start=1):
-        if "\x00" in ln:
-            raise UserError(f"{path} line {n}: contains a NUL character; pass a plain text file of prompts.")
-    return [{"prompt": ln} for ln in lines], False
-
-
-def prompt_set_id(entries: Sequence[dict]) -> str:
-    return hashlib.sha256("\n".join(json.dumps(e, sort_keys=True) for e in entries).encode()).hexdigest()[:10]
-
-
-def select_indices(n: int, max_prompts: int | None) -> list[int]:
-    """All prompts, or ``max_prompts`` evenly spaced ones (every task of a GenEval file stays represented)."""
-    if max_prompts is None or max_prompts >= n:
-        return list(range(n))
-    if max_prompts <= 0:
-        raise UserError(f"--max-prompts must be positive, got {max_prompts}.")
-    if max_prompts == 1:
-        return [0]
-    return sorted({round(j * (n - 1) / (max_prompts - 1)) for j in range(max_prompts)})
-
-
-@dataclass
-class PromptSet:
-    name: str  # where the prompts came from (file path or "default:<suite>")
-    entries: list[dict]
-    indices: list[int]
-    geneval: bool
-
-    @property
-    def id(self) -> str:
-        return prompt_set_id(self.entries)
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """Rank / world / barrier under accelerate or torchrun; one process otherwise."""
-
-    def __init__(self, cpu: bool = False):
-        import torch
-
-        from rtdmd.distributed import inside_launch
-
-        self.state = None
-        self.rank, self.world = 0, 1
-        if inside_launch():
-            from accelerate import PartialState
-
-            # CPU processes (gloo) only form a group when accelerate is told they are CPU processes
-            self.state = PartialState(cpu=cpu or not torch.cuda.is_available())
-            self.rank, self.world = self.state.process_index, self.state.num_processes
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, requested: str) -> str:
-        import torch
-
-        if requested != "auto":
-            return requested
-        if self.state is not None:
-            return str(self.state.device)
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-    def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if rank 0 failed (so no rank waits forever at the next barrier)."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            box = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(box, src=0)
-            if error is None and box[0] is not None:
-                raise UserError(f"rank 0 failed ({box[0]}); see its message above.")
-        if error is not None:
-            raise error
 
 
 # ---------------------------------------------------------------------------- options / results
@@ -295,8 +114,6 @@ class EvalResult:
 
 
 def _sampling(model: Model, opts: EvalOptions):
-    from rtdmd.generate import SamplingConfig
-
     if model.checkpoint is None:
         return SamplingConfig(kind="images", steps=opts.steps or 0, guidance=1.0 if opts.guidance is None else opts.guidance,
                               eta=0.0 if opts.eta is None else opts.eta)
@@ -308,77 +125,6 @@ def sampler_slug(sc, seed: int) -> str:
     return f"{sc.kind}-s{sc.steps}-w{sc.guidance:g}{eta}-seed{seed}"
 
 
-def _prompt_sets(model: Model, suites: dict, opts: EvalOptions) -> dict[str, PromptSet]:
-    """suite name -> its prompts (suites with identical prompts share one PromptSet object)."""
-    by_id: dict[str, PromptSet] = {}
-    out: dict[str, PromptSet] = {}
-    if opts.images_dir is not None:
-        entries = _folder_metadata(Path(opts.images_dir))
-        ps = PromptSet(str(opts.images_dir), entries, [], all("tag" in e and "include" in e for e in entries if e is not None))
-        ps.indices = [i for i in select_indices(len(entries), opts.max_prompts) if entries[i] is not None]
-        for name, suite in suites.items():
-            out[name] = ps
-    else:
-        file_entries = None
-        if opts.prompts_file is not None:
-            file_entries, is_geneval = read_prompt_file(opts.prompts_file)
-        for name, suite in suites.items():
-            if file_entries is not None:
-                ps = PromptSet(str(opts.prompts_file), file_entries, select_indices(len(file_entries), opts.max_prompts), is_geneval)
-            else:
-                entries = suite.default_prompts(model.info)
-                ps = PromptSet(f"default:{model.info.name}", entries, select_indices(len(entries), opts.max_prompts), True)
-            ps = by_id.setdefault(ps.id + str(ps.indices), ps)
-            out[name] = ps
-    for name, suite in suites.items():
-        if suite.needs_geneval_metadata and not out[name].geneval:
-            raise UserError(f"the {name} suite needs GenEval prompt entries (JSONL with tag, include, prompt), but "
-                            f"{out[name].name} holds plain prompts; pass a GenEval JSONL file or drop --prompts.")
-    return out
-
-
-def _folder_metadata(folder: Path) -> list:
-    """Prompt entries of an image folder in the GenEval layout, by prompt index (None where absent)."""
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist; pass the folder an earlier eval or sample wrote (GenEval layout).")
-    found: dict[int, dict] = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
-        mp = d / "metadata.jsonl"
-        try:
-            entry = json.loads(mp.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{mp} is missing; every prompt folder of --images needs its metadata.jsonl.") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{mp} is not one readable JSON object ({e}); rewrite it or regenerate the images.") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"]:
-            raise UserError(f"{mp} has no 'prompt' string; rewrite it or regenerate the images.")
-        if "tag" in entry:
-            from benchmarks.geneval.prompts import validate_entry
-
-            validate_entry(entry, str(mp))
-        found[int(d.name)] = entry
-    if not found:
-        raise UserError(f"{folder} holds no <index:05d> prompt folders; pass a folder in the GenEval image layout.")
-    return [found.get(i) for i in range(max(found) + 1)]
-
-
-def collect_items(image_dir: Path, ps: PromptSet, images_per_prompt: int) -> list[ImageItem]:
-    """The images to score: every selected prompt x images_per_prompt; a missing one is a UserError."""
-    from benchmarks.geneval import layout
-
-    items = []
-    for i in ps.indices:
-        for k in range(images_per_prompt):
-            p = layout.image_path(image_dir, i, k)
-            if not p.is_file():
-                raise UserError(f"image {p} is missing; rerun the eval without --images to generate it, "
-                                "or lower --images-per-prompt.")
-            if not layout.is_complete_png(p):
-                raise UserError(f"image {p} is not a complete PNG (truncated or another format); delete it and rerun to regenerate it.")
-            items.append(ImageItem(i, k, ps.entries[i], p))
-    return items
-
-
 def _default_workers(n_images: int) -> int:
     # process start-up (~1 s) only pays off for a few hundred images (benchmarks/perf/bench_eval.py)
     return (os.cpu_count() or 1) if n_images >= 400 and (os.cpu_count() or 1) > 1 else 0
@@ -386,8 +132,6 @@ def _default_workers(n_images: int) -> int:
 
 def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem], images_per_prompt: int,
                      summary: dict) -> list[Path]:
-    from rtdmd.images import load_png, make_grid, save_png
-
     eval_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     p = eval_dir / "results.jsonl"
@@ -421,40 +165,14 @@ def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem]
     return paths
 
 
-def _mlflow(uri: str | None, must_exist: bool = False):
-    """mlflow pointed at the store (its INFO chatter silenced); ``must_exist``: refuse to create a new sqlite file."""
-    import logging
-
-    uri = tracking_uri(uri)
-    if must_exist and uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise UserError(f"no MLflow store at {db}; run 'rtdmd-bench eval' there first or pass --tracking-uri.")
-    try:
-        import mlflow
-    except ImportError:
-        raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18').") from None
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(uri)
-    return mlflow
-
-
-def _find_run(uri: str | None, experiment: str, key: str) -> str | None:
-    mlflow = _mlflow(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=f"tags.eval_key = '{key}'",
-                            order_by=["attributes.start_time DESC"])
-    return None if df.empty else str(df.iloc[0]["run_id"])
+def _find_run(uri: str, experiment: str, key: str) -> str | None:
+    df = search_runs(uri, experiment, f"tags.eval_key = '{key}'")
+    return None if df is None or df.empty else str(df.iloc[0]["run_id"])
 
 
 def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet, result: SuiteResult,
                  artifacts: list[Path], image_dir: Path) -> str | None:
     """One MLflow run per (checkpoint, suite, sampler settings, seed, images per prompt, prompt set)."""
-    from rtdmd.tracking import Tracker, git_commit
-
     if not opts.tracking:
         return None
     ident = {"checkpoint": str(model.checkpoint), "sha": model.meta.get("model_sha256"), "suite": suite,
@@ -490,8 +208,6 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
 
 
 def _load_network(model: Model, device: str, cache: dict):
-    from rtdmd.checkpoint import load_for_inference
-
     if "net" not in cache:
         cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device)
         if not backend.has_images:
@@ -504,8 +220,6 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
     """Evaluate checkpoints (default: newest per trained method + shipped teacher) on opts.suites."""
     opts.validate()
     if opts.threads > 0:
-        import torch
-
         torch.set_num_threads(opts.threads)
     procs = Processes(cpu=opts.device == "cpu")
     device = procs.device(opts.device)
@@ -523,7 +237,7 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
             raise UserError(f"checkpoint {model.checkpoint} is a toy2d model (2-D points, no images); evaluate an image backend.")
         sc = _sampling(model, opts)
         suites = {name: make_suite(name, opts.fid_reference, opts.inception_path) for name in opts.suites}
-        sets = _prompt_sets(model, suites, opts)
+        sets = prompt_sets(model, suites, opts)
         n_images = max(len(ps.indices) for ps in sets.values()) * opts.images_per_prompt
         workers = _default_workers(n_images) if opts.workers is None else opts.workers
         error = None
@@ -587,8 +301,6 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
 def _generate(model: Model, sc, ps: PromptSet, image_dir: Path, opts: EvalOptions, procs: Processes, device: str,
               net_cache: dict) -> int:
     """Generate this rank's share of the missing images; returns how many this rank generated."""
-    from benchmarks.geneval import suite as gsuite
-
     if procs.main:
         gsuite.prepare_prompt_dirs(image_dir, ps.entries, ps.indices)
     procs.barrier()

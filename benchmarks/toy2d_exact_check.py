@@ -29,6 +29,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.toy2d_metrics import matches_teacher
+from rtdmd import checkpoint as ckpt
+from rtdmd.api import make_config, run_training
+from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
+from rtdmd.checkpoint import load_for_inference
+from rtdmd.generate import SamplingConfig, generate
+from rtdmd.rewards.registry import register_reward
+
 #: per-mode reward values r_k (mode k at angle 2 pi k / 8): a monotone ramp from 0 to 1
 MODE_REWARDS = [k / 7 for k in range(8)]
 TAU = 0.35  # softmax temperature of the reward: ~constant on a mode (std 0.25), smooth between modes
@@ -70,18 +78,12 @@ def exact_overrides(beta: float, group_size: int, t0: float = T0, dim: int = 2, 
 
 def mode_weights(checkpoint, n: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
     """(mode weights of the checkpoint's generator, its samples) at its own 4-step sampler."""
-    from rtdmd.checkpoint import load_for_inference
-    from rtdmd.generate import SamplingConfig, generate
-
     _, b, net, meta = load_for_inference(checkpoint)
     x = generate(b, net, [""] * n, [(7, "exact", i) for i in range(n)], SamplingConfig.from_meta(meta["sampler"]))
     return torch.bincount(b.mode_of(x), minlength=b.num_modes).float() / n, x
 
 
 def _train(method, out: Path, overrides: dict, preset=None, stage=None, init=None):
-    from rtdmd.api import run_training
-    from rtdmd import checkpoint as ckpt
-
     done = (out / "checkpoints" / "latest").is_file()
     if done:
         return ckpt.find_checkpoint(out), 0.0
@@ -99,19 +101,19 @@ def fit_beta(weights: torch.Tensor, teacher: torch.Tensor, rewards) -> float:
     return float((rc * yc).sum() / (rc * rc).sum())
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/toy2d-exact"))
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     ap.add_argument("--stage2-steps", type=int, default=None, help="override stage 2's train.max_steps")
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from benchmarks.toy2d_metrics import matches_teacher
-    from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
-    from rtdmd.rewards.registry import register_reward
+    return ap
 
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     backend = make_toy2d(Toy2DOptions())
@@ -135,8 +137,6 @@ def main(argv=None) -> dict:
           f"max |w - w_teacher| = {results['stage1']['max_weight_error_vs_teacher']:.3f}")
 
     stage2_train = {"max_steps": args.stage2_steps} if args.stage2_steps else {}
-    from rtdmd.api import make_config
-
     group_size = make_config("rtdmd", backend="toy2d", preset="exact").method.group_size
     results["exact"] = {}
     for beta in args.betas:

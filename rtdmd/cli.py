@@ -1,7 +1,9 @@
-"""The `rtdmd-bench` command line.
+"""The core commands of the `rtdmd-bench` command line: train and sample.
 
-Every user mistake ends in one sentence naming the problem and the fix, and exit code 2
-(rtdmd.errors.UserError); success exits 0.
+The group here holds rtdmd's own commands; rtdmd_bench.cli builds the full `rtdmd-bench` group
+from them and the benchmark commands (benchmarks.cli). Every user mistake ends in one sentence
+naming the problem and the fix, and exit code 2 (rtdmd.errors.UserError); success exits 0.
+Command bodies import what they run when they run, so that `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def _command_line() -> str:
     return "rtdmd-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-class _Group(click.Group):
-    """Turn UserError into one line on stderr and exit code 2."""
+class Group(click.Group):
+    """Turn UserError into one line on stderr and exit code 2; list each command's first sentence in full."""
 
     def invoke(self, ctx):
         try:
@@ -32,8 +34,20 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
+    def format_commands(self, ctx, formatter):
+        rows = [(name, cmd.get_short_help_str(limit=sys.maxsize)) for name, cmd in
+                ((n, self.get_command(ctx, n)) for n in self.list_commands(ctx)) if cmd is not None and not cmd.hidden]
+        if rows:
+            width = max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                for name, text in rows:  # one line each, never wrapped or cut
+                    formatter.write(f"{'':>{formatter.current_indent}}{name:<{width}}  {text}\n")
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=Group, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="rtdmd-bench")
 def main():
     """rtdmd-bench: train few-step text-to-image generators (RTDMD and baselines), evaluate and report."""
@@ -138,108 +152,6 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
 
         np.save(out / "samples.npy", images.cpu().numpy())
         click.echo(f"wrote {len(items)} points to {out / 'samples.npy'} and {path}")
-
-
-
-# ---------------------------------------------------------------------------- prompts
-
-
-@main.command()
-@click.argument("prompt_set", metavar="SET")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSONL file to write.")
-@click.option("--seed", type=int, default=43, show_default=True, help="Recipe seed (43: the official file).")
-@click.option("--per-task", type=int, default=100, show_default=True, help="Prompts drawn per task after single_object.")
-@click.option("--classes", default=None, help="geneval-shapes only: comma-separated world classes (default: the shapes backend's).")
-def prompts(prompt_set, out, seed, per_task, classes):
-    """Write a GenEval prompt file: SET is geneval (official, 553 prompts) or geneval-shapes."""
-    from benchmarks.geneval.prompts import COCO_CLASSES, generate_metadata, write_metadata
-
-    if per_task <= 0:
-        raise UserError(f"--per-task must be a positive integer, got {per_task}.")
-    if prompt_set == "geneval":
-        if classes is not None:
-            raise UserError("--classes applies to geneval-shapes only; the official set uses GenEval's 80 COCO classes.")
-        entries = generate_metadata(list(COCO_CLASSES), seed=seed, per_task=per_task)
-    elif prompt_set == "geneval-shapes":
-        from rtdmd.backends.shapes import ShapesOptions
-        from rtdmd.world.shapes import ALL_CLASSES
-
-        names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else list(ShapesOptions().classes)
-        bad = [c for c in names if c not in ALL_CLASSES]
-        if bad:
-            raise UserError(f"unknown shapes class {bad[0]!r} in --classes; use comma-separated names from {', '.join(ALL_CLASSES)}.")
-        entries = generate_metadata(names, seed=seed, per_task=per_task, exclude_color_class=None)
-    else:
-        raise UserError(f"unknown prompt set '{prompt_set}'; choose geneval or geneval-shapes.")
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    write_metadata(entries, out)
-    click.echo(f"wrote {len(entries)} prompts to {out}")
-
-
-# ---------------------------------------------------------------------------- eval
-
-
-@main.command("eval")
-@click.option("--suite", "suites", multiple=True, default=("geneval",), show_default=True,
-              help="geneval, preference, aesthetic, fid or all (repeatable or comma-separated).")
-@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path),
-              help="Run or checkpoint directory (repeatable). Default: the newest checkpoint of every method trained "
-                   "in the experiment, plus the shipped shapes teacher.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (default: each checkpoint's).")
-@click.option("--guidance", type=float, default=None, help="CFG weight, 1 = off (default: each checkpoint's).")
-@click.option("--eta", type=float, default=None, help="CPS stochasticity of few-step generators (default: the checkpoint's).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--images-per-prompt", type=int, default=4, show_default=True)
-@click.option("--max-prompts", type=int, default=None, help="Evaluate this many evenly spaced prompts (default all).")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="Prompt file: GenEval JSONL, or plain text with one prompt per line (not for the geneval suite).")
-@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
-              help="Score the images already in this folder (GenEval layout) instead of generating.")
-@click.option("--backend", default="shapes", show_default=True, help="With --images and no --checkpoint: the images' backend.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/eval"), show_default=True, help="Folder for images and results.")
-@click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment.")
-@click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (results stay under --out).")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images generated per batch.")
-@click.option("--workers", type=int, default=None, help="Detector processes (default: all cores for >= 400 images).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
-@click.option("--fid-reference", default=None, help="fid suite on real backends: reference folder, .npz (mu, sigma) or clean-fid stats name.")
-@click.option("--inception", "inception_path", default=None, help="clean-fid Inception file (default: the usual locations).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
-             backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
-             inception_path, quiet):
-    """Generate (resumably, sharded under accelerate) and score checkpoints; one MLflow run per suite."""
-    from benchmarks.runner import EvalOptions, run_eval
-
-    opts = EvalOptions(suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
-                       guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
-                       max_prompts=max_prompts, prompts_file=prompts_file, images_dir=images_dir, backend=backend,
-                       out=out, experiment=experiment, tracking_uri=tracking_uri, tracking=not no_tracking,
-                       batch_size=batch_size, workers=workers, device=device, threads=threads, fid_reference=fid_reference,
-                       inception_path=inception_path, command=_command_line(), progress=not quiet)
-    for r in run_eval(list(checkpoints), opts):
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
-        click.echo(f"{r.method} {r.suite} steps {r.steps} guidance {r.guidance:g} seed {r.seed}: {shown}  "
-                   f"[{r.generated} generated; {r.eval_dir}]")
-
-
-# ---------------------------------------------------------------------------- report
-
-
-@main.command()
-@click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment to report.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<experiment>/report.md).")
-@click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
-@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the 95% CIs.")
-def report(experiment, out, tracking_uri, bootstrap):
-    """Markdown report (table, CIs, plots) of the eval runs of an MLflow experiment."""
-    from benchmarks.report import write_report
-
-    path = write_report(experiment, out=out, uri=tracking_uri, n_boot=bootstrap, command=_command_line())
-    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Multi-process training: launching, GRPO group sampling, and sharing decisions across ranks.
+"""Multi-process training: launching, and sharing decisions across ranks.
 
 Launch. ``rtdmd-bench train ... --num-processes N`` re-executes the same command under
 ``accelerate launch`` (GPUs; configs/accelerate/{ddp,fsdp}.yaml) or ``torch.distributed.run``
@@ -20,11 +20,11 @@ import pickle
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.multiprocessing as mp
 
 from rtdmd.errors import UserError
 from rtdmd.seeding import torch_generator
@@ -149,8 +149,6 @@ def spawn(fn: Callable, num_processes: int, args: tuple = ()) -> None:
 
     ``fn`` creates its process group itself (``Accelerator(cpu=True)`` or ``init_process_group('gloo')``).
     """
-    import torch.multiprocessing as mp
-
     mp.start_processes(_spawn_entry, args=(fn, tuple(args), num_processes, free_port()), nprocs=num_processes,
                        join=True, start_method="spawn")
 
@@ -205,76 +203,3 @@ def shared_generator(ctx, tag: str) -> torch.Generator:
     from ``ctx.generator``.
     """
     return torch_generator(ctx.seed, tag)
-
-
-# ---------------------------------------------------------------------------- GRPO groups
-
-
-@dataclass
-class GroupBatch:
-    """A global batch of ``groups`` distinct prompts, each repeated ``group_size`` times (contiguous)."""
-
-    prompts: list[str]  # global rows: prompt g at rows g*K .. g*K + K - 1
-    group: torch.Tensor  # (n_global,) group index of each row
-    rows: slice  # this process's rows (ctx.shard of the global batch)
-
-    @property
-    def local_prompts(self) -> list[str]:
-        return self.prompts[self.rows]
-
-    @property
-    def local_group(self) -> torch.Tensor:
-        return self.group[self.rows]
-
-
-class GroupSampler:
-    """Every drawn prompt appears exactly ``group_size`` times in the global batch; each process
-    gets a contiguous shard (groups may straddle processes: gather rewards with ``all_gather_tensor``)."""
-
-    def __init__(self, group_size: int, groups_per_batch: int, rank: int = 0, world_size: int = 1):
-        if group_size < 2:
-            raise UserError(f"the GRPO group size must be at least 2 (got {group_size}); the paper uses 16 or 24.")
-        if groups_per_batch < 1:
-            raise UserError(f"at least one prompt group per batch is needed (got {groups_per_batch}).")
-        n = group_size * groups_per_batch
-        if n % world_size:
-            raise UserError(f"a global batch of {groups_per_batch} groups x {group_size} = {n} rows does not split over "
-                            f"{world_size} processes; choose a group count or size whose product is a multiple of it.")
-        self.group_size, self.groups, self.rank, self.world_size = group_size, groups_per_batch, rank, world_size
-
-    @classmethod
-    def for_context(cls, ctx, group_size: int, groups_per_batch: int) -> "GroupSampler":
-        return cls(group_size, groups_per_batch, ctx.rank, ctx.world_size)
-
-    @property
-    def global_size(self) -> int:
-        return self.group_size * self.groups
-
-    def rows(self) -> slice:
-        per = self.global_size // self.world_size
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def draw(self, source: Sequence[str] | Callable[[int, torch.Generator], list[str]],
-             generator: torch.Generator) -> GroupBatch:
-        """Draw ``groups_per_batch`` distinct prompts from ``source`` (a list, or backend.training_prompts)."""
-        if callable(source):
-            chosen: list[str] = []
-            for _ in range(64):  # a sampler with repeats: draw until enough distinct prompts
-                for p in source(self.groups, generator):
-                    if p not in chosen and len(chosen) < self.groups:
-                        chosen.append(p)
-                if len(chosen) == self.groups:
-                    break
-            else:
-                raise UserError(f"the prompt source yields fewer than {self.groups} distinct prompts; lower the number "
-                                "of groups per batch or use a larger prompt set.")
-        else:
-            pool = list(dict.fromkeys(source))
-            if len(pool) < self.groups:
-                raise UserError(f"{self.groups} prompt groups per batch need at least as many distinct prompts "
-                                f"(the prompt set has {len(pool)}); lower the group count or add prompts.")
-            idx = torch.randperm(len(pool), generator=generator)[: self.groups]
-            chosen = [pool[int(i)] for i in idx]
-        prompts = [p for p in chosen for _ in range(self.group_size)]
-        group = torch.arange(self.groups).repeat_interleave(self.group_size)
-        return GroupBatch(prompts=prompts, group=group, rows=self.rows())

@@ -1,4 +1,4 @@
-"""Rectified-flow conventions: noising, v <-> x0 <-> eps, sigma shifts and schedules, CFG.
+"""Rectified-flow conventions: noising, v <-> x0 <-> eps, sigma shifts and schedules, CFG, conditionings.
 
 x_s = (1 - s) x0 + s eps,  v = eps - x0,  s in [0, 1],  model timestep = 1000 s
 (method.md section 0). Every conversion between v, x0 and eps in the project lives here.
@@ -17,6 +17,25 @@ SigmaLike = Union[float, int, torch.Tensor]
 
 #: The model timestep of sigma = 1 (SD3 / FLUX convention: t = 1000 s).
 NUM_TRAIN_TIMESTEPS = 1000
+
+#: A conditioning: a dict of batch-first tensors (rtdmd.backends.base.Backend.encode_prompts).
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(conds: list[Cond]) -> Cond:
+    """Concatenate conditionings along the batch dimension."""
+    keys = conds[0].keys()
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+def index_cond(cond: Cond, index) -> Cond:
+    """Select batch rows (an int tensor, a slice or a bool mask) of a conditioning."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def repeat_cond(cond: Cond, repeats: int) -> Cond:
+    """Repeat every row ``repeats`` times (row i -> rows i*repeats .. i*repeats+repeats-1)."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
 
 
 def expand_sigma(sigma: SigmaLike, x: torch.Tensor) -> torch.Tensor:
@@ -141,8 +160,6 @@ def guided_velocity(
         return fn(x, sigma, cond)
     if uncond is None:
         raise ValueError("guided_velocity needs an unconditional Cond when w != 1")
-    from rtdmd.backends.base import cat_cond  # lazy: base.py imports this module lazily too
-
     sigma2 = torch.cat([sigma, sigma]) if torch.is_tensor(sigma) and sigma.dim() == 1 else sigma
     v = fn(torch.cat([x, x]), sigma2, cat_cond([uncond, cond]))
     v_uncond, v_cond = v.chunk(2)

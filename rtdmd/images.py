@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -29,8 +30,6 @@ def from_uint8(arr: np.ndarray) -> torch.Tensor:
 
 def save_png(path: Path, image) -> None:
     """Write one image ((H, W, 3) uint8 array or PIL image) as PNG, atomically."""
-    import io
-
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:

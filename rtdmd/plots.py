@@ -1,4 +1,4 @@
-"""Small matplotlib helpers (Agg backend: no display needed)."""
+"""Small matplotlib helpers (Agg backend: no display needed). matplotlib is imported on first use (slow to import)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,7 @@ def _plt():
 
 def scatter_points(points: np.ndarray, labels: list[str], path: Path, title: str = "") -> Path:
     """Scatter 2-D samples (toy2d), one colour per distinct prompt."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     for lab in sorted(set(labels)):
         idx = [i for i, l in enumerate(labels) if l == lab]

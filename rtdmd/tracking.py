@@ -6,6 +6,8 @@ Compare runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -89,3 +91,50 @@ class Tracker:
         if self.enabled and self._mlflow is not None:
             self.flush()
             self._mlflow.end_run(status=status)
+
+
+# ---------------------------------------------------------------------------- reading a store (benchmarks)
+
+
+def mlflow_at(uri: str, must_exist: bool = False):
+    """mlflow pointed at the store ``uri`` (its INFO chatter silenced); ``must_exist``: refuse to create a new sqlite file."""
+    if must_exist and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise UserError(f"no MLflow store at {db}; run 'rtdmd-bench eval' there first or pass --tracking-uri.")
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18').") from None
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def search_runs(uri: str, experiment: str, filter_string: str, must_exist: bool = False):
+    """Runs of ``experiment`` in the store ``uri`` that match ``filter_string``, newest first (a pandas
+    DataFrame, as mlflow.search_runs gives it); None when the experiment does not exist."""
+    mlflow = mlflow_at(uri, must_exist)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    return mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"])
+
+
+def download_artifact(uri: str, run_id: str, name: str, dst: Path) -> Path | None:
+    """Artifact ``name`` of run ``run_id`` copied under ``dst``; None when the run has no such artifact."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    mlflow = mlflow_at(uri, must_exist=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst)))
+    except Exception:  # the artifact is optional (fid runs have no per_prompt.csv)
+        return None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of metric ``key`` of run ``run_id``, by step."""
+    mlflow = mlflow_at(uri, must_exist=True)
+    client = mlflow.tracking.MlflowClient()
+    return sorted((h.step, h.value) for h in client.get_metric_history(run_id, key))

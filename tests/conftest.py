@@ -11,7 +11,7 @@ def cli(monkeypatch, tmp_path):
     """Invoke `rtdmd-bench` in-process (cwd = tmp_path, so default paths land there); returns the click Result."""
     from click.testing import CliRunner
 
-    from rtdmd.cli import main
+    from rtdmd_bench.cli import main
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()

@@ -13,10 +13,8 @@ from safetensors.torch import load_file
 
 from rtdmd import distributed as D
 from rtdmd.errors import UserError
-from rtdmd.methods.base import StepContext
 from rtdmd.methods.teacher import TeacherMethod, TeacherOptions
 from rtdmd.registry import register_method
-from rtdmd.seeding import step_seed, torch_generator
 
 
 class _CheckedTeacher(TeacherMethod):
@@ -91,47 +89,24 @@ def _collectives_worker(out: str):
 
     acc = Accelerator(cpu=True)
     r = acc.process_index
-    seed = step_seed(0, 7)
-    ctx = StepContext(step=7, generator=torch_generator(seed), seed=seed, rank=r, world_size=acc.num_processes)
-    sampler = D.GroupSampler.for_context(ctx, group_size=4, groups_per_batch=3)
-    batch = sampler.draw([f"prompt {i}" for i in range(10)], ctx.generator)
     gathered = D.all_gather_tensor(torch.tensor([r, 10 + r]))
     try:
         D.assert_same_on_all_ranks(r, "the rank")
         caught = ""
     except RuntimeError as exc:
         caught = str(exc)
-    result = {"rank": r, "world": acc.num_processes, "gathered": gathered.tolist(), "local": batch.local_prompts,
-              "global": batch.prompts, "broadcast": D.broadcast_object({"from": r})["from"], "caught": caught}
+    result = {"rank": r, "world": acc.num_processes, "gathered": gathered.tolist(),
+              "broadcast": D.broadcast_object({"from": r})["from"], "caught": caught}
     Path(out, f"rank{r}.json").write_text(json.dumps(result))
 
 
-def test_collectives_and_group_sampler_on_two_processes(tmp_path):
+def test_collectives_on_two_processes(tmp_path):
     D.spawn(_collectives_worker, 2, args=(str(tmp_path),))
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["gathered"] == r1["gathered"] == [0, 10, 1, 11]
     assert r0["broadcast"] == r1["broadcast"] == 0
     assert r0["caught"] == r1["caught"] == "the rank differs across processes (ranks [1] disagree with rank 0)"
-    assert r0["global"] == r1["global"] and r0["local"] + r1["local"] == r0["global"]
-    assert len(r0["local"]) == len(r1["local"]) == 6
-    counts = {p: r0["global"].count(p) for p in r0["global"]}
-    assert len(counts) == 3 and set(counts.values()) == {4}
-
-
-def test_group_sampler_single_process_and_errors():
-    g = torch.Generator().manual_seed(0)
-    s = D.GroupSampler(group_size=3, groups_per_batch=2)
-    coin = lambda n, gen: ["ab"[int(i)] for i in torch.randint(0, 2, (n,), generator=gen)]  # noqa: E731
-    b = s.draw(coin, g)  # a sampler with repeats still gives distinct groups
-    assert sorted(b.prompts) == ["a"] * 3 + ["b"] * 3 and len(set(b.prompts[:3])) == len(set(b.prompts[3:])) == 1
-    assert b.group.tolist() == [0, 0, 0, 1, 1, 1] and b.local_prompts == b.prompts
-    with pytest.raises(UserError, match="does not split over 4 processes"):
-        D.GroupSampler(3, 3, rank=0, world_size=4)
-    with pytest.raises(UserError, match="need at least as many distinct prompts"):
-        D.GroupSampler(2, 3).draw(["x", "y", "x"], g)
-    with pytest.raises(UserError, match="at least 2"):
-        D.GroupSampler(1, 3)
 
 
 def test_launch_commands(monkeypatch):

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import eval_models as EM
+from benchmarks import eval_prompts as EP
 from benchmarks import report, runner
 from benchmarks.suites.base import BackendInfo, SuiteResult
 from rtdmd.errors import UserError
@@ -67,10 +69,10 @@ def _geneval_result(values) -> SuiteResult:
 
 def _log(tmp_path, uri, method, steps, guidance, suite, result, train_seconds):
     ck = tmp_path / method / "step_100"
-    model = runner.Model(ck, method, BackendInfo("shapes", None),
+    model = EM.Model(ck, method, BackendInfo("shapes", None),
                          {"model_sha256": method * 4, "train_seconds": train_seconds, "step": 100})
     sc = SamplingConfig(kind="cps", steps=steps, guidance=guidance, eta=0.9)
-    ps = runner.PromptSet("default:shapes", [{"prompt": f"p{i}"} for i in range(4)], [0, 1, 2, 3], True)
+    ps = EP.PromptSet("default:shapes", [{"prompt": f"p{i}"} for i in range(4)], [0, 1, 2, 3], True)
     opts = runner.EvalOptions(tracking_uri=uri, experiment="report-test", images_per_prompt=2,
                               command=f"rtdmd-bench eval --suite {suite} --steps {steps} # {method}")
     eval_dir = tmp_path / "art" / f"{method}-{steps}-{suite}"

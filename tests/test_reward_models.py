@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.shapes import pairs as P
 from benchmarks.shapes import reward_models as RM
+from benchmarks.shapes import reward_nets as RN
 from rtdmd.errors import UserError
 from rtdmd.rewards.base import Reward
 from rtdmd.world.shapes import ALL_CLASSES, Scene, ShapeObject, WorldSpec, render, vocabulary
@@ -21,15 +22,15 @@ SPEC = WorldSpec(classes=("circle", "square", "triangle", "cross"))
 from tests.eval_fixtures import one_torch_thread_per_module  # noqa: E402,F401  (autouse)
 
 
-def _arch(**kw) -> RM.Architecture:
-    return RM.Architecture(vocab=vocabulary(SPEC), n_classes=len(SPEC.classes), width=8, aesthetic_width=8,
+def _arch(**kw) -> RN.Architecture:
+    return RN.Architecture(vocab=vocabulary(SPEC), n_classes=len(SPEC.classes), width=8, aesthetic_width=8,
                            encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16, **kw)
 
 
 def _bundle(seed: int = 0) -> RM.RewardBundle:
     torch.manual_seed(seed)
     arch = _arch()
-    nets = {n: arch.build(n).eval() for n in RM.NETWORKS}
+    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
     return RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, SPEC, "test@sha256:0", {})
 
 
@@ -37,8 +38,8 @@ def _bundle(seed: int = 0) -> RM.RewardBundle:
 
 
 def test_default_sizes_are_small():
-    arch = RM.Architecture(vocab=vocabulary(SPEC), n_classes=4)
-    for n in RM.NETWORKS:
+    arch = RN.Architecture(vocab=vocabulary(SPEC), n_classes=4)
+    for n in RN.NETWORKS:
         count = sum(p.numel() for p in arch.build(n).parameters())
         assert 50_000 < count < 1_000_000, (n, count)
 
@@ -54,7 +55,7 @@ def test_forward_shapes_and_gradients_reach_images():
     (r.sum() + a.sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     out = b.encoder(torch.rand(2, 3, 64, 64))  # any image size: global pooling
-    assert out["class_counts"].shape == (2, 4, RM.MAX_COUNT + 1) and out["occupancy"].shape == (2, 9)
+    assert out["class_counts"].shape == (2, 4, RN.MAX_COUNT + 1) and out["occupancy"].shape == (2, 9)
 
 
 def test_prompt_word_order_matters():
@@ -70,22 +71,22 @@ def test_prompt_word_order_matters():
 def test_reader_targets_hand_values_and_loss():
     scene = Scene([ShapeObject("circle", "red", 8, 16, 12), ShapeObject("circle", "red", 24, 8, 12),
                    ShapeObject("square", "blue", 16, 24, 11)])
-    t = RM.reader_targets([scene, Scene([])], SPEC)
-    red, blue = RM.GENEVAL_COLORS.index("red"), RM.GENEVAL_COLORS.index("blue")
+    t = RN.reader_targets([scene, Scene([])], SPEC)
+    red, blue = RN.GENEVAL_COLORS.index("red"), RN.GENEVAL_COLORS.index("blue")
     assert t["color_class_counts"][0, 0, red] == 2 and t["color_class_counts"][0, 1, blue] == 1
     assert int(t["color_class_counts"].sum()) == 3 and t["class_counts"][0].tolist() == [2, 1, 0, 0]
     # centroid of the two circles: x = (8 + 24) / 2 = 16 -> 0; y = (16 + 8) / 2 = 12 -> 12 / 32 * 2 - 1 = -0.25
     assert t["centroids"][0, 0].tolist() == pytest.approx([0.0, -0.25])
     assert t["present"][0].tolist() == [1, 1, 0, 0] and t["present"][1].sum() == 0
-    reader = RM.SceneReader(4, width=8)
+    reader = RN.SceneReader(4, width=8)
     out = reader(torch.rand(2, 3, 32, 32))
     assert reader.read(torch.rand(2, 3, 32, 32)).shape == (2, reader.out_dim)
-    loss, logs = RM.reader_loss(out, t)
+    loss, logs = RN.reader_loss(out, t)
     assert loss.item() > 0 and 0.0 <= logs["reader/exact_counts"] <= 1.0
     # a reader that outputs the targets exactly (large one-hot logits) has only the centroid error of absent classes
-    perfect = {"color_class_counts": F.one_hot(t["color_class_counts"], RM.MAX_COUNT + 1).float() * 50,
-               "class_counts": F.one_hot(t["class_counts"], RM.MAX_COUNT + 1).float() * 50, "centroids": t["centroids"]}
-    loss, logs = RM.reader_loss(perfect, t)
+    perfect = {"color_class_counts": F.one_hot(t["color_class_counts"], RN.MAX_COUNT + 1).float() * 50,
+               "class_counts": F.one_hot(t["class_counts"], RN.MAX_COUNT + 1).float() * 50, "centroids": t["centroids"]}
+    loss, logs = RN.reader_loss(perfect, t)
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and logs["reader/exact_counts"] == 1.0
 
 
@@ -102,7 +103,7 @@ def test_reader_preference_is_bounded_faithfulness_plus_weighted_quality():
     assert r0.tolist() == pytest.approx((0.6 / 0.05 * f).tolist(), rel=1e-5)  # initial weights 0.6 / T and 0.4
     assert (r1 - r0).tolist() == pytest.approx([0.4, 0.4], rel=1e-5)
     r, read = net(x, ids, mask, torch.zeros(2), renders=torch.rand(3, 3, 32, 32))
-    assert read["class_counts"].shape == (3, 4, RM.MAX_COUNT + 1)
+    assert read["class_counts"].shape == (3, 4, RN.MAX_COUNT + 1)
     wide = _arch(preference_net="reader", checks=3, check_inputs="reading+hidden").build("preference")
     assert wide.checks[0].in_features == net.checks[0].in_features + wide.reader.hidden_dim
     assert wide.faithfulness(x, ids, mask).shape == (2,)
@@ -168,12 +169,12 @@ def test_learned_reward_protocol_and_differentiability():
 def test_encoder_targets_and_loss():
     scenes = [Scene([ShapeObject("circle", "red", 5, 5, 10), ShapeObject("circle", "blue", 27, 27, 10),
                      ShapeObject("cross", "red", 16, 16, 10)]), Scene([])]
-    t = RM.encoder_targets(scenes, SPEC)
+    t = RN.encoder_targets(scenes, SPEC)
     assert t["class_counts"][0].tolist() == [2, 0, 0, 1] and t["class_counts"][1].tolist() == [0, 0, 0, 0]
     assert t["color_counts"][0, 0] == 2 and t["color_counts"][0, 4] == 1 and t["color_counts"][0].sum() == 3
     assert t["occupancy"][0].tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1] and t["occupancy"][1].sum() == 0
     enc = _bundle().encoder
-    loss, logs = RM.encoder_loss(enc(render(scenes, SPEC).images), t)
+    loss, logs = RN.encoder_loss(enc(render(scenes, SPEC).images), t)
     # an untrained head is near uniform: ln 5 per count head, ln 2 for occupancy
     assert float(loss.detach()) == pytest.approx(2 * math.log(5) + math.log(2), rel=0.2)
     assert set(logs) == {"encoder/class_count_acc", "encoder/color_count_acc"}
@@ -281,7 +282,7 @@ def test_reader_preference_trains_through_the_trainer(tmp_path):
     result = run_training(make_config("reward", backend="shapes", overrides=over), out=tmp_path / "run", show_progress=False)
     assert {"loss/preference", "loss/reader", "reader/exact_counts"} <= set(result.last_logs)
     bundle = RM.load_bundle(RM.export_bundle(result.run_dir, tmp_path / "bundle"))
-    assert isinstance(bundle.preference, RM.ReaderPreferenceNet) and bundle.architecture.checks == 2
+    assert isinstance(bundle.preference, RN.ReaderPreferenceNet) and bundle.architecture.checks == 2
     s = RM.LearnedReward("shapes_pref", bundle)(torch.rand(2, 3, 32, 32), ["a photo of a circle"] * 2)
     assert s.shape == (2,) and torch.isfinite(s).all()
 
@@ -299,7 +300,7 @@ def test_short_training_runs_through_the_trainer(tmp_path):
     cfg = make_config("reward", backend="shapes", overrides=over)
     result = run_training(cfg, out=tmp_path / "run", show_progress=False)
     step = find_checkpoint(result.run_dir)
-    assert {f"net_{n}.safetensors" for n in RM.NETWORKS} <= {p.name for p in (step / "state").iterdir()}
+    assert {f"net_{n}.safetensors" for n in RN.NETWORKS} <= {p.name for p in (step / "state").iterdir()}
     for n in ("preference", "aesthetic"):
         assert {f"loss/{n}", f"{n}/batch_agreement"} <= set(result.last_logs)
     assert "loss/encoder" in result.last_logs
@@ -319,7 +320,7 @@ def test_short_training_runs_through_the_trainer(tmp_path):
     assert float(from_bundle.preference.offset) != 0.0  # calibrated against the oracle during training
     assert from_ckpt.meta["weights"]["preference"] == "ema_preference.safetensors"
     # recalibrated on a pool, each reward's mean over the pool is the reference's mean
-    from rtdmd.methods.reward_model import load_or_build_pool
+    from benchmarks.shapes.reward_training import load_or_build_pool
     from rtdmd.registry import get_backend
 
     pool = load_or_build_pool(cfg.method, get_backend("shapes").factory(cfg.backend, "cpu"), "train", progress=False)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import rewards as BR
 from rtdmd.errors import UserError
 from rtdmd.rewards import registry as R
 from rtdmd.rewards.base import Reward
@@ -26,8 +27,8 @@ def _images():
 
 
 def test_names():
-    assert R.reward_names() == ["geneval_partial", "shapes_pref", "shapes_aes", "oracle",
-                                "hpsv21", "imagereward", "pickscore", "clipscore", "aesthetic"]
+    assert R.reward_names() == ["aesthetic", "clipscore", "geneval_partial", "hpsv21", "imagereward", "oracle",
+                                "pickscore", "shapes_aes", "shapes_pref"]
     with pytest.raises(UserError, match="unknown reward 'hps'"):
         R.get_reward("hps")
 
@@ -79,7 +80,7 @@ def test_backend_checks():
         spec = WorldSpec(classes=("circle", "square"))
 
     assert R.get_reward("oracle", backend=FakeShapes()).spec.classes == ("circle", "square")
-    for name in R.SHAPES_ONLY:
+    for name in BR.SHAPES_ONLY:
         with pytest.raises(UserError, match="only in the shapes world"):
             R.get_reward(name, backend="sd3")
     with pytest.raises(UserError, match="has none"):
@@ -95,21 +96,21 @@ def test_real_scorers_are_delegated(tmp_path):
 
 
 def test_suite_rewards():
-    assert R.suite_rewards("shapes", "preference") == ["oracle", "shapes_pref"]
-    assert R.suite_rewards("shapes", "aesthetic") == ["shapes_aes"]
-    assert R.suite_rewards("sd3", "preference") == ["hpsv21", "imagereward", "pickscore", "clipscore"]
-    assert R.suite_rewards("flux2", "aesthetic") == ["aesthetic"]
+    assert BR.suite_rewards("shapes", "preference") == ["oracle", "shapes_pref"]
+    assert BR.suite_rewards("shapes", "aesthetic") == ["shapes_aes"]
+    assert BR.suite_rewards("sd3", "preference") == ["hpsv21", "imagereward", "pickscore", "clipscore"]
+    assert BR.suite_rewards("flux2", "aesthetic") == ["aesthetic"]
     with pytest.raises(UserError, match="reports no rewards"):
-        R.suite_rewards("shapes", "geneval")
+        BR.suite_rewards("shapes", "geneval")
     with pytest.raises(UserError):
-        R.suite_rewards("toy2d", "preference")
+        BR.suite_rewards("toy2d", "preference")
     for b in ("shapes", "sd3"):
         for suite in ("preference", "aesthetic"):
-            assert set(R.suite_rewards(b, suite)) <= set(R.REWARD_NAMES)
+            assert set(BR.suite_rewards(b, suite)) <= set(R.reward_names())
 
 
 def test_registry_imports_no_benchmarks_module():
-    code = ("import sys, rtdmd.rewards.registry, rtdmd.methods.reward_model; "
+    code = ("import sys, rtdmd.rewards.registry, rtdmd.registry, rtdmd.cli; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'benchmarks']; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

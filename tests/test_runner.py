@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from benchmarks import runner
+from benchmarks import eval_models as EM
+from benchmarks import eval_prompts as EP
 from benchmarks.geneval import layout
 from benchmarks.geneval import suite as gsuite
-from benchmarks.suites import expand_suites, make_suite
+from benchmarks.suites.registry import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem
 from rtdmd.errors import UserError
 from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)
@@ -42,12 +44,12 @@ def test_nfe_counts_cfg_twice():
 
 
 def test_select_indices_evenly_spaced_and_bounds():
-    assert runner.select_indices(5, None) == [0, 1, 2, 3, 4]
-    assert runner.select_indices(5, 9) == [0, 1, 2, 3, 4]
-    assert runner.select_indices(209, 5) == [0, 52, 104, 156, 208]
-    assert runner.select_indices(10, 1) == [0]
+    assert EP.select_indices(5, None) == [0, 1, 2, 3, 4]
+    assert EP.select_indices(5, 9) == [0, 1, 2, 3, 4]
+    assert EP.select_indices(209, 5) == [0, 52, 104, 156, 208]
+    assert EP.select_indices(10, 1) == [0]
     with pytest.raises(UserError, match="--max-prompts"):
-        runner.select_indices(10, 0)
+        EP.select_indices(10, 0)
 
 
 def test_unknown_suite_and_all():
@@ -60,11 +62,11 @@ def test_unknown_suite_and_all():
 def test_prompt_files_plain_and_geneval(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("a photo of a circle\n\n  a photo of two squares  \n")
-    assert runner.read_prompt_file(txt) == ([{"prompt": "a photo of a circle"}, {"prompt": "a photo of two squares"}], False)
+    assert EP.read_prompt_file(txt) == ([{"prompt": "a photo of a circle"}, {"prompt": "a photo of two squares"}], False)
     jl = tmp_path / "g.jsonl"
     jl.write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
                               "prompt": "a photo of a circle"}) + "\n")
-    entries, geneval = runner.read_prompt_file(jl)
+    entries, geneval = EP.read_prompt_file(jl)
     assert geneval and entries[0]["tag"] == "single_object"
 
 
@@ -80,10 +82,10 @@ def test_malformed_prompt_files(tmp_path, content, match):
     p = tmp_path / "bad.txt"
     p.write_bytes(content)
     with pytest.raises(UserError, match=match) as e:
-        runner.read_prompt_file(p)
+        EP.read_prompt_file(p)
     assert str(p) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
-        runner.read_prompt_file(tmp_path / "absent.txt")
+        EP.read_prompt_file(tmp_path / "absent.txt")
 
 
 def test_geneval_suite_refuses_plain_prompts(tmp_path, ckpt):
@@ -174,11 +176,11 @@ class _FakeProcs:
 
 def test_sharded_generation_equals_one_process(tmp_path, ckpt):
     """Each rank generates its share of the missing images; together they equal one process's images."""
-    model = runner.describe_checkpoint(ckpt)
+    model = EM.describe_checkpoint(ckpt)
     opts = _opts(tmp_path, batch_size=3)
     sc = runner._sampling(model, opts)
     entries = gsuite.default_metadata(model.info)
-    ps = runner.PromptSet("default", entries, runner.select_indices(len(entries), 5), True)
+    ps = EP.PromptSet("default", entries, EP.select_indices(len(entries), 5), True)
     one, two = tmp_path / "one", tmp_path / "two"
     cache: dict = {}
     assert runner._generate(model, sc, ps, one, opts, _FakeProcs(0, 1), "cpu", cache) == 10
@@ -318,12 +320,12 @@ def test_default_checkpoints_newest_per_method_plus_teacher(tmp_path, ckpt, stor
     with mlflow.start_run():  # an eval run is not a training run
         mlflow.set_tags({"kind": "eval", "method": "rtdmd", "backend": "shapes", "run_dir": str(dirs["old"])})
     warnings = []
-    found = runner.default_checkpoints("train-exp", store, warn=warnings.append)
+    found = EM.default_checkpoints("train-exp", store, warn=warnings.append)
     step = ckpt.name
     assert found == [(dirs["lcm"] / "checkpoints" / step).resolve(), (dirs["new"] / "checkpoints" / step).resolve(),
-                     runner.SHIPPED_TEACHER.resolve()]
+                     EM.SHIPPED_TEACHER.resolve()]
     assert len(warnings) == 1 and "hypersd" in warnings[0]
-    assert runner.default_checkpoints("no-such-experiment", store) == [runner.SHIPPED_TEACHER.resolve()]
+    assert EM.default_checkpoints("no-such-experiment", store) == [EM.SHIPPED_TEACHER.resolve()]
 
 
 def _rank_eval(ckpt: str, out: str):
@@ -354,9 +356,9 @@ def test_two_processes_share_generation_and_rank0_scores(tmp_path, ckpt):
 
 def test_preference_suite_end_to_end_with_the_oracle(tmp_path, ckpt, monkeypatch):
     """The preference suite through the runner, with the registry's oracle (the learned rewards need the shipped bundle)."""
-    import rtdmd.rewards.registry as R
+    import benchmarks.rewards as BR
 
-    monkeypatch.setattr(R, "suite_rewards", lambda backend, suite: ["oracle"])
+    monkeypatch.setattr(BR, "suite_rewards", lambda backend, suite: ["oracle"])
     (g,) = runner.run_eval([ckpt], _opts(tmp_path))
     (p,) = runner.run_eval([ckpt], _opts(tmp_path, suites=["preference"]))
     assert p.generated == 0 and p.image_dir == g.image_dir  # same prompts -> the same images, not regenerated
@@ -391,13 +393,14 @@ def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, c
     import torch
 
     import benchmarks.shapes.reward_models as RM
+    import benchmarks.shapes.reward_nets as RN
     from rtdmd.world.shapes import vocabulary
 
-    spec = runner.describe_checkpoint(ckpt).info.spec
+    spec = EM.describe_checkpoint(ckpt).info.spec
     torch.manual_seed(0)
-    arch = RM.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
+    arch = RN.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
                            encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
-    nets = {n: arch.build(n).eval() for n in RM.NETWORKS}
+    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
     bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec, "tiny@sha256:0", {})
     monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
     res = {r.suite: r for r in runner.run_eval([ckpt], _opts(tmp_path, suites=["all"], max_prompts=4))}

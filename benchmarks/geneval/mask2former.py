@@ -9,11 +9,10 @@ COCO index onto GenEval's names (benchmarks.geneval.prompts.COCO_CLASSES).
 Colours follow GenEval's evaluate_images.py: the object composited with its mask on a #999999
 background, cropped to its box (PIL crop), classified zero-shot by CLIP ViT-L/14 over the 10
 colours, class embedding = normalised mean of the normalised embeddings of three templates.
+transformers' model classes are imported when the detector loads (heavy).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from PIL import Image
 
 from benchmarks.geneval.detection import Detection
 from benchmarks.geneval.prompts import COCO_CLASSES, GENEVAL_COLORS
+from benchmarks.scorers.clip_family import CLIPScore
 from benchmarks.scorers.common import identity_of, resolve_dir
 from rtdmd.errors import UserError
 
@@ -85,8 +85,6 @@ class Mask2FormerDetector:
         clip_batch_size: int = 16,
     ):
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
-
-        from benchmarks.scorers.clip_family import CLIPScore
 
         folder = resolve_dir(path or MASK2FORMER_ID, "Mask2Former (COCO instance)", ["config.json", "preprocessor_config.json"])
         try:

@@ -54,16 +54,7 @@ def generate_metadata(
     """
     classes = list(classes)
     n = len(classes)
-    if n < 2 or len(set(classes)) != n or not all(isinstance(c, str) and c for c in classes):
-        raise UserError("GenEval prompt generation needs at least 2 distinct non-empty class names; fix the class list.")
-    if len(colors) < 2 or len(positions) < 1:
-        raise UserError("GenEval prompt generation needs at least 2 colours and 1 relation; fix the colors/positions arguments.")
-    if exclude_color_class is not None and exclude_color_class not in classes:
-        raise UserError(
-            f"exclude_color_class {exclude_color_class!r} is not among the classes; pass one of them or None."
-        )
-    if exclude_color_class is not None and n < 3:
-        raise UserError("Excluding a class from colour prompts needs at least 3 classes; pass exclude_color_class=None.")
+    _check_recipe(classes, colors, positions, exclude_color_class)
     shift = None if exclude_color_class is None else classes.index(exclude_color_class)
     rng = np.random.default_rng(seed)
 
@@ -74,16 +65,7 @@ def generate_metadata(
         drawn = rng.choice(n - 1, size=size, replace=False) + 1 if size else rng.choice(n - 1) + 1
         return (drawn + shift) % n
 
-    samples: list[dict] = []
-    for i in rng.choice(n, size=n, replace=False):
-        c = classes[i]
-        samples.append({"tag": "single_object", "include": [{"class": c, "count": 1}],
-                        "prompt": f"a photo of {with_article(c)}"})
-    for _ in range(per_task):
-        a, b = (classes[i] for i in rng.choice(n, size=2, replace=False))
-        samples.append({"tag": "two_object",
-                        "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                        "prompt": f"a photo of {with_article(a)} and {with_article(b)}"})
+    samples = _object_prompts(rng, classes, per_task)
     for _ in range(per_task):
         c = classes[rng.choice(n)]
         k = int(rng.integers(COUNTING_MIN, COUNTING_MAX, endpoint=True))
@@ -107,7 +89,41 @@ def generate_metadata(
         samples.append({"tag": "color_attr",
                         "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
                         "prompt": f"a photo of {with_article(ca)} {a} and {with_article(cb)} {b}"})
+    return _drop_duplicates(samples)
 
+
+def _check_recipe(classes: list[str], colors: Sequence[str], positions: Sequence[str], exclude_color_class) -> None:
+    n = len(classes)
+    if n < 2 or len(set(classes)) != n or not all(isinstance(c, str) and c for c in classes):
+        raise UserError("GenEval prompt generation needs at least 2 distinct non-empty class names; fix the class list.")
+    if len(colors) < 2 or len(positions) < 1:
+        raise UserError("GenEval prompt generation needs at least 2 colours and 1 relation; fix the colors/positions arguments.")
+    if exclude_color_class is not None and exclude_color_class not in classes:
+        raise UserError(
+            f"exclude_color_class {exclude_color_class!r} is not among the classes; pass one of them or None."
+        )
+    if exclude_color_class is not None and n < 3:
+        raise UserError("Excluding a class from colour prompts needs at least 3 classes; pass exclude_color_class=None.")
+
+
+def _object_prompts(rng: np.random.Generator, classes: list[str], per_task: int) -> list[dict]:
+    """The recipe's first draws: single_object (a permutation of all classes), then per_task two_object."""
+    n = len(classes)
+    samples: list[dict] = []
+    for i in rng.choice(n, size=n, replace=False):
+        c = classes[i]
+        samples.append({"tag": "single_object", "include": [{"class": c, "count": 1}],
+                        "prompt": f"a photo of {with_article(c)}"})
+    for _ in range(per_task):
+        a, b = (classes[i] for i in rng.choice(n, size=2, replace=False))
+        samples.append({"tag": "two_object",
+                        "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                        "prompt": f"a photo of {with_article(a)} and {with_article(b)}"})
+    return samples
+
+
+def _drop_duplicates(samples: list[dict]) -> list[dict]:
+    """Exact duplicates dropped, first occurrence kept."""
     seen: set[str] = set()
     unique = []
     for s in samples:

@@ -53,6 +53,16 @@ class Assessment:
         return sum(ok for _, ok in self.checks) / len(self.checks) if self.checks else 0.0
 
 
+def _failing_pair(objects: Sequence[Detection], targets: Sequence[Detection], rel: str, threshold: float):
+    """The relations that hold for the first (object, target) pair where ``rel`` does not; None when it holds for all."""
+    for obj in objects:
+        for tgt in targets:
+            holds = relative_position(obj.box, tgt.box, threshold)
+            if rel not in holds:
+                return holds
+    return None
+
+
 def assess(image: np.ndarray, metadata: dict, detector: Detector, cfg: RuleConfig | None = None) -> Assessment:
     """Run the detector once and apply the official pass/fail rules and the partial-credit checks."""
     cfg = cfg or RuleConfig()
@@ -87,17 +97,9 @@ def assess(image: np.ndarray, metadata: dict, detector: Detector, cfg: RuleConfi
             checks.append((f"color {want} {cls}", ok_color))
         if "position" in req:
             rel, target = req["position"]
-            # Relation of every (object, target object) pair; the first failing pair is reported.
             failing = None
             if ok_count and count_ok[target]:
-                for obj in found:
-                    for tgt in found_per_clause[target]:
-                        holds = relative_position(obj.box, tgt.box, cfg.position_threshold)
-                        if rel not in holds:
-                            failing = holds
-                            break
-                    if failing is not None:
-                        break
+                failing = _failing_pair(found, found_per_clause[target], rel, cfg.position_threshold)
             checks.append((f"position {cls} {rel} include[{target}]", ok_count and count_ok[target] and failing is None))
             if matched:  # official: position is only checked when count and colour passed
                 if matched_groups[target] is None:

@@ -14,8 +14,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from tqdm import tqdm
+
 from benchmarks.geneval import layout, rules
+from benchmarks.geneval.mask2former import Mask2FormerDetector
 from benchmarks.geneval.prompts import COCO_CLASSES, generate_metadata
+from benchmarks.shapes.detector import ShapesDetector
+from benchmarks.suites.base import SuiteResult, per_prompt_means
+from rtdmd.errors import UserError
+from rtdmd import generate as gen  # through the module: tests replace gen.generate
+from rtdmd.images import to_uint8
 
 
 def default_metadata(backend) -> list[dict]:
@@ -27,11 +36,7 @@ def default_metadata(backend) -> list[dict]:
 
 def default_detector(backend):
     if backend.name == "shapes":
-        from benchmarks.shapes.detector import ShapesDetector
-
         return ShapesDetector(backend.spec)
-    from benchmarks.geneval.mask2former import Mask2FormerDetector
-
     return Mask2FormerDetector.from_default_location()
 
 
@@ -56,9 +61,6 @@ def generate_images(backend, net, metadata: Sequence[dict], out: Path, sampling,
     prompts (default all); ``todo`` gives the missing (index, k) list computed beforehand (so
     every process splits the same list even while others are already writing).
     """
-    from rtdmd.generate import generate, sample_seed
-    from rtdmd.images import to_uint8
-
     out = Path(out)
     indices = list(range(len(metadata))) if indices is None else list(indices)
     if todo is None:
@@ -68,13 +70,11 @@ def generate_images(backend, net, metadata: Sequence[dict], out: Path, sampling,
     todo = list(todo)[rank::world]
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc="generate", unit="img", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = generate(backend, net, [metadata[i]["prompt"] for i, _ in chunk],
-                          [sample_seed(seed, i, k) for i, k in chunk], sampling)
+        images = gen.generate(backend, net, [metadata[i]["prompt"] for i, _ in chunk],
+                              [gen.sample_seed(seed, i, k) for i, k in chunk], sampling)
         for (i, k), arr in zip(chunk, to_uint8(images)):
             layout.save_image(out, i, k, arr)
         if bar is not None:
@@ -89,8 +89,6 @@ _WORKER_DETECTOR = None
 
 def _init_worker(detector):
     global _WORKER_DETECTOR
-    import torch
-
     torch.set_num_threads(1)
     _WORKER_DETECTOR = detector
 
@@ -108,8 +106,6 @@ def score_paths(items: Sequence[tuple[Path, dict]], detector, cfg: rules.RuleCon
     items = [(p, meta, cfg) for p, meta in items]
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(items), desc="score", unit="img", dynamic_ncols=True)
     results: list[dict] = []
     if workers and workers > 1 and len(items) > workers:
@@ -162,12 +158,8 @@ class GenEvalSuite:
         self.workers = workers
 
     def score(self, items, info, seed: int = 0, progress: bool = True, work_dir=None):
-        from benchmarks.suites.base import SuiteResult, per_prompt_means
-
         for it in items:
             if not layout.is_complete_png(it.path):
-                from rtdmd.errors import UserError
-
                 raise UserError(f"image {it.path} is missing or incomplete; rerun the eval without --images to generate it.")
         records = score_paths([(it.path, it.metadata) for it in items], self.detector, self.rule_config,
                               self.workers, progress)

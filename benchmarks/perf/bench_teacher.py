@@ -90,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from rtdmd.checkpoint import load_for_inference
-    from rtdmd.cli import SHIPPED_TEACHER
+    from rtdmd.backends.shapes import SHIPPED_TEACHER
     from rtdmd.generate import SamplingConfig
 
     it_s = bench_training(a.batch, a.warmup, a.steps, a.threads)

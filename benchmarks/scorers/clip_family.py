@@ -4,7 +4,8 @@ HPSv2.1 ships an open_clip ViT-H-14 state dict; it is mapped key by key onto a C
 the same architecture (same maths: pre-LN ViT with class-token pooling, causal text
 transformer pooled at the end-of-text token, GELU, LayerNorm eps 1e-5). open_clip itself is
 not imported: it needs torchvision, whose PyPI wheels are CUDA builds that fail to import
-beside a CPU torch (see docs/scorers.md).
+beside a CPU torch (see docs/scorers.md). transformers' model classes are imported when a
+scorer loads (heavy).
 """
 
 from __future__ import annotations
@@ -206,6 +207,19 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return 1 + max(int(m.group(1)) for k in sd if (m := pat.match(k)))
 
 
+def _map_blocks(sd: dict, out: dict, src: str, dst: str, n: int) -> None:
+    """open_clip residual blocks ``src<i>.`` -> CLIP encoder layers ``dst<i>.`` (fused qkv split into q, k, v)."""
+    for i in range(n):
+        s, d = f"{src}{i}.", f"{dst}{i}."
+        w, b = sd[s + "attn.in_proj_weight"], sd[s + "attn.in_proj_bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[d + f"self_attn.{name}.weight"] = w.chunk(3)[j]
+            out[d + f"self_attn.{name}.bias"] = b.chunk(3)[j]
+        for a, z in _BLOCK.items():
+            for t in ("weight", "bias"):
+                out[d + f"{z}.{t}"] = sd[s + f"{a}.{t}"]
+
+
 def openclip_to_hf(sd: dict, vision_heads: int, text_heads: int):
     """Map an open_clip CLIP state dict to (CLIPConfig, CLIPModel state dict)."""
     from transformers import CLIPConfig
@@ -245,18 +259,6 @@ def openclip_to_hf(sd: dict, vision_heads: int, text_heads: int):
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed)
 
     out = {}
-
-    def blocks(src: str, dst: str, n: int) -> None:
-        for i in range(n):
-            s, d = f"{src}{i}.", f"{dst}{i}."
-            w, b = sd[s + "attn.in_proj_weight"], sd[s + "attn.in_proj_bias"]
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[d + f"self_attn.{name}.weight"] = w.chunk(3)[j]
-                out[d + f"self_attn.{name}.bias"] = b.chunk(3)[j]
-            for a, z in _BLOCK.items():
-                for t in ("weight", "bias"):
-                    out[d + f"{z}.{t}"] = sd[s + f"{a}.{t}"]
-
     out["vision_model.embeddings.class_embedding"] = sd["visual.class_embedding"]
     out["vision_model.embeddings.patch_embedding.weight"] = sd["visual.conv1.weight"]
     out["vision_model.embeddings.position_embedding.weight"] = sd["visual.positional_embedding"]
@@ -264,8 +266,8 @@ def openclip_to_hf(sd: dict, vision_heads: int, text_heads: int):
         out[f"vision_model.pre_layrnorm.{t}"] = sd[f"visual.ln_pre.{t}"]
         out[f"vision_model.post_layernorm.{t}"] = sd[f"visual.ln_post.{t}"]
         out[f"text_model.final_layer_norm.{t}"] = sd[f"ln_final.{t}"]
-    blocks("visual.transformer.resblocks.", "vision_model.encoder.layers.", vision["num_hidden_layers"])
-    blocks("transformer.resblocks.", "text_model.encoder.layers.", text["num_hidden_layers"])
+    _map_blocks(sd, out, "visual.transformer.resblocks.", "vision_model.encoder.layers.", vision["num_hidden_layers"])
+    _map_blocks(sd, out, "transformer.resblocks.", "text_model.encoder.layers.", text["num_hidden_layers"])
     # open_clip projects with x @ proj (width, embed); nn.Linear stores (embed, width)
     out["visual_projection.weight"] = sd["visual.proj"].t().contiguous()
     out["text_projection.weight"] = sd["text_projection"].t().contiguous()

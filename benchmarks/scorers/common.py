@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download, snapshot_download
 from PIL import Image
 
 from rtdmd.errors import UserError
@@ -48,8 +49,6 @@ def resolve_dir(spec: str, what: str, required: Sequence[str] = ()) -> Path:
         return path
     if _looks_like_path(spec):
         raise UserError(f"{what}: no directory at {path}; copy the weights there or pass another path.")
-    from huggingface_hub import snapshot_download
-
     try:
         found = Path(snapshot_download(repo_id=spec, local_files_only=True))
     except Exception as exc:  # huggingface_hub raises several types for "not cached"
@@ -68,8 +67,6 @@ def resolve_file(spec: str, what: str, repo_filename: tuple[str, str] | None = N
     if path.is_dir() and repo_filename and (path / repo_filename[1]).is_file():
         return path / repo_filename[1]
     if repo_filename and spec == repo_filename[0]:
-        from huggingface_hub import hf_hub_download
-
         try:
             return Path(hf_hub_download(repo_filename[0], repo_filename[1], local_files_only=True))
         except Exception as exc:

@@ -6,6 +6,8 @@ HPSv2.1 model), perturbed so no LayerNorm is the identity; prints the largest di
 the normalised image / text embeddings and of the cosine scores.
 
     python -m benchmarks.scorers.crosscheck_openclip [ARCH] [DEVICE]
+
+open_clip and transformers are imported when the check runs (optional and heavy).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from benchmarks.scorers.clip_family import openclip_to_hf
+
 
 def main(arch: str = "ViT-H-14", device: str = "cuda") -> float:
     import open_clip
     from transformers import CLIPModel
-
-    from benchmarks.scorers.clip_family import openclip_to_hf
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -14,6 +14,7 @@ Architecture (ImageReward.py / BLIP models in the public ImageReward code):
 Checkpoint keys (ImageReward.pt): ``blip.visual_encoder.*`` (timm names),
 ``blip.text_encoder.*`` (med names = BlipTextModel names), ``mlp.layers.*``;
 ``blip.vision_proj`` / ``blip.text_proj`` are unused for the reward.
+transformers' model classes are imported when the scorer loads (heavy).
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+from benchmarks.scorers.common import scorer_options
 from rtdmd.errors import UserError
 
 # name -> (module, class); imported lazily so that `import benchmarks.scorers` stays light
@@ -37,10 +40,6 @@ def get_scorer(
     Extra options per scorer: pickscore processor_path; aesthetic clip_path; hpsv21
     tokenizer_path; imagereward med_config, tokenizer_path.
     """
-    import importlib
-
-    from benchmarks.scorers.common import scorer_options
-
     if name not in _SCORERS:
         raise UserError(f"unknown scorer '{name}'; choose one of {', '.join(_SCORERS)}.")
     if isinstance(dtype, str):

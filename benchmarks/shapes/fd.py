@@ -3,7 +3,7 @@
 The reference set is renders of the same prompts (rtdmd.world.shapes.scene_for_metadata:
 exactly the prompt's objects, on the world's background), so FD-shapes measures how far
 generated images are from what the world draws for those prompts: the FID analogue with
-the project's encoder (benchmarks.shapes.reward_models.ShapesEncoder) in place of Inception.
+the project's encoder (benchmarks.shapes.reward_nets.ShapesEncoder) in place of Inception.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from benchmarks.fid import feature_statistics, frechet_distance
+from benchmarks.shapes import reward_models
 from rtdmd.errors import UserError
 from rtdmd.seeding import numpy_generator
 from rtdmd.world.shapes import WorldSpec, render, scene_for_metadata
@@ -36,9 +37,7 @@ def _as_float_images(images) -> torch.Tensor:
 def encoder_features(images, encoder=None, batch_size: int = 256) -> np.ndarray:
     """(N, D) float64 features of the shapes encoder (the shipped one by default)."""
     if encoder is None:
-        from benchmarks.shapes.reward_models import load_bundle
-
-        encoder = load_bundle().encoder
+        encoder = reward_models.load_bundle().encoder
     x = _as_float_images(images)
     device = next(encoder.parameters()).device
     feats = [encoder.features(x[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
@@ -66,9 +65,7 @@ def reference_renders(metadata_list: Sequence[dict], per_prompt: int = 4, seed: 
     if per_prompt < 1:
         raise UserError(f"per_prompt must be at least 1, got {per_prompt}.")
     if spec is None:
-        from benchmarks.shapes.reward_models import load_bundle
-
-        spec = load_bundle().spec
+        spec = reward_models.load_bundle().spec
     scenes = [scene_for_metadata(meta, numpy_generator(seed, "fd-shapes-reference", i, k), spec)
               for i, meta in enumerate(metadata_list) for k in range(per_prompt)]
     if not scenes:

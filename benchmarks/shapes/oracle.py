@@ -33,8 +33,11 @@ import torch
 from scipy import ndimage
 
 from benchmarks.geneval.detection import Detection
+from benchmarks.geneval.rules import assess
+from benchmarks.shapes.detector import ShapesDetector
 from rtdmd.errors import UserError
-from rtdmd.world.shapes import ALL_CLASSES, CROSS_ARM, GENEVAL_COLORS, PALETTE, RING_BAND, WorldSpec, parse_caption
+from rtdmd.world.shapes import (ALL_CLASSES, CROSS_ARM, GENEVAL_COLORS, PALETTE, RING_BAND, WorldSpec, parse_caption,
+                                to_uint8)
 
 VERSION = "1"
 
@@ -148,8 +151,6 @@ class PreferenceOracle:
     differentiable = False
 
     def __init__(self, spec: WorldSpec | None = None, detector=None):
-        from benchmarks.shapes.detector import ShapesDetector
-
         self.spec = spec or WorldSpec()
         self.detector = detector or ShapesDetector(self.spec)
         self.bg = np.asarray(self.spec.background, dtype=np.float64)
@@ -209,8 +210,6 @@ class PreferenceOracle:
 
     def score_image(self, image: np.ndarray, prompt_or_meta) -> OracleScore:
         """Oracle of one (H, W, 3) uint8 image for a prompt (string in the grammar) or GenEval record."""
-        from benchmarks.geneval.rules import assess
-
         meta = self.metadata(prompt_or_meta)
         detections = self.detector.detect(image)  # validates the image
         faithfulness = assess(image, meta, _Replay(self.detector, detections)).credit
@@ -237,8 +236,6 @@ def _as_uint8(images) -> np.ndarray:
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3:
         return images
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3:
-        from rtdmd.world.shapes import to_uint8
-
         return to_uint8(images)
     raise UserError(f"images must be a (B, 3, H, W) float tensor in [0, 1] or a (B, H, W, 3) uint8 array, got "
                     f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}; convert them first.")

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm import tqdm
 
 from rtdmd.errors import UserError
 from rtdmd.seeding import numpy_generator
@@ -359,8 +360,6 @@ def build_pool(cfg: PoolConfig, spec: WorldSpec, directory: str | Path, teacher:
     todo = [i for i in wanted if not (label_dir / f"shard_{i:04d}.npz").is_file()]
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), desc=f"reward pool ({cfg.split})", unit="shard", dynamic_ncols=True)
     for i in todo:
         img_file = d / f"images_{i:04d}.npz"

@@ -1,50 +1,6 @@
-"""Evaluation suites by name: geneval, preference, aesthetic, fid ('all' = every one).
+"""Evaluation suites: geneval, preference, aesthetic, fid (benchmarks.suites.registry builds them by name).
 
 Each suite (benchmarks.suites.base.Suite) scores images already on disk; the runner
 (benchmarks.runner) generates them and logs one MLflow run per (checkpoint, suite,
 sampling settings, seed).
 """
-
-from __future__ import annotations
-
-from rtdmd.errors import UserError
-
-SUITE_NAMES = ("geneval", "preference", "aesthetic", "fid")
-
-
-def expand_suites(names) -> list[str]:
-    """'all' -> every suite; validates names; keeps order, drops repeats."""
-    if isinstance(names, str):
-        names = [n for n in names.replace(",", " ").split() if n]
-    out: list[str] = []
-    for n in names:
-        if n == "all":
-            wanted = list(SUITE_NAMES)
-        elif n in SUITE_NAMES:
-            wanted = [n]
-        else:
-            raise UserError(f"unknown suite '{n}'; choose one of {', '.join(SUITE_NAMES)} or all.")
-        out.extend(w for w in wanted if w not in out)
-    if not out:
-        raise UserError(f"no suite given; choose one of {', '.join(SUITE_NAMES)} or all.")
-    return out
-
-
-def make_suite(name: str, fid_reference: str | None = None, inception_path: str | None = None):
-    """A fresh suite object (detector / scorers are built by its load())."""
-    expand_suites([name])
-    if name == "geneval":
-        from benchmarks.geneval.suite import GenEvalSuite
-
-        return GenEvalSuite()
-    if name == "preference":
-        from benchmarks.suites.preference import PreferenceSuite
-
-        return PreferenceSuite()
-    if name == "aesthetic":
-        from benchmarks.suites.aesthetic import AestheticSuite
-
-        return AestheticSuite()
-    from benchmarks.suites.fid import FIDSuite
-
-    return FIDSuite(fid_reference, inception_path)

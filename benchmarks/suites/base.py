@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rtdmd.errors import UserError
+from rtdmd.images import from_uint8, load_png
 
 
 @dataclass
@@ -71,8 +72,6 @@ class Suite(Protocol):
 
 def load_images(items: Sequence[ImageItem]) -> torch.Tensor:
     """PNG files -> (B, 3, H, W) float in [0, 1]; a missing or unreadable file is a UserError naming it."""
-    from rtdmd.images import from_uint8, load_png
-
     if not items:
         return torch.empty(0)
     arrays = []

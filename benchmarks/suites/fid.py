@@ -15,8 +15,14 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks.fid import clean_fid_score, find_inception
+from benchmarks.geneval.suite import default_metadata
+from benchmarks.scorers.common import identity_of
+from benchmarks.shapes import reward_models
+from benchmarks.shapes.fd import fd_shapes, reference_renders
 from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult, load_images
 from rtdmd.errors import UserError
+from rtdmd.world.shapes import parse_caption
 
 #: seed of the shapes reference renders (fixed: all models and eval seeds share one reference)
 REFERENCE_SEED = 0
@@ -41,8 +47,6 @@ def _scene_metadata(entry: dict, info: BackendInfo) -> dict:
     """GenEval entries as they are; a plain prompt is parsed by the world's caption grammar."""
     if "include" in entry:
         return entry
-    from rtdmd.world.shapes import parse_caption
-
     return parse_caption(entry["prompt"], info.spec)
 
 
@@ -57,23 +61,16 @@ class FIDSuite:
         self.identity = ""
 
     def default_prompts(self, info: BackendInfo) -> list[dict]:
-        from benchmarks.geneval.suite import default_metadata
-
         return default_metadata(info)
 
     def load(self, info: BackendInfo, device: str = "cpu", workers: int = 0) -> None:
         self.device = device
         if info.name == "shapes":
-            from benchmarks.shapes.reward_models import load_bundle
-
-            self.identity = f"shapes_encoder={load_bundle(device=device).identity}"  # fails early without weights
+            self.identity = f"shapes_encoder={reward_models.load_bundle(device=device).identity}"  # fails early without weights
             return
         if not self.reference:
             raise UserError("the fid suite on a real backend needs --fid-reference (a folder of reference images, an .npz "
                             "with mu and sigma, or a clean-fid statistics name on disk); pass one.")
-        from benchmarks.fid import find_inception
-        from benchmarks.scorers.common import identity_of
-
         # fail before generating when the Inception file is absent
         self.identity = f"inception={identity_of(find_inception(self.inception_path))}"
 
@@ -83,8 +80,6 @@ class FIDSuite:
             raise UserError(f"the fid suite needs at least 2 images, got {len(items)}; raise --max-prompts or --images-per-prompt.")
         per_image = [{"index": it.index, "k": it.k, "prompt": it.metadata["prompt"], "filename": str(it.path)} for it in items]
         if info.name == "shapes":
-            from benchmarks.shapes.fd import fd_shapes, reference_renders
-
             by_index: dict[int, dict] = {}
             counts: dict[int, int] = {}
             for it in items:
@@ -97,8 +92,6 @@ class FIDSuite:
             value = float(fd_shapes(gen, ref))
             return SuiteResult({"fd_shapes": value}, per_image, [],
                                {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}", "scorers": self.identity})
-        from benchmarks.fid import clean_fid_score
-
         folder = flat_folder(items, Path(work_dir or Path(items[0].path).parents[2]) / "fid_flat")
         value = clean_fid_score(folder, self.reference, device=self.device, inception_path=self.inception_path)
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Preference suite: mean reward per scorer over generated images (and per prompt, for CIs).
 
-Which scorers: rtdmd.rewards.registry.suite_rewards(backend, "preference") -- on shapes the
+Which scorers: benchmarks.rewards.suite_rewards(backend, "preference") -- on shapes the
 preference oracle and the learned shapes preference model, on real backends HPSv2.1,
 ImageReward, PickScore and CLIPScore. Prompts: the GenEval (GenEval-shapes) prompts unless
 --prompts gives others.
@@ -11,8 +11,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
+from benchmarks import rewards as bench_rewards
+from benchmarks.geneval.suite import default_metadata
 from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult, finite_mean, load_images, per_prompt_means
+from rtdmd.rewards.registry import get_reward
 
 
 class RewardSuite:
@@ -27,16 +31,13 @@ class RewardSuite:
         self.device = "cpu"
 
     def default_prompts(self, info: BackendInfo) -> list[dict]:
-        from benchmarks.geneval.suite import default_metadata
-
         return default_metadata(info)
 
     def load(self, info: BackendInfo, device: str = "cpu", workers: int = 0) -> None:
         self.device = device
         if self.rewards is None:
-            from rtdmd.rewards.registry import get_reward, suite_rewards
-
-            self.rewards = [get_reward(n, backend=info, device=device) for n in suite_rewards(info.name, self.name)]
+            names = bench_rewards.suite_rewards(info.name, self.name)
+            self.rewards = [get_reward(n, backend=info, device=device) for n in names]
 
     @torch.no_grad()
     def score(self, items: Sequence[ImageItem], info: BackendInfo, seed: int = 0, progress: bool = True, work_dir=None) -> SuiteResult:
@@ -44,8 +45,6 @@ class RewardSuite:
         values: dict[str, list[float]] = {n: [] for n in names}
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(items), desc=f"score {self.name}", unit="img", dynamic_ncols=True)
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]

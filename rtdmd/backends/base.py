@@ -13,7 +13,7 @@ weights; ``teacher_velocity`` then disables the adapters instead of holding a se
 Conditioning. ``encode_prompts`` returns a ``Cond``: a dict of batch-first tensors (for
 SD3: prompt_embeds and pooled_prompt_embeds; for the shapes world: token embeddings and
 an attention mask). ``uncond(n)`` returns the empty-prompt conditioning used by CFG.
-``cat_cond`` / ``index_cond`` operate on any Cond.
+``cat_cond`` / ``index_cond`` (rtdmd.flow, imported here as part of this interface) operate on any Cond.
 """
 
 from __future__ import annotations
@@ -26,23 +26,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-Cond = dict[str, torch.Tensor]
-
-
-def cat_cond(conds: list[Cond]) -> Cond:
-    """Concatenate conditionings along the batch dimension."""
-    keys = conds[0].keys()
-    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
-
-
-def index_cond(cond: Cond, index) -> Cond:
-    """Select batch rows (an int tensor, a slice or a bool mask) of a conditioning."""
-    return {k: v[index] for k, v in cond.items()}
-
-
-def repeat_cond(cond: Cond, repeats: int) -> Cond:
-    """Repeat every row ``repeats`` times (row i -> rows i*repeats .. i*repeats+repeats-1)."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+from rtdmd.errors import UserError
+from rtdmd.flow import Cond, cat_cond, guided_velocity, index_cond, repeat_cond  # noqa: F401  (the Cond helpers)
 
 
 @dataclass
@@ -112,8 +97,6 @@ class Backend(abc.ABC):
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float = 1.0, uncond: Cond | None = None
     ) -> torch.Tensor:
         """Teacher velocity with classifier-free guidance (one batched call for cond and uncond)."""
-        from rtdmd.flow import guided_velocity
-
         return guided_velocity(lambda xx, ss, cc: self.velocity(self.teacher, xx, ss, cc), x, sigma, cond, guidance,
                                uncond if uncond is not None else self.uncond(x.shape[0]))
 
@@ -128,8 +111,6 @@ class Backend(abc.ABC):
     def feature_module(self, net: nn.Module) -> nn.Module:
         """The sub-module of ``net`` whose output is an intermediate feature map (read with a forward
         hook by DMD2's GAN head on the fake score); backends without one raise a UserError."""
-        from rtdmd.errors import UserError
-
         raise UserError(f"backend {self.name} exposes no intermediate features of its networks, so a GAN head on the "
                         "fake score cannot run; set method.gan=false.")
 

@@ -13,7 +13,8 @@ with rtdmd.flow.exponential_time_shift; at 512 px the generator's [1000, 750, 50
 become about [1.0, 0.958, 0.884, 0.718] (method.md section 2).
 
 Base variants (klein-base-*) are the undistilled teachers and take real CFG (two passes,
-Imagen form); the distilled klein-4b / klein-9b take no CFG.
+Imagen form); the distilled klein-4b / klein-9b take no CFG. diffusers and transformers are
+imported when the model loads (the real extras are optional and heavy).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import nn
 
 from rtdmd import flow
 from rtdmd.backends import lora as L
-from rtdmd.backends.real_common import (DIFFUSERS_MODEL, SCHEDULER, TOKENIZER, TRANSFORMERS_MODEL, RealBackend,
-                                        RealOptions, images_to_vae_range, torch_dtype, vae_range_to_images)
+from rtdmd.backends.model_source import DIFFUSERS_MODEL, SCHEDULER, TOKENIZER, TRANSFORMERS_MODEL
+from rtdmd.backends.real_common import RealBackend, RealOptions, images_to_vae_range, torch_dtype, vae_range_to_images
 from rtdmd.errors import UserError
 from rtdmd.registry import register_backend
 

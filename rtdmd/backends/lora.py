@@ -12,6 +12,7 @@ directly: peft's own ``set_adapter`` / ``enable_adapters`` also flip ``requires_
 would silently drop gradients of an adapter whose graph was built before the switch.
 Gradient checkpointing recomputes blocks during backward, when another adapter may be active,
 so ``enable_gradient_checkpointing`` restores the forward-time adapter state during recompute.
+peft (an optional extra) is imported where adapters are used.
 """
 
 from __future__ import annotations

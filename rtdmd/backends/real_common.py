@@ -2,13 +2,12 @@
 
 - ``RealOptions``: the options every real backend has (model location, precision, LoRA,
   memory switches, prompt source and cache).
-- ``ModelSource``: finds a diffusers-format model directory (a path, or a hub id looked up in
-  the local Hugging Face cache only; nothing is downloaded) and checks its layout, so a
-  missing file is one clear sentence instead of a deep traceback.
-- ``PromptCache``: prompt embeddings on disk, keyed by model identity + prompt hash, so the
-  text encoders can be unloaded while training.
+- ``ModelSource`` (rtdmd.backends.model_source): finds and checks the model directory.
+- ``PromptCache`` (rtdmd.backends.prompt_cache): prompt embeddings on disk.
 - ``RealBackend``: the Backend surface on top of a family's few specific pieces (loading,
   text encoding, the transformer call, latent <-> image), with LoRA handles sharing one base.
+
+diffusers is imported when a pipeline class is asked for, so that importing a backend stays light.
 """
 
 from __future__ import annotations
@@ -16,20 +15,20 @@ from __future__ import annotations
 import abc
 import copy
 import gc
-import hashlib
 import json
-import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rtdmd import flow
 from rtdmd.backends import lora as L
 from rtdmd.backends.base import Backend, Cond
+from rtdmd.backends.model_source import ModelSource
+from rtdmd.backends.prompt_cache import PromptCache
 from rtdmd.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -106,194 +105,6 @@ def enable_tf32() -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-# ---------------------------------------------------------------------------- model location
-
-
-#: component kinds and the files that make one loadable
-DIFFUSERS_MODEL, TRANSFORMERS_MODEL, TOKENIZER, SCHEDULER = "diffusers", "transformers", "tokenizer", "scheduler"
-_WEIGHT_STEMS = {DIFFUSERS_MODEL: ["diffusion_pytorch_model"], TRANSFORMERS_MODEL: ["model", "pytorch_model"]}
-_TOKENIZER_FILES = [["tokenizer.json"], ["vocab.json", "merges.txt"], ["spiece.model"]]
-
-
-class ModelSource:
-    """A diffusers-format model directory: where it is, what it is, and whether it is complete."""
-
-    def __init__(self, path: Path, identity: str, family: str, hub_id: str):
-        self.path = path
-        self.identity = identity  # stable name for caches: hub id + snapshot, or the absolute path
-        self.family = family
-        self.hub_id = hub_id
-
-    @classmethod
-    def locate(cls, model: str, default_hub_id: str, family: str, hub_cache_dir: str = "") -> "ModelSource":
-        ref = model or default_hub_id
-        p = Path(ref).expanduser()
-        if p.is_dir():
-            return cls(p.resolve(), f"dir:{p.resolve()}", family, default_hub_id)
-        looks_like_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-        if not looks_like_id:
-            raise UserError(f"backend.model '{ref}' is not an existing directory; pass the path of a diffusers-format "
-                            f"{family} checkpoint (or a hub id already in the local Hugging Face cache).")
-        try:
-            from huggingface_hub import snapshot_download
-
-            snap = Path(snapshot_download(ref, local_files_only=True, cache_dir=hub_cache_dir or None))
-        except Exception:  # LocalEntryNotFoundError and friends: nothing usable in the cache
-            raise UserError(f"model '{ref}' is not in the local Hugging Face cache and nothing is downloaded here; "
-                            f"fetch it on a machine with network access ('hf download {ref} --local-dir DIR'), copy DIR "
-                            "here and pass --set backend.model=DIR.") from None
-        return cls(snap, f"hub:{ref}@{snap.name}", family, ref)
-
-    def missing(self, component: str, kind: str, optional: bool = False) -> str | None:
-        """The first missing file of ``component`` (relative path), or None when it looks loadable."""
-        d = self.path / component
-        if kind == SCHEDULER:
-            return None if (d / "scheduler_config.json").is_file() else f"{component}/scheduler_config.json"
-        if kind == TOKENIZER:
-            if any(all((d / f).is_file() for f in group) for group in _TOKENIZER_FILES):
-                return None
-            return f"{component}/tokenizer.json"
-        if not (d / "config.json").is_file():
-            return f"{component}/config.json"
-        for stem in _WEIGHT_STEMS[kind]:
-            for index in sorted(d.glob(f"{stem}*.index*.json")):
-                try:
-                    shards = set(json.loads(index.read_text())["weight_map"].values())
-                except (OSError, ValueError, KeyError):
-                    return f"{component}/{index.name} (unreadable)"
-                for shard in sorted(shards):
-                    if not (d / shard).is_file():
-                        return f"{component}/{shard}"
-                return None
-            if any(d.glob(f"{stem}*.safetensors")) or any(d.glob(f"{stem}*.bin")):
-                return None
-        return f"{component}/{_WEIGHT_STEMS[kind][0]}.safetensors"
-
-    def check(self, components: Mapping[str, str], layout: str) -> None:
-        """Raise one UserError naming the first missing file of ``components`` ({name: kind})."""
-        first = None
-        if not (self.path / "model_index.json").is_file():
-            first = "model_index.json"
-        for name, kind in components.items():
-            if first is None:
-                first = self.missing(name, kind)
-        if first is not None:
-            raise UserError(f"model directory {self.path} is missing {first} (a diffusers-format {self.family} checkpoint "
-                            f"has {layout}); download the complete model ('hf download {self.hub_id} --local-dir DIR') "
-                            "and pass --set backend.model=DIR.")
-
-    def weights_variant(self, component: str) -> str | None:
-        """'fp16' when a component ships only fp16-variant weight files (diffusers naming)."""
-        d = self.path / component
-        plain = [f for f in d.iterdir() if f.is_file() and ".fp16." not in f.name and f.suffix in (".safetensors", ".bin")]
-        plain += [f for f in d.glob("*.index.json")]
-        return None if plain or not any(d.glob("*.fp16.*")) else "fp16"
-
-    def model_index(self) -> dict:
-        try:
-            return json.loads((self.path / "model_index.json").read_text())
-        except (OSError, ValueError):
-            raise UserError(f"{self.path / 'model_index.json'} is unreadable; re-download the model.") from None
-
-    def load(self, cls, component: str, dtype: torch.dtype | None = None, **kwargs):
-        """``cls.from_pretrained`` on a component folder, local files only, errors as one sentence."""
-        path = self.path / component
-        if dtype is not None:
-            key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
-            kwargs[key] = dtype
-        variant = self.weights_variant(component) if dtype is not None else None
-        if variant:
-            kwargs["variant"] = variant
-        try:
-            return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            raise UserError(f"could not load {component} of {self.path} as {cls.__name__} ({type(exc).__name__}: {first}); "
-                            f"re-download the {component}/ folder of {self.hub_id}.") from None
-
-
-# ---------------------------------------------------------------------------- prompt cache
-
-
-def prompt_hash(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-class PromptCache:
-    """Prompt embeddings on disk (one safetensors file per prompt) with an in-memory LRU.
-
-    The namespace (model identity + encoder settings) is hashed into the directory name, so
-    embeddings of another model or another max_sequence_length are never mixed in.
-    """
-
-    def __init__(self, root: str | Path | None, namespace: str, memory_mb: int = 1024):
-        self.namespace = namespace
-        ns = hashlib.sha256(namespace.encode()).hexdigest()[:20]
-        self.dir = Path(root).expanduser() / ns if root else None
-        self.memory_bytes = max(0, int(memory_mb)) << 20
-        self._mem: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._mem_used = 0
-        self.hits = 0
-        self.misses = 0
-        if self.dir is not None:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                info = self.dir / "namespace.json"
-                if not info.is_file():
-                    info.write_text(json.dumps({"namespace": namespace}, indent=1) + "\n")
-            except OSError:
-                raise UserError(f"cannot create the prompt-embedding cache {self.dir}; set backend.prompt_cache_dir to a "
-                                "writable directory (or '' to keep embeddings in memory only).") from None
-
-    def _file(self, h: str) -> Path:
-        return self.dir / h[:2] / f"{h}.safetensors"
-
-    def _remember(self, h: str, row: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in row.values())
-        if size > self.memory_bytes:
-            return
-        self._mem[h] = row
-        self._mem_used += size
-        while self._mem_used > self.memory_bytes:
-            _, old = self._mem.popitem(last=False)
-            self._mem_used -= sum(t.numel() * t.element_size() for t in old.values())
-
-    def get(self, prompt: str) -> dict[str, torch.Tensor] | None:
-        """One prompt's embeddings (CPU tensors without the batch dim) or None."""
-        h = prompt_hash(prompt)
-        row = self._mem.get(h)
-        if row is not None:
-            self._mem.move_to_end(h)
-            self.hits += 1
-            return row
-        if self.dir is not None and self._file(h).is_file():
-            from safetensors.torch import load_file
-
-            try:
-                row = load_file(str(self._file(h)))
-            except Exception:  # a truncated file from a killed writer: re-encode
-                row = None
-            if row is not None:
-                self._remember(h, row)
-                self.hits += 1
-                return row
-        self.misses += 1
-        return None
-
-    def put(self, prompt: str, row: dict[str, torch.Tensor]) -> None:
-        row = {k: v.detach().to("cpu").contiguous() for k, v in row.items()}
-        h = prompt_hash(prompt)
-        self._remember(h, row)
-        if self.dir is not None:
-            from safetensors.torch import save_file
-
-            f = self._file(h)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".tmp{os.getpid()}")
-            save_file(row, str(tmp), metadata={"prompt": prompt[:2000]})
-            os.replace(tmp, f)  # atomic: processes sharing the cache never read half a file
 
 
 # ---------------------------------------------------------------------------- the backend
@@ -544,8 +355,6 @@ class RealBackend(Backend):
         bs = self.options.text_encoder_batch_size
         chunks = range(0, len(todo), bs)
         if progress and todo:
-            from tqdm.auto import tqdm
-
             chunks = tqdm(chunks, desc="prompt embeddings", unit="batch")
         for i in chunks:
             self._encode_batch(todo[i:i + bs])

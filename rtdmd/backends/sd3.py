@@ -5,7 +5,8 @@ scaling_factor, shape (16, R/8, R/8). The transformer (SD3Transformer2DModel) pr
 v = eps - x0 at timestep 1000 * sigma, the project's convention already. Text: CLIP-L and
 OpenCLIP-bigG (penultimate hidden states + pooled projections) and T5-XXL, encoded with the
 pipeline's own ``encode_prompt`` and cached on disk. Schedule shift: the model's scheduler
-config (3.0 for all three published models).
+config (3.0 for all three published models). diffusers and transformers are imported when the
+model loads (the real extras are optional and heavy).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch import nn
 
 from rtdmd import flow
 from rtdmd.backends import lora as L
-from rtdmd.backends.real_common import (DIFFUSERS_MODEL, SCHEDULER, TOKENIZER, TRANSFORMERS_MODEL, RealBackend,
-                                        RealOptions, images_to_vae_range, torch_dtype, vae_range_to_images)
+from rtdmd.backends.model_source import DIFFUSERS_MODEL, SCHEDULER, TOKENIZER, TRANSFORMERS_MODEL
+from rtdmd.backends.real_common import RealBackend, RealOptions, images_to_vae_range, torch_dtype, vae_range_to_images
 from rtdmd.errors import UserError
 from rtdmd.registry import register_backend
 

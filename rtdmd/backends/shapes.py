@@ -8,7 +8,8 @@ Pixels are the state: x = 2 * image - 1.
 
 Each velocity network is a ``ShapesFlowModel`` (text encoder + denoiser), so the
 conditioning a method passes around is token ids, and a student copies the teacher's text
-encoder (frozen unless options say otherwise).
+encoder (frozen unless options say otherwise). diffusers and transformers are imported when a
+network is built, so that importing the backend stays light.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
+from rtdmd import checkpoint as ckpt
 from rtdmd import flow
 from rtdmd.backends.base import Backend, DataBatch
 from rtdmd.errors import UserError
@@ -160,8 +163,6 @@ class ShapesFlowModel(nn.Module):
 
 
 def _backend_options_of(checkpoint_dir: Path) -> dict:
-    import yaml
-
     cfg = yaml.safe_load((checkpoint_dir / "config.yaml").read_text())
     return cfg.get("backend", {})
 
@@ -200,8 +201,6 @@ class ShapesBackend(Backend):
         return net
 
     def teacher_dir(self) -> Path:
-        from rtdmd import checkpoint as ckpt
-
         t = self.options.teacher
         path = SHIPPED_TEACHER if t == "shipped" else Path(t)
         if t == "shipped" and not (path / "meta.json").is_file():
@@ -220,8 +219,6 @@ class ShapesBackend(Backend):
     @property
     def teacher(self) -> ShapesFlowModel:
         if self._teacher is None:
-            from rtdmd import checkpoint as ckpt
-
             step_dir = self.teacher_dir()
             self.check_matches_teacher(step_dir)
             net = self.new_network()

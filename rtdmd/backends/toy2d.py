@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rtdmd import checkpoint as ckpt
 from rtdmd import flow
-from rtdmd.backends.base import Backend, Cond, DataBatch
+from rtdmd.backends.base import Backend, DataBatch
 from rtdmd.errors import UserError
 from rtdmd.registry import register_backend
 
@@ -172,8 +173,6 @@ class Toy2DBackend(Backend):
         o = self.options
         if o.teacher == "exact":
             return ExactMixtureVelocity(o.means, o.stds, o.weights)
-        from rtdmd import checkpoint as ckpt
-
         path = Path(__file__).resolve().parent.parent / "assets" / "toy2d_teacher" if o.teacher == "shipped" else Path(o.teacher)
         step_dir = ckpt.find_checkpoint(path)
         net = self._new_mlp()

@@ -6,8 +6,9 @@ through Bradley-Terry noise, P(a > b) = sigmoid((o_a - o_b) / T) (o: the oracle 
 preference model, its quality part Q for the aesthetic model); ``encoder`` (the FD-shapes
 feature extractor) learns to read object counts, colours and positions from renders.
 Pairs come from a cached pool of teacher samples and corrupted renders
-(benchmarks.shapes.pairs); the networks live in benchmarks.shapes.reward_models and are
-imported lazily (rtdmd never imports benchmarks at module import time).
+(benchmarks.shapes.pairs); the networks live in benchmarks.shapes.reward_nets. The method is
+``rtdmd-bench train reward`` (entry point ``reward`` of rtdmd_bench.methods); its config is
+rtdmd/configs/shapes/reward.yaml.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.shapes.oracle import PreferenceOracle
+from benchmarks.shapes.pairs import (PoolConfig, all_pairs, bradley_terry_labels, build_pool, flip_prompt,
+                                     sample_groups, sample_pairs)
+from benchmarks.shapes.reward_nets import (NETWORKS, Architecture, encoder_loss, encoder_targets, reader_loss,
+                                           reader_targets)
+from rtdmd.checkpoint import read_meta
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.errors import UserError
+from rtdmd.generate import SamplingConfig, generate
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
+from rtdmd.world.shapes import vocabulary
 
 DEFAULT_POOL_ROOT = Path("~/.cache/rtdmd-bench/shapes_reward_pool")
 
@@ -32,7 +41,7 @@ DEFAULT_POOL_ROOT = Path("~/.cache/rtdmd-bench/shapes_reward_pool")
 class RewardModelOptions:
     temperature: float = 0.05  # Bradley-Terry temperature on the oracle (preference model)
     quality_temperature: float = 0.05  # ... on the oracle's quality part Q (aesthetic model)
-    # --- networks (benchmarks.shapes.reward_models)
+    # --- networks (benchmarks.shapes.reward_nets)
     width: int = 32
     aesthetic_width: int = 24
     encoder_width: int = 24
@@ -96,8 +105,6 @@ class RewardModelOptions:
 
 
 def pool_config(o: RewardModelOptions, split: str, distractor_prob: float):
-    from benchmarks.shapes.pairs import PoolConfig
-
     return PoolConfig(split=split, groups=o.groups if split == "train" else o.heldout_groups,
                       teacher_per_group=o.teacher_per_group, renders_per_group=o.renders_per_group,
                       teacher_settings=[list(s) for s in o.teacher_settings], corruption_counts=list(o.corruption_counts),
@@ -105,9 +112,6 @@ def pool_config(o: RewardModelOptions, split: str, distractor_prob: float):
 
 
 def architecture(o: RewardModelOptions, backend):
-    from benchmarks.shapes.reward_models import Architecture
-    from rtdmd.world.shapes import vocabulary
-
     return Architecture(vocab=vocabulary(backend.spec), n_classes=len(backend.spec.classes), width=o.width,
                         aesthetic_width=o.aesthetic_width, encoder_width=o.encoder_width, embed_dim=o.embed_dim,
                         text_hidden=o.text_hidden, feature_dim=o.feature_dim, temperature=o.temperature,
@@ -118,12 +122,10 @@ def architecture(o: RewardModelOptions, backend):
 
 def pool_location(o: RewardModelOptions, backend, split: str):
     """(PoolConfig, cache key, cache folder) of the pool of ``split`` (see RewardModelOptions.pool_dir)."""
-    from rtdmd import checkpoint as ckpt
-
     pc = pool_config(o, split, backend.options.distractor_prob)
     teacher_id = "none"
     if pc.teacher_per_group:
-        teacher_id = ckpt.read_meta(backend.teacher_dir()).get("model_sha256", "unknown")
+        teacher_id = read_meta(backend.teacher_dir()).get("model_sha256", "unknown")
     world = {"image_size": backend.spec.image_size, "classes": list(backend.spec.classes),
              "size_range": list(backend.spec.size_range), "max_objects": backend.spec.max_objects}
     key = pc.key(world, teacher_id)
@@ -137,16 +139,12 @@ def load_or_build_pool(o: RewardModelOptions, backend, split: str, progress: boo
     ``shards``: build (and label) only these shards and return None, so that several processes can share the
     work of one pool; a later call without it finds them and builds the rest.
     """
-    from benchmarks.shapes import pairs
-    from benchmarks.shapes.oracle import PreferenceOracle
-    from rtdmd.generate import SamplingConfig, generate
-
     pc, key, directory = pool_location(o, backend, split)
 
     def teacher(prompts, keys, steps, guidance):
         return generate(backend, backend.teacher, prompts, keys, SamplingConfig("euler", steps, guidance))
 
-    return pairs.build_pool(pc, backend.spec, directory, teacher, PreferenceOracle(backend.spec), key=key,
+    return build_pool(pc, backend.spec, directory, teacher, PreferenceOracle(backend.spec), key=key,
                             progress=progress, shards=shards)
 
 
@@ -155,8 +153,6 @@ class RewardModelMethod(Method):
 
     def __init__(self, cfg: RunConfig, backend):
         super().__init__(cfg, backend)
-        from benchmarks.shapes.reward_models import NETWORKS
-
         o = self.options
         self.arch = architecture(o, backend)
         self.tokenizer = self.arch.tokenizer()
@@ -178,8 +174,6 @@ class RewardModelMethod(Method):
         """This process's share of the step's pairs: (pool indices of its images, pair positions a / b into them,
         Bradley-Terry labels, mirror flag per image). All random draws cover the whole step (every process makes
         the same ones), then the pairs are split by group (group mode) or by row (independent)."""
-        from benchmarks.shapes.pairs import all_pairs, bradley_terry_labels, sample_groups, sample_pairs
-
         o, g = self.options, ctx.generator
         if o.pairs == "group":
             n = o.groups_per_step
@@ -203,8 +197,6 @@ class RewardModelMethod(Method):
         return np.concatenate([ia, ib]), np.arange(m), np.arange(m, 2 * m), y, flip.repeat(2)
 
     def _pair_loss(self, network: str, ctx: StepContext):
-        from benchmarks.shapes.pairs import flip_prompt
-
         o, pool = self.options, self.pool
         pref = network == "preference"
         ref = pool.oracle if pref else pool.quality
@@ -226,8 +218,6 @@ class RewardModelMethod(Method):
         return self._bradley_terry(network, net, raw, a, b, y, ref[idx])
 
     def _reader_preference_loss(self, net, images, ids, mask, a, b, y, ref, ctx: StepContext):
-        from benchmarks.shapes.reward_models import reader_loss, reader_targets
-
         o = self.options
         with torch.no_grad():  # the aesthetic model is an input here, trained by its own update
             quality = self.networks["aesthetic"](images)
@@ -254,8 +244,6 @@ class RewardModelMethod(Method):
         return loss, {f"{network}/batch_agreement": float(agree)}
 
     def _encoder_loss(self, ctx: StepContext):
-        from benchmarks.shapes.reward_models import encoder_loss, encoder_targets
-
         n = self.cfg.train.batch_size
         data = self.backend.sample_data(n, ctx.generator)
         sl = ctx.shard(n)
