@@ -436,7 +436,9 @@ def _mlflow(uri: str | None, must_exist: bool = False):
         raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18').") from None
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(uri)
+    from rtdmd.tracking import open_store
+
+    open_store(mlflow, uri)
     return mlflow
 
 
