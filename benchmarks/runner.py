@@ -31,6 +31,7 @@ from typing import Sequence
 from benchmarks.suites import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult
 from rtdmd.errors import UserError
+from rtdmd.validate import check_device, check_guidance, check_image_sizes, refuse_non_finite
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rtdmd-bench"
@@ -265,10 +266,8 @@ class EvalOptions:
                         ("--max-prompts", self.max_prompts), ("--batch-size", self.batch_size)):
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be a positive integer, got {v}.")
-        if self.guidance is not None and self.guidance < 0:
-            raise UserError(f"--guidance must be >= 0 (1 disables CFG), got {self.guidance}.")
-        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"--eta must be in [0, 1], got {self.eta}.")
+        check_guidance(self.guidance, self.eta)
+        check_device(self.device)
         if self.threads < 0:
             raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
         if self.workers is not None and self.workers < 0:
@@ -496,6 +495,7 @@ def _load_network(model: Model, device: str, cache: dict):
 
     if "net" not in cache:
         cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device)
+        refuse_non_finite(net, model.checkpoint)
         if not backend.has_images:
             raise UserError(f"checkpoint {model.checkpoint} is a {backend.name} model (no images); evaluation suites need images.")
         cache["net"] = (backend, net)
@@ -568,6 +568,7 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         ps = sets[name]
         image_dir = dirs[id(ps)]
         items = collect_items(image_dir, ps, opts.images_per_prompt)
+        check_image_sizes([it.path for it in items], getattr(model.info.options, "image_size", None))
         eval_dir = image_dir / "eval" / f"{name}-ipp{opts.images_per_prompt}-p{len(ps.indices)}"
         t0 = time.perf_counter()
         res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)

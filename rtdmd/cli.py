@@ -118,6 +118,7 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
     from rtdmd.checkpoint import load_for_inference
     from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
     from rtdmd.images import make_grid, save_png, to_uint8
+    from rtdmd.validate import check_guidance, refuse_non_finite
 
     if num_images <= 0:
         raise UserError(f"--num-images must be positive, got {num_images}.")
@@ -127,7 +128,9 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
         if not (SHIPPED_TEACHER / "meta.json").is_file():
             raise UserError(f"the shipped shapes teacher is missing from {SHIPPED_TEACHER}; reinstall rtdmd-bench or pass --checkpoint.")
         checkpoint = SHIPPED_TEACHER
+    check_guidance(guidance, eta)
     cfg, backend, net, meta = load_for_inference(checkpoint)
+    refuse_non_finite(net, checkpoint)
     sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, guidance=guidance, eta=eta)
     items = [(p, sample_seed(seed, i, k)) for i, p in enumerate(prompts) for k in range(num_images)]
     images = generate_batched(backend, net, items, sc)

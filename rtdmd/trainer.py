@@ -224,12 +224,12 @@ class Trainer:
 
     def _restore(self) -> tuple[int, float, str | None]:
         step_dir = ckpt.find_checkpoint(self.run_dir, step=self.resume_from)
+        state = ckpt.load_training_state(step_dir)  # every file verified before any is read
         saved_cfg = load_resolved(step_dir / "config.yaml")
         changed = _changed_keys(config_to_dict(saved_cfg), config_to_dict(self.cfg))
         if changed:
             raise UserError(f"--resume found a checkpoint trained with a different config (first difference: '{changed[0]}'); "
                             "resume with the same config or start a new --out directory.")
-        state = ckpt.load_training_state(step_dir)
         self._check_complete(step_dir, state)
         acc = self._accelerator
         for name, net in self.method.networks.items():
