@@ -434,10 +434,11 @@ def test_functions_are_short(module):
     assert not long, long
 
 
+@pytest.mark.slow  # ~6 CLI subprocesses; the full run is `python -m benchmarks.perf.fault_injection --kills 20`
 def test_fault_injection_fast(tmp_path):
     from benchmarks.perf import fault_injection
 
-    line = fault_injection.main(["--kills", "2", "--work", str(tmp_path), "--evals", "0"])
+    line = fault_injection.main(["--kills", "2", "--steps-per-kill", "5", "--evals", "0", "--work", str(tmp_path)])
     assert line.startswith("kills: 2, diverged: 0, corrupt files refused: ") and line.endswith("lost results: 0")
     refused, total = line.split("refused: ")[1].split(",")[0].split("/")
     assert refused == total and int(total) >= 5
