@@ -15,6 +15,7 @@ valid ones, and a value of the wrong type is an error that names the expected ty
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -39,14 +40,14 @@ class OptimConfig:
     eps: float = 1e-8
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / train.max_steps)) / 2
 
-    def validate(self):
+    def validate(self, prefix: str = "optim"):
         from rtdmd.validate import check_number
 
-        check_number("lr", self.lr, low=0.0, hint="a finite learning rate such as 1e-4")
-        check_number("eps", self.eps, low=0.0, hint="a small positive number such as 1e-8")
-        check_number("weight_decay", self.weight_decay, low=0.0, hint="a finite number >= 0")
+        check_number(f"{prefix}.lr", self.lr, low=0.0, hint="a finite learning rate such as 1e-4")
+        check_number(f"{prefix}.eps", self.eps, low=0.0, hint="a small positive number such as 1e-8")
+        check_number(f"{prefix}.weight_decay", self.weight_decay, low=0.0, hint="a finite number >= 0")
         for b in self.betas:
-            check_number("betas", b, low=0.0, high=1.0, hint="two numbers in [0, 1) such as [0.9, 0.999]")
+            check_number(f"{prefix}.betas", b, low=0.0, high=1.0, hint="two numbers in [0, 1] such as [0.9, 0.999]")
 
 
 def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
@@ -216,8 +217,8 @@ def build_dataclass(cls, data: dict, prefix: str):
     kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()
+    if validate is not None:  # a validate(prefix) names keys by their full path
+        validate(prefix=prefix) if "prefix" in inspect.signature(validate).parameters else validate()
     return obj
 
 

@@ -228,7 +228,7 @@ def test_non_finite_network_output_writes_nothing(cli, tmp_path, toy_run):
 @pytest.mark.parametrize("sets, fragment", [
     (("train.checkpoint_every=0",), "train.checkpoint_every"), (("train.log_every=0",), "train.log_every"),
     (("train.ema_every=0",), "train.ema_every"), (("train.batch_size=0",), "train.batch_size"),
-    (("train.batch_size=-4",), "train.batch_size"), (("method.optim.lr=.nan",), "lr"),
+    (("train.batch_size=-4",), "train.batch_size"), (("method.optim.lr=.nan",), "'method.optim.lr'"),
     (("train.grad_clip=.nan",), "train.grad_clip"), (("train.device=banana",), "train.device"),
 ])
 def test_bad_training_values(cli, tmp_path, sets, fragment):
@@ -251,7 +251,10 @@ def test_out_under_a_file_for_every_command(cli, tmp_path, toy_run):
     shapes = tiny_checkpoint(tmp_path / "shapes")
     assert_user_error(cli("eval", "--checkpoint", shapes, "--no-tracking", "--out", out, "--max-prompts", "1",
                           "--images-per-prompt", "1", "--quiet"), "cannot write")
-    assert_user_error(cli("report", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", out / "r.md"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    _ok(cli("eval", "--checkpoint", shapes, "--tracking-uri", uri, "--max-prompts", "1", "--images-per-prompt", "1",
+            "--quiet", "--out", tmp_path / "ev"))
+    assert_user_error(cli("report", "--tracking-uri", uri, "--bootstrap", "10", "--out", out / "r.md"), "cannot write")
 
 
 def test_read_only_out(cli, tmp_path, toy_run, monkeypatch):
