@@ -84,9 +84,10 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, re
         if max_steps <= 0:
             raise UserError(f"--max-steps must be a positive integer, got {max_steps}.")
         overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps, "max_steps_cap": max_steps}})
+    how = resume_from if resume_from is not None else resume or ("auto" if resume_if_exists else False)
     try:
         result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
-                              out=out, resume=resume_from if resume_from is not None else (resume or ("auto" if resume_if_exists else False)), stage=stage, init=init,
+                              out=out, resume=how, stage=stage, init=init,
                               command=_command_line(), show_progress=not quiet)
     finally:
         main_rank = distributed.rank() == 0
