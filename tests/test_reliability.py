@@ -222,6 +222,25 @@ def test_non_finite_network_output_writes_nothing(cli, tmp_path, toy_run):
     assert not list(tmp_path.glob("s/*.npy"))
 
 
+def test_eval_logs_no_result_from_non_finite_images(cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.eval_fixtures import tiny_checkpoint
+
+    step = tiny_checkpoint(tmp_path / "shapes")
+    state = {k: torch.full_like(v, float("nan")) for k, v in load_file(str(step / "model.safetensors")).items()}
+    save_file(state, str(step / "model.safetensors"))
+    _rehash(step)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert_user_error(cli("eval", "--checkpoint", step, "--tracking-uri", uri, "--max-prompts", "1",
+                          "--images-per-prompt", "1", "--quiet", "--out", tmp_path / "ev"), "NaN or infinite")
+    assert not list((tmp_path / "ev").rglob("*.png")) and not list((tmp_path / "ev").rglob("summary.json"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
 # ---------------------------------------------------------------------------- 5. one sentence, exit 2
 
 
