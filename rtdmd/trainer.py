@@ -1,9 +1,11 @@
 """One training loop for every method.
 
 Owns: devices and processes (accelerate), one AdamW per trained network with its own update
-ratio, EMA copies, gradient clipping, mixed precision, atomic checkpoints every N steps,
-exact resume, MLflow logging and the progress bar. Methods (rtdmd.methods.base.Method)
-only compute losses.
+ratio, EMA copies, gradient clipping, mixed precision, atomic verified checkpoints every N steps,
+exact resume (from the newest checkpoint or, with --resume-from, an earlier one), MLflow logging
+and the progress bar. Methods (rtdmd.methods.base.Method) only compute losses. A run holds a lock
+on its directory (rtdmd.runlock), so a second run there is refused; Ctrl-C and SIGTERM stop it at
+the next step boundary with a checkpoint.
 
 Exact resume: every random draw of step ``i`` comes from generators derived from
 (train.seed, i), and a checkpoint holds weights, EMA copies and optimiser moments, so an
