@@ -40,6 +40,7 @@ from rtdmd.errors import UserError
 from rtdmd.generate import SamplingConfig
 from rtdmd.images import load_png, make_grid, save_png
 from rtdmd.tracking import Tracker, git_commit, search_runs
+from rtdmd.validate import check_device, check_guidance, check_image_sizes, refuse_non_finite
 
 DEFAULT_EXPERIMENT = "rtdmd-bench"
 GRID_PROMPTS = 8  # prompts shown in a run's sample grid (rows, evenly spaced over the prompt set)
@@ -84,10 +85,8 @@ class EvalOptions:
                         ("--max-prompts", self.max_prompts), ("--batch-size", self.batch_size)):
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be a positive integer, got {v}.")
-        if self.guidance is not None and self.guidance < 0:
-            raise UserError(f"--guidance must be >= 0 (1 disables CFG), got {self.guidance}.")
-        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"--eta must be in [0, 1], got {self.eta}.")
+        check_guidance(self.guidance, self.eta)
+        check_device(self.device)
         if self.threads < 0:
             raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
         if self.workers is not None and self.workers < 0:
@@ -210,6 +209,7 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
 def _load_network(model: Model, device: str, cache: dict):
     if "net" not in cache:
         cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device)
+        refuse_non_finite(net, model.checkpoint)
         if not backend.has_images:
             raise UserError(f"checkpoint {model.checkpoint} is a {backend.name} model (no images); evaluation suites need images.")
         cache["net"] = (backend, net)
@@ -280,6 +280,7 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         ps = sets[name]
         image_dir = dirs[id(ps)]
         items = collect_items(image_dir, ps, opts.images_per_prompt)
+        check_image_sizes([it.path for it in items], getattr(model.info.options, "image_size", None))
         eval_dir = image_dir / "eval" / f"{name}-ipp{opts.images_per_prompt}-p{len(ps.indices)}"
         t0 = time.perf_counter()
         res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)

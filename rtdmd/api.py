@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rtdmd import config as C
 from rtdmd.errors import UserError
-from rtdmd.trainer import TrainResult, default_run_dir, train
+from rtdmd.trainer import TrainResult, check_resume_from, default_run_dir, train
 
 
 def make_config(method: str, backend: str | None = None, config_file: Path | None = None,
@@ -57,6 +57,7 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
     if resume == "auto":
         run_dir = Path(out) if out is not None else default_run_dir(cfg)
         resume = any((run_dir / sub / "checkpoints" / "latest").is_file() for sub in ("", "stage1", "stage2"))
+    check_resume_from(cfg, resume)
     if cfg.method_name == "rtdmd":  # one stage, or stage 1 then stage 2 as two runs under a parent MLflow run
         from rtdmd.methods.rtdmd import train_stages
 

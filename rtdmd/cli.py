@@ -28,11 +28,18 @@ class Group(click.Group):
     """Turn UserError into one line on stderr and exit code 2; list each command's first sentence in full."""
 
     def invoke(self, ctx):
+        from rtdmd.errors import as_user_error, interrupt_on_sigterm
+        from rtdmd.validate import clip_message
+
         try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            with interrupt_on_sigterm():
+                return super().invoke(ctx)
+        except (UserError, OSError, KeyboardInterrupt) as exc:
+            err = as_user_error(exc)
+            if err is None:
+                raise
+            click.echo(f"error: {clip_message(str(err))}", err=True)
+            ctx.exit(err.exit_code)
 
     def format_commands(self, ctx, formatter):
         rows = [(name, cmd.get_short_help_str(limit=sys.maxsize)) for name, cmd in
@@ -65,6 +72,8 @@ def main():
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory (default runs/<method>-<backend>).")
 @click.option("--max-steps", type=int, default=None, help="Override train.max_steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume-from", "resume_from", type=int, default=None, metavar="STEP",
+              help="Continue the run in --out from its checkpoint of step STEP (e.g. when the newest is corrupt).")
 @click.option("--resume-if-exists", is_flag=True, help="Continue the run in --out if it holds one, else start it.")
 @click.option("--stage", type=click.Choice(["1", "2"]), default=None, help="rtdmd only: run stage 1 (AC-DMD) or stage 2 (RTDMD) alone.")
 @click.option("--init", "init", type=click.Path(path_type=Path), default=None, help="Checkpoint to initialise from (rtdmd stage 2: a stage-1 checkpoint).")
@@ -72,7 +81,7 @@ def main():
 @click.option("--num-processes", type=int, default=1, show_default=True,
               help="Processes (GPUs) to train on; more than 1 relaunches through accelerate (torchrun/gloo on CPU).")
 @click.option("--accelerate-config", default="ddp", show_default=True, help="ddp, fsdp or the path of an accelerate config file.")
-def train(method, backend, config_file, sets, preset, out, max_steps, resume, resume_if_exists, stage, init, quiet,
+def train(method, backend, config_file, sets, preset, out, max_steps, resume, resume_from, resume_if_exists, stage, init, quiet,
           num_processes, accelerate_config):
     """Train METHOD (teacher, reward, dmd2, lcm, hypersd, flow-grpo, ac-dmd, rtdmd)."""
     from rtdmd import config as C
@@ -88,10 +97,11 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, re
     if max_steps is not None:
         if max_steps <= 0:
             raise UserError(f"--max-steps must be a positive integer, got {max_steps}.")
-        overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps}})
+        overrides = C._deep_merge(overrides, {"train": {"max_steps": max_steps, "max_steps_cap": max_steps}})
+    how = resume_from if resume_from is not None else resume or ("auto" if resume_if_exists else False)
     try:
         result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
-                              out=out, resume=resume or ("auto" if resume_if_exists else False), stage=stage, init=init,
+                              out=out, resume=how, stage=stage, init=init,
                               command=_command_line(), show_progress=not quiet)
     finally:
         main_rank = distributed.rank() == 0
@@ -123,6 +133,7 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
     from rtdmd.checkpoint import load_for_inference
     from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
     from rtdmd.images import make_grid, save_png, to_uint8
+    from rtdmd.validate import check_guidance, refuse_non_finite
 
     if num_images <= 0:
         raise UserError(f"--num-images must be positive, got {num_images}.")
@@ -132,7 +143,9 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
         if not (SHIPPED_TEACHER / "meta.json").is_file():
             raise UserError(f"the shipped shapes teacher is missing from {SHIPPED_TEACHER}; reinstall rtdmd-bench or pass --checkpoint.")
         checkpoint = SHIPPED_TEACHER
+    check_guidance(guidance, eta)
     cfg, backend, net, meta = load_for_inference(checkpoint)
+    refuse_non_finite(net, checkpoint)
     sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, guidance=guidance, eta=eta)
     items = [(p, sample_seed(seed, i, k)) for i, p in enumerate(prompts) for k in range(num_images)]
     images = generate_batched(backend, net, items, sc)

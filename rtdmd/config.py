@@ -15,6 +15,7 @@ valid ones, and a value of the wrong type is an error that names the expected ty
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -38,6 +39,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / train.max_steps)) / 2
+
+    def validate(self, prefix: str = "optim"):
+        from rtdmd.validate import check_number
+
+        check_number(f"{prefix}.lr", self.lr, low=0.0, hint="a finite learning rate such as 1e-4")
+        check_number(f"{prefix}.eps", self.eps, low=0.0, hint="a small positive number such as 1e-8")
+        check_number(f"{prefix}.weight_decay", self.weight_decay, low=0.0, hint="a finite number >= 0")
+        for b in self.betas:
+            check_number(f"{prefix}.betas", b, low=0.0, high=1.0, hint="two numbers in [0, 1] such as [0.9, 0.999]")
 
 
 def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
@@ -64,6 +74,23 @@ class TrainConfig:
     log_every: int = 10
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # --max-steps: a cap every stage honours (an rtdmd stage-1 loop has its own max_steps); 0 = none
+    max_steps_cap: int = 0
+
+    def __post_init__(self):
+        if self.max_steps_cap > 0:
+            self.max_steps = min(self.max_steps, self.max_steps_cap)
+
+    def validate(self):
+        from rtdmd.validate import check_device, check_number
+
+        for name in ("batch_size", "checkpoint_every", "log_every", "ema_every"):
+            check_number(f"train.{name}", getattr(self, name), low=1, hint="a positive integer")
+        check_number("train.max_steps_cap", self.max_steps_cap, low=0, hint="0 (no cap) or a positive integer")
+        check_number("train.grad_clip", self.grad_clip, low=0.0, hint="a finite number (0 disables clipping)")
+        check_number("train.ema_decay", self.ema_decay, low=0.0, high=1.0, hint="a number in [0, 1]")
+        check_number("train.max_minutes", self.max_minutes, low=0.0, hint="a finite number of minutes (0: no limit)")
+        check_device(self.device, "train.device")
 
 
 @dataclass
@@ -190,8 +217,8 @@ def build_dataclass(cls, data: dict, prefix: str):
     kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()
+    if validate is not None:  # a validate(prefix) names keys by their full path
+        validate(prefix=prefix) if "prefix" in inspect.signature(validate).parameters else validate()
     return obj
 
 

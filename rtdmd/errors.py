@@ -13,3 +13,49 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
     """A loss became NaN or infinite; the trainer stops before writing a corrupt checkpoint."""
+
+
+class InterruptedRun(UserError):
+    """Ctrl-C or SIGTERM outside training (training checkpoints first and says so itself)."""
+
+    def __init__(self, message: str = "interrupted (Ctrl-C or SIGTERM) before finishing; rerun the same command to "
+                                      "continue, work already written to disk is kept."):
+        super().__init__(message)
+
+
+def as_user_error(exc: BaseException) -> UserError | None:
+    """The one-sentence form of an exception the user can act on; None for a bug (it keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return InterruptedRun()
+    if isinstance(exc, OSError):
+        from rtdmd.validate import os_error_as_user_error
+
+        return os_error_as_user_error(exc)
+    return None
+
+
+class interrupt_on_sigterm:
+    """While active (main thread only), SIGTERM - what ``timeout``, schedulers and ``kill`` send - raises
+    KeyboardInterrupt like Ctrl-C, so cleanup runs (MLflow runs end, training checkpoints)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -30,6 +30,23 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+def open_store(mlflow, uri: str, experiment: str | None = None) -> None:
+    """Point ``mlflow`` at ``uri``, creating a new sqlite store (and ``experiment``) under a file lock, so
+    processes that start together do not race through the schema migration."""
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        if experiment is not None:
+            mlflow.set_experiment(experiment)
+        return
+    from rtdmd.runlock import DirLock
+
+    db = Path(uri[len("sqlite:///"):])
+    with DirLock(db.parent if str(db.parent) else Path("."), name=f".{db.name}.lock", wait=True):
+        mlflow.tracking.MlflowClient().search_experiments(max_results=1)  # creates and migrates the store
+        if experiment is not None:
+            mlflow.set_experiment(experiment)
+
+
 class Tracker:
     """A thin wrapper: no-op when disabled, batched metric logging when enabled."""
 
@@ -51,8 +68,7 @@ class Tracker:
         except ImportError:
             raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18') or set tracking.enabled=false.") from None
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
+        open_store(mlflow, self.uri, self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested)
         self.run_id = run.info.run_id
         if run_id is None:
@@ -108,7 +124,7 @@ def mlflow_at(uri: str, must_exist: bool = False):
         raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18').") from None
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(uri)
+    open_store(mlflow, uri)
     return mlflow
 
 

@@ -1,9 +1,11 @@
 """One training loop for every method.
 
 Owns: devices and processes (accelerate), one AdamW per trained network with its own update
-ratio, EMA copies, gradient clipping, mixed precision, atomic checkpoints every N steps,
-exact resume, MLflow logging and the progress bar. Methods (rtdmd.methods.base.Method)
-only compute losses.
+ratio, EMA copies, gradient clipping, mixed precision, atomic verified checkpoints every N steps,
+exact resume (from the newest checkpoint or, with --resume-from, an earlier one), MLflow logging
+and the progress bar. Methods (rtdmd.methods.base.Method) only compute losses. A run holds a lock
+on its directory (rtdmd.runlock), so a second run there is refused; Ctrl-C and SIGTERM stop it at
+the next step boundary with a checkpoint.
 
 Exact resume: every random draw of step ``i`` comes from generators derived from
 (train.seed, i), and a checkpoint holds weights, EMA copies and optimiser moments, so an
@@ -12,13 +14,14 @@ interrupted-and-resumed run repeats the uninterrupted one step for step (on CPU)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
 import threading
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from rtdmd import registry
 from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved, scheduled_lr
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
+from rtdmd.runlock import DirLock
 from rtdmd.seeding import derive_seed, step_seed, torch_generator
 from rtdmd.tracking import Tracker, git_commit
 
@@ -40,6 +44,53 @@ class TrainResult:
     steps: int
     seconds: float
     last_logs: dict
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: its first and last step, the steps done, the newest checkpoint and the time used."""
+
+    start: int
+    total: int
+    elapsed: float  # seconds trained before this process (resumes)
+    run_id: str | None
+    t0: float = 0.0
+    step: int = 0
+    completed: int = 0  # every update of steps < completed is applied
+    last_ckpt: Path | None = None
+    logs: dict = field(default_factory=dict)
+    at_boundary: bool = False
+
+    def __post_init__(self):
+        self.step = self.completed = self.start
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+
+class _DeferredSignals:
+    """Ctrl-C (SIGINT) and SIGTERM are deferred to the end of the step (after its checkpoint, if any), so the
+    state saved on an interrupt is always a step boundary and --resume repeats the uninterrupted run; a second
+    signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._old: dict = {}
+
+    def _defer(self, signum, frame):
+        self.received.append(signum)
+        if len(self.received) > 1:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._defer) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,11 +136,12 @@ def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "t
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, command: str = "",
-                 show_progress: bool = True, accelerator=None):
+                 show_progress: bool = True, accelerator=None, resume_from: int | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._init_seconds = _init_seconds(cfg)  # read once: the init checkpoint does not change during the run
-        self.resume = resume
+        self.resume = resume or resume_from is not None
+        self.resume_from = resume_from
         self.command = command
         self.show_progress = show_progress
         self._accelerator = accelerator
@@ -173,13 +225,14 @@ class Trainer:
         )
 
     def _restore(self) -> tuple[int, float, str | None]:
-        step_dir = ckpt.find_checkpoint(self.run_dir)
+        step_dir = ckpt.find_checkpoint(self.run_dir, step=self.resume_from)
+        state = ckpt.load_training_state(step_dir)  # every file verified before any is read
         saved_cfg = load_resolved(step_dir / "config.yaml")
         changed = _changed_keys(config_to_dict(saved_cfg), config_to_dict(self.cfg))
         if changed:
             raise UserError(f"--resume found a checkpoint trained with a different config (first difference: '{changed[0]}'); "
                             "resume with the same config or start a new --out directory.")
-        state = ckpt.load_training_state(step_dir)
+        self._check_complete(step_dir, state)
         acc = self._accelerator
         for name, net in self.method.networks.items():
             if f"net_{name}" in state["tensors"]:
@@ -193,18 +246,38 @@ class Trainer:
                 group["lr"] = lrs[name]
         self.method.load_state_dict(state["objects"].get("method", {}))
         o = state["objects"]
+        if self.resume_from is not None and acc.is_main_process:  # a later --resume continues from here too
+            ckpt.point_latest(self.run_dir / "checkpoints", step_dir.name)
         return int(o["step"]), float(o.get("elapsed_seconds", 0.0)), o.get("mlflow_run_id")
+
+    def _check_complete(self, step_dir: Path, state: dict) -> None:
+        """Every trained network, EMA copy and optimiser of this method is in the checkpoint."""
+        objects = state["objects"] if isinstance(state["objects"], dict) else {}
+        need = [f"state/net_{n}.safetensors" for n in self.optimizers if f"net_{n}" not in state["tensors"]]
+        need += [f"state/ema_{n}.safetensors" for n in self.emas if f"ema_{n}" not in state["tensors"]]
+        if "step" not in objects or not all(n in objects.get("optimizers", {}) for n in self.optimizers):
+            need.append(f"state/{ckpt.TRAINER_FILE} (step or optimiser state)")
+        if need:
+            raise UserError(f"checkpoint {step_dir} is incomplete ({need[0]} is missing); {ckpt.EARLIER}.")
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
         self._setup()
-        cfg, acc, method = self.cfg, self._accelerator, self.method
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self._accelerator.is_main_process  # one lock per run, held by the process that writes
+        with DirLock(self.run_dir, what="the training run of") if main else contextlib.nullcontext():
+            return self._run_locked()
+
+    def _begin(self) -> _Progress:
+        """Restore (--resume) or check the directory is free; write the run's config; start MLflow."""
+        cfg, acc = self.cfg, self._accelerator
         start, elapsed, run_id = 0, 0.0, None
+        if acc.is_main_process:
+            ckpt.clean_stale_tmp(self.run_dir / "checkpoints")
         has_ckpt = (self.run_dir / "checkpoints" / "latest").is_file()
         if self.resume:
-            if not has_ckpt:
-                raise UserError(f"--resume given but {self.run_dir} holds no checkpoint; drop --resume to start a new run there.")
+            if not has_ckpt and self.resume_from is None:
+                ckpt.require_checkpoint(self.run_dir)
             start, elapsed, run_id = self._restore()
         elif has_ckpt:
             raise UserError(f"{self.run_dir} already holds a training run; pass --resume to continue it or choose another --out.")
@@ -212,91 +285,104 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump(cfg))
             if self.command:
                 (self.run_dir / "command.txt").write_text(self.command + "\n")
+        return _Progress(start=start, total=cfg.train.max_steps, elapsed=elapsed, run_id=run_id)
+
+    def _start_tracker(self, p: _Progress) -> Tracker:
+        cfg, acc = self.cfg, self._accelerator
         tracker = Tracker(cfg.tracking.enabled and acc.is_main_process, cfg.tracking.uri, cfg.tracking.experiment)
         tags = {"method": cfg.method_name, "backend": cfg.backend_name, "git_commit": git_commit(),
                 "kind": "train", "run_dir": str(self.run_dir.resolve()), "command": self.command[:5000]}
-        run_id = tracker.start(cfg.tracking.run_name or f"train-{cfg.method_name}-{cfg.backend_name}", tags,
-                               flatten(config_to_dict(cfg)), run_id=run_id)
-        if start == 0:
+        p.run_id = tracker.start(cfg.tracking.run_name or f"train-{cfg.method_name}-{cfg.backend_name}", tags,
+                                 flatten(config_to_dict(cfg)), run_id=p.run_id)
+        if p.start == 0:
             tracker.log_artifact(self.run_dir / "config.yaml")
-        total = cfg.train.max_steps
-        bar = None
-        if self.show_progress and acc.is_main_process:
-            from tqdm import tqdm
+        return tracker
 
-            bar = tqdm(total=total, initial=start, desc=f"train {cfg.method_name}", dynamic_ncols=True,
-                       file=sys.stderr, unit="it")
-        logs: dict[str, float] = {}
-        step = start
-        last_ckpt = None
-        t0 = time.perf_counter()
+    def _progress_bar(self, p: _Progress):
+        if not (self.show_progress and self._accelerator.is_main_process):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=p.total, initial=p.start, desc=f"train {self.cfg.method_name}", dynamic_ncols=True,
+                    file=sys.stderr, unit="it")
+
+    def _run_locked(self) -> TrainResult:
+        p = self._begin()
+        tracker = self._start_tracker(p)
+        bar = self._progress_bar(p)
+        p.t0 = time.perf_counter()
         status = "FAILED"
-        # Ctrl-C is deferred to the end of the step (after its checkpoint, if any), so the state saved on an
-        # interrupt is always a step boundary and --resume repeats the uninterrupted run; a second Ctrl-C stops at once.
-        sigints: list[int] = []
-        at_boundary = False
-
-        def _defer(signum, frame):
-            sigints.append(signum)
-            if len(sigints) > 1:
-                raise KeyboardInterrupt
-
-        old_handler = signal.signal(signal.SIGINT, _defer) if threading.current_thread() is threading.main_thread() else None
-        completed = start  # every update of steps < completed is applied
-        if 0 < start < total and self._out_of_time(t0, elapsed):  # a resumed run that already used its budget
-            total = start
-            self._say(f"train.max_minutes={cfg.train.max_minutes} was already used by this run ({elapsed / 60:.1f} min "
-                      f"at step {start}); raise it with --set train.max_minutes=... to continue.", bar)
+        signals = _DeferredSignals()
         try:
-            for step in range(start, total):
-                logs = self._one_step(step)
-                done = completed = step + 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
-                if done % cfg.train.log_every == 0 or done == total:
-                    tracker.log_metrics(logs, step=done)
-                out_of_time = self._out_of_time(t0, elapsed)
-                if done % cfg.train.checkpoint_every == 0 or done == total or out_of_time:
-                    last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
-                if self._shared_flag(bool(sigints)):
-                    at_boundary = True
-                    raise KeyboardInterrupt
-                if out_of_time:
-                    total = done
-                    self._say(f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
-                              "continue later with --resume and a larger budget.", bar)
-                    break
+            with signals:
+                self._loop(p, tracker, bar, signals)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
-            if at_boundary:
-                if completed > start and (last_ckpt is None or last_ckpt.name != f"step_{completed:06d}"):
-                    last_ckpt = self._save(completed, elapsed + time.perf_counter() - t0, run_id)
-                where = f"checkpoint written to {last_ckpt}" if last_ckpt else "no step finished since the last checkpoint"
-                raise UserError(f"training interrupted at step {completed}; {where}; "
-                                "continue with the same command and --resume.") from None
-            raise UserError("training stopped at once by a second Ctrl-C without saving (the last checkpoint is kept); "
-                            "continue with the same command and --resume.") from None
+            raise self._interrupted(p) from None
         except NonFiniteLossError as exc:
-            done = step
-            if done > start:  # parameters are still those before the bad step
-                last_ckpt = self._save(done, elapsed + time.perf_counter() - t0, run_id)
-            where = f"last good state saved to {last_ckpt}" if last_ckpt else "no checkpoint was written"
-            raise NonFiniteLossError(f"{exc} at step {done + 1} ({where}); lower that network's learning rate "
-                                     "(--set method.<optim>.lr=...) or train.grad_clip and --resume, or start over if the "
-                                     "weights had already diverged.") from None
+            raise self._non_finite(p, exc) from None
         finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
             if bar is not None:
                 bar.close()
-            method.close()
+            self.method.close()
             tracker.end(status)
-        seconds = elapsed + time.perf_counter() - t0
-        if last_ckpt is None:
-            last_ckpt = ckpt.find_checkpoint(self.run_dir)
-        return TrainResult(self.run_dir, last_ckpt, total, seconds, logs)
+        if p.last_ckpt is None:
+            p.last_ckpt = ckpt.find_checkpoint(self.run_dir)
+        return TrainResult(self.run_dir, p.last_ckpt, p.total, p.seconds(), p.logs)
+
+    def _loop(self, p: _Progress, tracker: Tracker, bar, signals: "_DeferredSignals") -> None:
+        cfg = self.cfg
+        if 0 < p.start < p.total and self._out_of_time(p.t0, p.elapsed):  # a resumed run that already used its budget
+            p.total = p.start
+            self._say(f"train.max_minutes={cfg.train.max_minutes} was already used by this run ({p.elapsed / 60:.1f} min "
+                      f"at step {p.start}); raise it with --set train.max_minutes=... to continue.", bar)
+        for step in range(p.start, p.total):
+            p.step = step
+            p.logs = self._one_step(step)
+            done = p.completed = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in p.logs.items() if k.startswith("loss")}, refresh=False)
+            if done % cfg.train.log_every == 0 or done == p.total:
+                tracker.log_metrics(p.logs, step=done)
+            out_of_time = self._out_of_time(p.t0, p.elapsed)
+            if done % cfg.train.checkpoint_every == 0 or done == p.total or out_of_time:
+                p.last_ckpt = self._save(done, p.seconds(), p.run_id)
+            if self._shared_flag(bool(signals.received)):
+                p.at_boundary = True
+                raise KeyboardInterrupt
+            if out_of_time:
+                p.total = done
+                self._say(f"train.max_minutes={cfg.train.max_minutes} reached at step {done}; "
+                          "continue later with --resume and a larger budget.", bar)
+                break
+
+    def _interrupted(self, p: _Progress) -> UserError:
+        """Ctrl-C / SIGTERM: at a step boundary, checkpoint the last finished step; a second one stops at once."""
+        if not p.at_boundary:
+            return UserError("training stopped at once by a second interrupt (Ctrl-C or SIGTERM) without saving (the "
+                             "last checkpoint is kept); continue with the same command and --resume.")
+        if p.completed > p.start and (p.last_ckpt is None or p.last_ckpt.name != f"step_{p.completed:06d}"):
+            p.last_ckpt = self._save(p.completed, p.seconds(), p.run_id)
+        where = f"checkpoint written to {p.last_ckpt}" if p.last_ckpt else "no step finished since the last checkpoint"
+        return UserError(f"training interrupted at step {p.completed}; {where}; "
+                         "continue with the same command and --resume.")
+
+    def _non_finite(self, p: _Progress, exc: NonFiniteLossError) -> NonFiniteLossError:
+        """A NaN loss: save the state before the bad step (if its weights are finite) and say what to do."""
+        done = p.step
+        if done > p.start and self._weights_finite():  # parameters are still those before the bad step
+            p.last_ckpt = self._save(done, p.seconds(), p.run_id)
+        where = f"last good state saved to {p.last_ckpt}" if p.last_ckpt else "no checkpoint was written"
+        return NonFiniteLossError(f"{exc} at step {done + 1} ({where}); lower that network's learning rate "
+                                  "(--set method.<optim>.lr=...) or train.grad_clip and --resume, or start over if the "
+                                  "weights had already diverged.")
+
+    def _weights_finite(self) -> bool:
+        nets = [self._accelerator.unwrap_model(self.method.networks[n]) for n in self.optimizers]
+        return all(bool(torch.isfinite(t).all()) for net in [*nets, *self.emas.values()]
+                   for t in net.parameters() if t.is_floating_point())
 
     def _shared_flag(self, flag: bool) -> bool:
         """True on every process when it is True on any (all processes stop at the same step)."""
@@ -359,10 +445,27 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.method_name}-{cfg.backend_name}"
 
 
-def train(cfg: RunConfig, out: Path | None = None, resume: bool = False, command: str = "",
+def resume_step(resume) -> int | None:
+    """The STEP of ``resume=STEP`` (--resume-from STEP); None for True / False / "auto"."""
+    return resume if isinstance(resume, int) and not isinstance(resume, bool) else None
+
+
+def check_resume_from(cfg: RunConfig, resume) -> None:
+    """--resume-from names a step of one run; a two-stage rtdmd run has two (one per stage directory)."""
+    if resume_step(resume) is not None and getattr(cfg.method, "stage", None) == 0:
+        raise UserError("--resume-from applies to one stage's run; pass --stage 1 or 2 with --out <run>/stage1 or "
+                        "<run>/stage2 and --resume-from STEP.")
+    if resume_step(resume) is not None and resume <= 0:
+        raise UserError(f"--resume-from must be a positive step number, got {resume}.")
+
+
+def train(cfg: RunConfig, out: Path | None = None, resume: bool | int = False, command: str = "",
           show_progress: bool = True) -> TrainResult:
-    """Python API: train ``cfg`` into ``out`` (default runs/<method>-<backend>)."""
+    """Python API: train ``cfg`` into ``out`` (default runs/<method>-<backend>). ``resume``: True continues
+    from the newest checkpoint, an int STEP from checkpoint STEP (--resume-from)."""
     run_dir = Path(out) if out is not None else default_run_dir(cfg)
     if not math.isfinite(cfg.train.max_steps) or cfg.train.max_steps <= 0:
         raise UserError("train.max_steps must be a positive integer; pass --max-steps N.")
-    return Trainer(cfg, run_dir, resume=resume, command=command, show_progress=show_progress).run()
+    check_resume_from(cfg, resume)
+    return Trainer(cfg, run_dir, resume=bool(resume), command=command, show_progress=show_progress,
+                   resume_from=resume_step(resume)).run()

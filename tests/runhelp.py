@@ -61,7 +61,7 @@ def checkpoint_tensors(step_dir: Path) -> dict:
     out = {f"model/{k}": v for k, v in load_file(str(step_dir / "model.safetensors")).items()}
     for f in sorted((step_dir / "state").glob("*.safetensors")):
         out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
-    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=False)
+    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=True)
     for name, opt in objects["optimizers"].items():
         for pid, st in opt["state"].items():
             for k, v in st.items():

@@ -175,7 +175,8 @@ def test_truncated_model_file(cli, toy_checkpoint):
 
 def test_truncated_model_file_without_a_recorded_hash(cli, toy_checkpoint):
     meta = json.loads((toy_checkpoint / "meta.json").read_text())
-    del meta["model_sha256"]
+    for key in ("model_sha256", "files", "meta_sha256"):  # a checkpoint written before hashes were recorded
+        del meta[key]
     (toy_checkpoint / "meta.json").write_text(json.dumps(meta))
     f = toy_checkpoint / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])

@@ -66,7 +66,7 @@ def test_precedence_through_the_cli_and_the_saved_config(cli, tmp_path, monkeypa
     assert cfg.method.prompt_dropout == 0.1 and cfg.train.log_every == 50  # shipped values untouched
     sets = [a for i, a in enumerate(args) if i and args[i - 1] == "--set"]
     expected = C.resolve("teacher", backend="toy2d", preset="quick", config_file=user,
-                         overrides=C._deep_merge(C.parse_set(sets), {"train": {"max_steps": 2}}))
+                         overrides=C._deep_merge(C.parse_set(sets), {"train": {"max_steps": 2, "max_steps_cap": 2}}))
     assert cfg == expected
     assert (run / "config.yaml").read_text() == C.dump(expected)
     assert (run / "checkpoints" / "step_000002" / "config.yaml").read_text() == C.dump(expected)

@@ -466,6 +466,7 @@ def train_stages(cfg: RunConfig, out: Path | None = None, resume: bool = False, 
     (ac-dmd) then ``out/stage2`` initialised from it, under one parent MLflow run; ``--resume`` skips a
     finished stage and continues the interrupted one. ``out/checkpoints/latest`` then points at the
     final checkpoint, so ``out`` works wherever a run directory is expected."""
+    from rtdmd.checkpoint import require_checkpoint as ckpt_require
     from rtdmd.trainer import TrainResult, train
 
     o: RtdmdOptions = cfg.method
@@ -480,6 +481,8 @@ def train_stages(cfg: RunConfig, out: Path | None = None, resume: bool = False, 
     parent = _ParentRun(cfg, out, command)
     cfg1 = _named(stage1_config(cfg), "stage1")
     d1, d2 = out / "stage1", out / "stage2"
+    if resume:  # --resume on a directory without a run is an error, not a fresh start
+        ckpt_require(d1, shown=out)
     seconds = 0.0
     try:
         if resume and _stage_done(d1, cfg1.train.max_steps):
