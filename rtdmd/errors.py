@@ -4,6 +4,8 @@ The CLI catches UserError, prints its message (no traceback) and exits with code
 Anything else is a bug and keeps its traceback.
 """
 
+import errno
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, unknown name, bad config value...)."""
@@ -30,8 +32,6 @@ def as_user_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, KeyboardInterrupt):
         return InterruptedRun()
     if isinstance(exc, OSError):
-        from rtdmd.validate import os_error_as_user_error
-
         return os_error_as_user_error(exc)
     return None
 
@@ -59,3 +59,21 @@ class interrupt_on_sigterm:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+_DISK_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+                errno.ENOTDIR: "a parent path is a file", errno.EISDIR: "it is a directory",
+                errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_error_as_user_error(exc: OSError) -> UserError | None:
+    """A UserError for an OSError the user fixes (permissions, read-only or full disk, a file where a folder
+    must be); None for anything else (a bug keeps its traceback)."""
+    why = _DISK_ERRNOS.get(exc.errno)
+    if why is None:
+        return None
+    where = str(exc.filename) if exc.filename is not None else "the output folder"
+    where_text = where if len(where) <= 300 else f"{where[:300]}... ({len(where)} characters)"
+    fix = "free disk space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        "choose a writable --out (or fix its permissions) and rerun"
+    return UserError(f"cannot write {where_text} ({why}); {fix}.")

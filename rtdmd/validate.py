@@ -93,18 +93,3 @@ def clip_message(msg: str, limit: int = 600) -> str:
     return f"{msg[:limit // 2]} ...({len(msg) - limit} characters cut)... {tail}"
 
 
-_DISK_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
-                errno.ENOTDIR: "a parent path is a file", errno.EISDIR: "it is a directory",
-                errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
-
-
-def os_error_as_user_error(exc: OSError) -> UserError | None:
-    """A UserError for an OSError the user fixes (permissions, read-only or full disk, a file where a folder
-    must be); None for anything else (a bug keeps its traceback)."""
-    why = _DISK_ERRNOS.get(exc.errno)
-    if why is None:
-        return None
-    where = exc.filename if exc.filename is not None else "the output folder"
-    fix = "free disk space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
-        "choose a writable --out (or fix its permissions) and rerun"
-    return UserError(f"cannot write {clip(str(where), 300)} ({why}); {fix}.")

@@ -156,16 +156,11 @@ def run_kills(work: Path, kills: int, rng: random.Random, steps_per_kill: int = 
 
 
 def _refused(run: Path, steps: int) -> bool:
-    from click.testing import CliRunner
-
-    from rtdmd.cli import main
-
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    args = train_cmd(run, steps + 2, "train.seed=0")[3:] + ["--resume"]
-    r = CliRunner().invoke(main, args, catch_exceptions=True)
+    r = subprocess.run(train_cmd(run, steps + 2, "train.seed=0") + ["--resume"], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     one_line = len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
-    return r.exit_code == 2 and one_line and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    return r.returncode == 2 and one_line and sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def run_corruption(work: Path, source: Path) -> tuple[int, int]:
