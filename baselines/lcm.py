@@ -30,12 +30,12 @@ from rtdmd import flow, objectives
 from rtdmd.backends.base import Backend
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.data import StepPrefetcher
+from rtdmd.ema import ema_update
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
 from rtdmd.seeding import step_seed, torch_generator
-from rtdmd.trainer import ema_update
 
 
 # ---------------------------------------------------------------------------- options

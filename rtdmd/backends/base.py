@@ -40,11 +40,6 @@ def index_cond(cond: Cond, index) -> Cond:
     return {k: v[index] for k, v in cond.items()}
 
 
-def repeat_cond(cond: Cond, repeats: int) -> Cond:
-    """Repeat every row ``repeats`` times (row i -> rows i*repeats .. i*repeats+repeats-1)."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
-
-
 @dataclass
 class DataBatch:
     """Real training data, for the backends that have it (shapes, toy2d).
