@@ -42,7 +42,7 @@ _BACKENDS: dict[str, BackendEntry] = {}
 _METHOD_MODULES = {
     "teacher": "rtdmd.methods.teacher",
     "reward": "rtdmd.methods.reward_model",
-    "ac-dmd": "rtdmd.methods.rtdmd",
+    "ac-dmd": "rtdmd.methods.ac_dmd",
     "rtdmd": "rtdmd.methods.rtdmd",
     "dmd2": "baselines.dmd2",
     "lcm": "baselines.lcm",

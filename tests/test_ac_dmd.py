@@ -56,7 +56,7 @@ def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():
 
 def test_stop_index_is_uniform_and_a_function_of_the_step():
     cfg = make_config("ac-dmd", backend="toy2d", overrides=TINY_TOY)
-    from rtdmd.methods.rtdmd import AcDmdMethod
+    from rtdmd.methods.ac_dmd import AcDmdMethod
 
     m = AcDmdMethod(cfg, _toy_backend())
     ks = []
@@ -73,7 +73,7 @@ def test_generator_loss_uses_the_kth_state_and_fake_update_reuses_it():
     """The generator's sample is the CPS state after k steps (s = sigma_k); the fake score then trains on that
     same sample, detached; for the DMD2 ablation s = 0 always and the sampler re-noises with eta 1."""
     b = _toy_backend()
-    from rtdmd.methods.rtdmd import AcDmdMethod
+    from rtdmd.methods.ac_dmd import AcDmdMethod
 
     cfg = make_config("ac-dmd", backend="toy2d", overrides=TINY_TOY)
     m = AcDmdMethod(cfg, b)
