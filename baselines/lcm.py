@@ -207,8 +207,8 @@ class ConsistencyData:
         p = blocks.draw_prompts(b, self.n, ctx, tag="cd-prompts")
         if self.cfg_needed:
             p.uncond = b.uncond(len(p.prompts))
-        x0, _ = blocks.generator_sample(b, unwrap(generator_net), p, self.n, ctx, num_steps=len(b.generator_sigmas()) - 1,
-                                        eta=sampler.eta, grad=False, tag="cd-gen")
+        sample = blocks.GeneratorSample(b, self.n, sampler.eta, tag="cd-gen")
+        x0, _ = sample(unwrap(generator_net), p, ctx, len(b.generator_sigmas()) - 1, grad=False)
         return x0.detach(), p
 
     def close(self):

@@ -81,6 +81,18 @@ class AcDmdMethod(Method):
         # DMD2's order: the generator step, then the fake score on the same (detached) sample
         self.updates = [Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay),
                         Update("fake_score", every=1, optim=o.fake_optim)]
+        n, dmd2 = cfg.train.batch_size, o.objective == "dmd2"
+        # DMD2's backward simulation re-noises with fresh noise (eta 1); its DM term and plain flow-matching
+        # fake score draw t uniformly (baselines.md); AC-DMD draws t in the sub-interval above s (method.md s3)
+        self.sample = blocks.GeneratorSample(backend, n, 1.0 if dmd2 else o.eta, tag="s1-gen")
+        self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, blocks.NoiseLevels(dmd2, o.t_min, o.t_max),
+                                tag="s1-dm")
+        if dmd2:
+            self.fake = blocks.FakeScoreLoss(backend, n, blocks.NoiseLevels(True, 0.0, 1.0), tag="s1-fake")
+        else:
+            self.fake = blocks.FakeScoreLoss(backend, n, blocks.NoiseLevels(), o.adsm_weight_clamp,
+                                             blocks.Consistency(o.consistency_weight, o.consistency_max_delta, o.eta),
+                                             tag="s1-fake")
         self._k = o.num_steps
         self._cache: tuple | None = None
 
@@ -99,29 +111,22 @@ class AcDmdMethod(Method):
 
     def _sample(self, p: blocks.Prompts, ctx: StepContext, grad: bool) -> tuple[torch.Tensor, float]:
         """The generator's training sample and its noise level s (method.md s3 steps 1-3)."""
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
         gen = self.networks["generator"]
         if not self.dmd2:
-            return blocks.generator_sample(b, gen, p, n, ctx, self._k, o.eta, grad=grad, tag="s1-gen")
+            return self.sample(gen, p, ctx, self._k, grad=grad)
         # DMD2 backward simulation (baselines.md): k-1 steps that re-noise with fresh noise (eta = 1)
         # without gradient, then the x0 prediction at the k-th state, so s = 0 always.
-        x, s = blocks.generator_sample(b, gen, p, n, ctx, self._k - 1, 1.0, grad=False, tag="s1-gen")
+        x, s = self.sample(gen, p, ctx, self._k - 1, grad=False)
         with torch.set_grad_enabled(grad):
-            v = b.velocity(gen, x.detach(), flow.batch_sigma(s, x), p.cond)
+            v = self.backend.velocity(gen, x.detach(), flow.batch_sigma(s, x), p.cond)
         return flow.x0_from_v(x.detach(), v, s), 0.0
 
     def loss(self, network: str, ctx: StepContext):
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
-        if self._cache is None:
-            p = self._prompts(ctx)
-        else:
-            p = self._cache[2]
+        p = self._prompts(ctx) if self._cache is None else self._cache[2]
         if network == "generator":
             x_s, s = self._sample(p, ctx, grad=True)
             self._cache = (x_s.detach(), s, p)
-            loss, logs = blocks.dm_generator_loss(b, self.networks["fake_score"], x_s, s, p, o.guidance, n, ctx, eta=o.eta,
-                                                  normalize=o.normalize, t_range=(o.t_min, o.t_max), tag="s1-dm",
-                                                  t_sampling="uniform" if self.dmd2 else "subinterval")
+            loss, logs = self.dm(self.networks["fake_score"], x_s, s, p, ctx)
             return loss, {**logs, "dm/s": s, "dm/k": float(self._k)}
         # fake score on the (detached) sample of this step: ambient DSM + consistency (method.md s3), or
         # DMD2's plain flow matching on x0 with t ~ U(0, 1) (baselines.md)
@@ -130,13 +135,7 @@ class AcDmdMethod(Method):
                 x_s, s = self._sample(p, ctx, grad=False)
         else:
             x_s, s = self._cache[0], self._cache[1]
-        if self.dmd2:
-            return blocks.fake_score_loss(b, self.networks["fake_score"], x_s, 0.0, p, n, ctx, weighting="none",
-                                          t_sampling="uniform", consistency_weight=0.0, tag="s1-fake")
-        return blocks.fake_score_loss(b, self.networks["fake_score"], x_s, s, p, n, ctx, weighting="ambient",
-                                      t_sampling="subinterval", consistency_weight=o.consistency_weight,
-                                      consistency_max_delta=o.consistency_max_delta, eta=o.eta,
-                                      weight_clamp=o.adsm_weight_clamp, tag="s1-fake")
+        return self.fake(self.networks["fake_score"], x_s, s, p, ctx)
 
     def sampler(self) -> SamplerSpec:
         # inference re-noises as in training: CPS eta 0.9 (method.md s2); DMD2's backward simulation is eta 1

@@ -19,9 +19,8 @@ import torch
 from rtdmd import checkpoint as ckpt
 from rtdmd import flow, objectives, samplers
 from rtdmd.config import OptimConfig, RunConfig, TrainConfig, build_dataclass
-from rtdmd.distributed import all_gather_tensor
 from rtdmd.errors import UserError
-from rtdmd.methods import blocks
+from rtdmd.methods import blocks, grpo
 from rtdmd.methods.ac_dmd import BACKENDS, AcDmdMethod, AcDmdOptions
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
@@ -169,7 +168,17 @@ class RtdmdMethod(Method):
         # the fake score is updated first, on the rollout, then the generator (method.md s4)
         self.updates = ([Update("fake_score", every=1, optim=o.fake_optim)] if "fake_score" in self.networks else []) + \
                        [Update("generator", every=1, optim=o.generator_optim, ema_decay=o.ema_decay)]
-        self.batch: blocks.GRPOBatch | None = None
+        n, levels = cfg.train.batch_size, blocks.NoiseLevels(False, o.dm_t_min, o.dm_t_max)
+        policy = grpo.CpsPolicy(self.sigmas, o.eta, 1.0, o.log_prob)
+        advantages = grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards, o.advantage_normalize)
+        self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size, advantages, tag="rt")
+        self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, drop_zero_advantage=True)
+        self.bp = blocks.RewardHinge(self.bp_rewards, {"__sum__": o.bp_margin}, o.bp_weight)
+        self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, levels, tag="rt-dm")
+        # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (method.md s4)
+        self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
+                                         blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
+        self.batch: grpo.GRPOBatch | None = None
         self.selected: list[int] = []
 
     # ------------------------------------------------------------------ rollout
@@ -186,7 +195,7 @@ class RtdmdMethod(Method):
         (method.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index keeps repeated
         prompts apart."""
         b = self.backend
-        prompts, gids = blocks.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
+        prompts, gids = grpo.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
         noises: list[torch.Tensor | None] = []
         for i in range(len(self.sigmas) - 1):
             if i in selected or i not in self.stochastic:
@@ -198,24 +207,8 @@ class RtdmdMethod(Method):
         return noises
 
     def before_step(self, ctx: StepContext) -> None:
-        o = self.options
         self.selected = self.selected_steps(ctx.step)
-        noises = self.rollout_noises(ctx, self.selected)
-        self.batch = blocks.grpo_rollout(
-            self.backend, self.networks["generator"], self.rewards, self.n_groups, o.group_size, ctx,
-            sigmas=self.sigmas, kernel="cps", eta=o.eta, guidance=1.0, noises=noises, deterministic_last=True,
-            log_prob_form=o.log_prob, reward_weights=o.rewards, advantage_clip=o.advantage_clip,
-            advantage_eps=o.advantage_eps, tag="rt")
-        if not o.advantage_normalize:
-            self.batch.advantages = self._raw_advantages(ctx)
-
-    def _raw_advantages(self, ctx: StepContext) -> torch.Tensor:
-        o, n = self.options, self.cfg.train.batch_size
-        gathered = {k: all_gather_tensor(v) for k, v in self.batch.rewards.items()}
-        ids = torch.arange(self.n_groups).repeat_interleave(o.group_size)
-        adv = objectives.group_advantages(gathered, ids, clip=o.advantage_clip, eps=o.advantage_eps,
-                                          weights=o.rewards, normalize=False)
-        return adv[ctx.shard(n)].to(self.backend.device)
+        self.batch = self.rollout(self.networks["generator"], ctx, self.rollout_noises(ctx, self.selected))
 
     # ------------------------------------------------------------------ losses
     def _prompts(self) -> blocks.Prompts:
@@ -235,45 +228,34 @@ class RtdmdMethod(Method):
         """The rollout replayed with its own initial state and noises, gradient through every step
         (``dm_grad: all``: the DM term then sees the whole generator, as the exact check needs)."""
         b, r = self.backend, self.batch.rollout
-        full = samplers.policy_rollout(blocks.velocity_fn(b, self.networks["generator"], self.batch.cond),
-                                       r.states[0].detach(), self.sigmas, kernel="cps", eta=self.options.eta,
-                                       noises=r.noises, grad_steps=range(len(self.sigmas) - 1), detach_inputs=False)
+        full = samplers.cps_rollout(blocks.velocity_fn(b, self.networks["generator"], self.batch.cond),
+                                    r.states[0].detach(), self.sigmas, self.options.eta, r.noises,
+                                    grad_steps=range(len(self.sigmas) - 1), detach_inputs=False)
         return full.final
 
     def loss(self, network: str, ctx: StepContext):
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
-        batch = self.batch
+        o, batch = self.options, self.batch
         if network == "fake_score":
-            # one fake-score update per epoch on the rollout's final x0, s = 0 (method.md s4)
-            return blocks.fake_score_loss(b, self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), n,
-                                          ctx, weighting="ambient", t_sampling="subinterval",
-                                          consistency_weight=o.consistency_weight, eta=o.eta,
-                                          weight_clamp=o.adsm_weight_clamp, tag="rt-fake",
-                                          t_range=(o.dm_t_min, o.dm_t_max))
-        gen = self.networks["generator"]
+            return self.fake(self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), ctx)
         logs: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()}
         logs["grpo/steps"] = float(sum(1 << i for i in self.selected))
-        total = torch.zeros((), device=b.device)
+        total = torch.zeros((), device=self.backend.device)
         if o.grpo_weight > 0 and self.selected:
-            pg, pg_logs = blocks.grpo_policy_loss(b, gen, batch, self.selected, kernel="cps", eta=o.eta,
-                                                  clip_eps=o.clip_eps, log_prob_form=o.log_prob, drop_zero_advantage=True)
+            pg, pg_logs = self.policy_loss(self.networks["generator"], batch, self.selected)
             total = total + o.grpo_weight * pg
             logs.update(pg_logs)
         if (self.bp_rewards and o.bp_weight > 0) or o.dm_weight > 0:
             x0 = self.last_step_x0()
             if self.bp_rewards and o.bp_weight > 0:
                 # reward back-propagation through the deterministic last step (method.md s4)
-                bp, bp_logs = blocks.refl_loss(self.bp_rewards, {"__sum__": o.bp_margin}, b.decode(x0), batch.prompts,
-                                               weight=o.bp_weight)
+                bp, _ = self.bp(self.backend.decode(x0), batch.prompts)
                 total = total + bp
                 logs["loss/bp"] = float(bp.detach())
             if o.dm_weight > 0:
                 # the DM term on the same x0 at s = 0, teacher with CFG (method.md s4); the reward's
                 # gradient through the stochastic steps is GRPO's, so only the DM term may use the replay
                 x0_dm = self.replayed_x0() if o.dm_grad == "all" else x0
-                dm, dm_logs = blocks.dm_generator_loss(b, self.networks["fake_score"], x0_dm, 0.0, self._prompts(), o.guidance, n,
-                                                       ctx, eta=o.eta, normalize=o.normalize,
-                                                       t_range=(o.dm_t_min, o.dm_t_max), tag="rt-dm")
+                dm, _ = self.dm(self.networks["fake_score"], x0_dm, 0.0, self._prompts(), ctx)
                 total = total + o.dm_weight * dm
                 logs["loss/dm"] = float(dm.detach())
         return total, logs
