@@ -36,7 +36,7 @@ class DMD2Options:
     t_min: float = 0.02  # DM loss re-noising t ~ U[t_min, t_max] (baselines.md DMD2)
     t_max: float = 0.98
     ttur: int = 5  # generator updated every ttur-th iteration, fake score every iteration (SDXL 5, SD1.5 10)
-    sample_eta: float = 1.0  # inference re-noising between steps: 1 = fresh noise as DMD2 (CPS eta, method.md s2)
+    eta: float = 1.0  # CPS re-noising between the sampler's steps: 1 = fresh noise as DMD2 (method.md s2)
     gan: bool = False  # diffusion-GAN head on the fake score's features (needs backend.sample_data: shapes)
     gan_generator_weight: float = 5e-3  # lambda_G in L_G = L_DM + lambda_G L_G_gan (baselines.md DMD2)
     gan_critic_weight: float = 1e-2  # lambda_D in L_critic = L_fake + lambda_D L_D (baselines.md DMD2)
@@ -55,8 +55,8 @@ class DMD2Options:
             raise UserError(f"method.ttur must be a positive integer (got {self.ttur}); DMD2 uses 5 (SDXL) or 10 (SD1.5).")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1 (got {self.t_min}, {self.t_max}).")
-        if not 0.0 <= self.sample_eta <= 1.0:
-            raise UserError(f"method.sample_eta must be in [0, 1] (got {self.sample_eta}); DMD2 re-noises with 1.")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"method.eta must be in [0, 1] (got {self.eta}); DMD2 re-noises with 1.")
 
 
 class DiscriminatorHead(nn.Module):
@@ -213,7 +213,7 @@ class DMD2Method(Method):
 
     def sampler(self):
         # DMD2 samples its multi-step generator by re-noising the x0 prediction with fresh noise (eta 1)
-        return SamplerSpec(kind="cps", steps=self.options.num_steps, guidance=1.0, eta=self.options.sample_eta)
+        return SamplerSpec(kind="cps", steps=self.options.num_steps, guidance=1.0, eta=self.options.eta)
 
     def inference_role(self):
         return "generator"

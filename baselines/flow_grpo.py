@@ -35,7 +35,7 @@ class FlowGRPOOptions:
     eval_steps: int = 40  # ODE steps written into the checkpoint's sampler (baselines.md: 40 at evaluation)
     guidance: float = 4.5  # CFG of the SDE policy (Flow-GRPO on SD3.5-M: 4.5); a CPS policy samples as its checkpoint says
     sde_a: float = 0.7  # sigma_t = a sqrt(t / (1 - t)) (baselines.md)
-    cps_eta: float = 0.9  # CPS stochasticity of a few-step policy (method.md s2)
+    eta: float = 0.9  # CPS stochasticity of a few-step policy (method.md s2)
     group_size: int = 24  # K samples per prompt (baselines.md: 24); train.batch_size = groups x K
     #: stochastic steps trained per iteration: 0 = all; n > 0 = a random subset of n, shared by all processes
     #: (the Flow-GRPO code's timestep_fraction)
@@ -99,7 +99,7 @@ class FlowGRPOMethod(Method):
         self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
         self.rewards = blocks.load_rewards(list(o.rewards), backend, differentiable=False)
         if self.kernel == "cps":
-            policy = grpo.CpsPolicy(self.sigmas, o.cps_eta, self.policy_guidance)
+            policy = grpo.CpsPolicy(self.sigmas, o.eta, self.policy_guidance)
         else:
             policy = grpo.SdePolicy(self.sigmas, o.sde_a, self.policy_guidance)
         self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size,
@@ -132,7 +132,7 @@ class FlowGRPOMethod(Method):
 
     def sampler(self):
         if self.kernel == "cps":
-            return SamplerSpec(kind="cps", steps=len(self.sigmas) - 1, guidance=self.policy_guidance, eta=self.options.cps_eta)
+            return SamplerSpec(kind="cps", steps=len(self.sigmas) - 1, guidance=self.policy_guidance, eta=self.options.eta)
         # Flow-GRPO evaluates its fine-tuned model with the ODE (40 steps, the same CFG)
         return SamplerSpec(kind="euler", steps=self.options.eval_steps, guidance=self.policy_guidance)
 

@@ -63,7 +63,7 @@ class HyperSDOptions(ConsistencyOptions):
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     # --- sampling of the final (1-segment) model
     sample_steps: int = 4
-    inference_eta: float = 1.0  # CPS re-noising of the consistency model: 1 = LCM's multistep sampler
+    eta: float = 1.0  # CPS re-noising when sampling the consistency model: 1 = LCM's multistep sampler
 
     def validate(self):
         super().validate()
@@ -81,8 +81,8 @@ class HyperSDOptions(ConsistencyOptions):
             lo_hi = self.refl_stop_range
             if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < self.refl_total_steps:
                 raise UserError("method.refl_stop_range must be [lo, hi] with 0 <= lo <= hi < method.refl_total_steps.")
-        if not 0.0 <= self.inference_eta <= 1.0:
-            raise UserError("method.inference_eta must be in [0, 1].")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"method.eta must be in [0, 1] (got {self.eta}); LCM's multistep sampler uses 1.")
 
     def uses_refl(self) -> bool:
         return self.refl_steps > 0 or self.unified_refl_weight > 0
@@ -240,10 +240,10 @@ class HyperSDMethod(ConsistencyMethod):
 
     def sampler(self) -> SamplerSpec:
         """During a TSCD stage with k > 1 segments: the k edges, deterministically; otherwise the consistency
-        model's ``sample_steps`` with re-noising ``inference_eta`` (checkpoints record the stage's sampler)."""
+        model's ``sample_steps`` with re-noising ``eta`` (checkpoints record the stage's sampler)."""
         o, st = self.options, self.stage()
         k = st.segments if st.kind == "tscd" else o.segments[-1]
-        return phased_sampler(k, o.sample_steps, o.inference_guidance, o.inference_eta)
+        return phased_sampler(k, o.sample_steps, o.inference_guidance, o.eta)
 
 
 @register_method("hypersd", HyperSDOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",
