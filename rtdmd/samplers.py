@@ -1,7 +1,10 @@
 """Samplers over velocity callables ``velocity_fn(x, sigma) -> v`` (sigma a (B,) tensor).
 
-Euler ODE, coefficient-preserving sampling (CPS, method.md section 2) with per-step
-Gaussian policies and log-probs, and the Flow-GRPO SDE step (baselines.md, Flow-GRPO).
+One short free function per sampler: ``euler_sample`` (the ODE), ``cps_rollout``
+(coefficient-preserving sampling, method.md section 2) and ``sde_rollout`` (the Flow-GRPO SDE,
+baselines.md); the two stochastic ones record each step's Gaussian policy and log-prob in a
+``Rollout`` through one shared ``_Trace``. Each kernel's step formula is its own function
+(``cps_mean_std`` / ``cps_step``, ``flow_grpo_sde_mean_std`` / ``flow_grpo_sde_step``).
 Random draws take an explicit torch.Generator; noise is drawn on the generator's device
 and moved to x's device, so seeds are device-independent for CPU generators.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from rtdmd.errors import UserError
 from rtdmd.flow import SigmaLike, batch_sigma, eps_from_v, expand_sigma, x0_from_v
@@ -45,8 +49,6 @@ def euler_sample(
     s = _sigma_list(sigmas)
     steps = range(len(s) - 1)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="euler", leave=False)
     for i in steps:
         v = velocity_fn(x, batch_sigma(s[i], x))
@@ -106,7 +108,7 @@ def log_prob(x: torch.Tensor, mean: torch.Tensor, std: SigmaLike, form: str = "g
 
 @dataclass
 class Rollout:
-    """A CPS trajectory.
+    """A trajectory of cps_rollout or sde_rollout.
 
     states: x_0 .. x_n (x_0 the input, x_n the last state); means / stds / velocities /
     noises: one per step (noise None on deterministic steps); log_probs: (B, n_stochastic)
