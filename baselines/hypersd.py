@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from baselines.lcm import (ConsistencyMethod, ConsistencyOptions, PhaseSchedule, phased_consistency_loss, phased_sampler,
+from baselines.lcm import (ConsistencyMethod, ConsistencyOptions, PhasedConsistencyLoss, PhaseSchedule, phased_sampler,
                            unwrap)
 from rtdmd import flow
 from rtdmd.backends.base import Backend
@@ -136,7 +136,9 @@ class HyperSDMethod(ConsistencyMethod):
         if o.dmd_weight > 0:
             self.networks["fake_score"] = backend.make_trainable("fake_score")
             self.updates.append(Update("fake_score", every=1, optim=o.fake_optim))
-        self.schedules = {k: PhaseSchedule(backend, k, o.solver_steps) for k in sorted(set(o.segments))}
+        self.consistency = {k: PhasedConsistencyLoss(backend, PhaseSchedule(backend, k, o.solver_steps), cfg.train.batch_size,
+                                                     o.guidance, o.guidance_range, o.consistency_loss, o.huber_c)
+                            for k in sorted(set(o.segments))}
         self._init_target_and_data()
         rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.uses_refl() else {}
         n = cfg.train.batch_size
@@ -159,13 +161,9 @@ class HyperSDMethod(ConsistencyMethod):
 
     # -- losses ------------------------------------------------------------------
     def _consistency(self, ctx: StepContext, segments: int):
-        o, n = self.options, self.cfg.train.batch_size
         gen = self.networks["generator"]
         x0, p = self.data.get(ctx, gen, self._data_sampler())
-        target = self.target_net()
-        out = phased_consistency_loss(self.backend, gen, target, x0, p, self.schedules[segments], n, ctx, o.guidance,
-                                      o.guidance_range, o.consistency_loss, o.huber_c)
-        return out, p
+        return self.consistency[segments](gen, self.target_net(), x0, p, ctx), p
 
     def _refl(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """ReFL on the generator: a late state without gradient, one gradient step to x0_hat, decoded, rewarded."""
