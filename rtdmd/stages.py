@@ -44,7 +44,8 @@ def plan(cfg: RunConfig) -> list[Stage]:
 
 def has_run(cfg: RunConfig, out: Path) -> bool:
     """Whether ``out`` holds a run (or a stage's run) of ``cfg`` to resume."""
-    return any((out / st.name / "checkpoints" / "latest").is_file() for st in [Stage("", cfg), *plan(cfg)])
+    names = {"", *(st.name for st in plan(cfg))}  # a one-stage run trains straight into out
+    return any((out / name / "checkpoints" / "latest").is_file() for name in names)
 
 
 def run_stages(cfg: RunConfig, out: Path | None = None, resume: bool = False, command: str = "",
