@@ -36,7 +36,7 @@ class DMD2Options:
     t_min: float = 0.02  # DM loss re-noising t ~ U[t_min, t_max] (baselines.md DMD2)
     t_max: float = 0.98
     ttur: int = 5  # generator updated every ttur-th iteration, fake score every iteration (SDXL 5, SD1.5 10)
-    sample_eta: float = 1.0  # inference re-noising between steps: 1 = fresh noise as DMD2 (CPS eta, method.md s2)
+    eta: float = 1.0  # CPS re-noising between the sampler's steps: 1 = fresh noise as DMD2 (method.md s2)
     gan: bool = False  # diffusion-GAN head on the fake score's features (needs backend.sample_data: shapes)
     gan_generator_weight: float = 5e-3  # lambda_G in L_G = L_DM + lambda_G L_G_gan (baselines.md DMD2)
     gan_critic_weight: float = 1e-2  # lambda_D in L_critic = L_fake + lambda_D L_D (baselines.md DMD2)
@@ -55,8 +55,8 @@ class DMD2Options:
             raise UserError(f"method.ttur must be a positive integer (got {self.ttur}); DMD2 uses 5 (SDXL) or 10 (SD1.5).")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"method.t_min/t_max must satisfy 0 <= t_min < t_max <= 1 (got {self.t_min}, {self.t_max}).")
-        if not 0.0 <= self.sample_eta <= 1.0:
-            raise UserError(f"method.sample_eta must be in [0, 1] (got {self.sample_eta}); DMD2 re-noises with 1.")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"method.eta must be in [0, 1] (got {self.eta}); DMD2 re-noises with 1.")
 
 
 class DiscriminatorHead(nn.Module):
@@ -139,7 +139,12 @@ class DMD2Method(Method):
         # generator first: the fake score then trains on the same (pre-update) sample, as the DMD2 code
         self.updates = [Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay),
                         Update("fake_score", every=1, optim=o.fake_optim)]
-        self.refl_rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.refl_margins else {}
+        rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.refl_margins else {}
+        self.refl = blocks.RewardHinge(rewards, o.refl_margins, o.refl_weight) if rewards else None
+        self.backsim = blocks.GeneratorSample(backend, self.n, 1.0, tag="backsim")
+        # DMD2's DM term at s = 0 with t ~ U[t_min, t_max]; the critic is plain flow matching, t ~ U(0, 1)
+        self.dm = blocks.DMLoss(backend, self.n, o.guidance, levels=blocks.NoiseLevels(True, o.t_min, o.t_max))
+        self.fake = blocks.FakeScoreLoss(backend, self.n, blocks.NoiseLevels(True, 0.0, 1.0))
         self._cache: dict = {}
 
     def close(self):
@@ -153,8 +158,7 @@ class DMD2Method(Method):
         o, b = self.options, self.backend
         k = int(torch.randint(0, o.num_steps, (1,), generator=ctx.generator))
         p = blocks.draw_prompts(b, self.n, ctx, guidance=o.guidance)
-        x_k, s_k = blocks.generator_sample(b, self.networks["generator"], p, self.n, ctx, num_steps=k, eta=1.0, grad=False,
-                                           tag="backsim")
+        x_k, s_k = self.backsim(self.networks["generator"], p, ctx, k, grad=False)
         self._cache = {"k": k, "p": p, "x_k": x_k, "s_k": s_k, "x0": None}
 
     def _generator_x0(self, grad: bool) -> torch.Tensor:
@@ -179,23 +183,21 @@ class DMD2Method(Method):
         if network == "generator":
             x0 = self._generator_x0(grad=True)
             c["x0"] = x0.detach()
-            loss, logs = blocks.dm_generator_loss(b, self.networks["fake_score"], x0, 0.0, p, o.guidance, self.n, ctx,
-                                                  t_range=(o.t_min, o.t_max), t_sampling="uniform")
+            loss, logs = self.dm(self.networks["fake_score"], x0, 0.0, p, ctx)
             logs = {**logs, "dm/loss": float(loss.detach()), "dm/k": float(c["k"])}
             if o.gan:
                 g_gan = objectives.gan_generator_loss(self._critic_logits(x0, p.cond, ctx, "gan-gen"))
                 loss = loss + o.gan_generator_weight * g_gan
                 logs["gan/generator"] = float(g_gan.detach())
-            if self.refl_rewards:
-                r_loss, r_logs = blocks.refl_loss(self.refl_rewards, o.refl_margins, b.decode(x0), p.prompts, o.refl_weight)
+            if self.refl is not None:
+                r_loss, r_logs = self.refl(b.decode(x0), p.prompts)
                 loss = loss + r_loss
                 logs.update(r_logs)
             return loss, logs
         if network == "fake_score":
             x0 = c["x0"] if c["x0"] is not None else self._generator_x0(grad=False)
             # DMD2's critic: plain flow matching on the detached sample, t ~ U(0, 1) (baselines.md DMD2)
-            loss, logs = blocks.fake_score_loss(b, self.networks["fake_score"], x0, 0.0, p, self.n, ctx,
-                                                weighting="none", t_sampling="uniform")
+            loss, logs = self.fake(self.networks["fake_score"], x0, 0.0, p, ctx)
             if o.gan:
                 data = self.data.get(ctx.step)
                 sl = ctx.shard(self.n)
@@ -211,7 +213,7 @@ class DMD2Method(Method):
 
     def sampler(self):
         # DMD2 samples its multi-step generator by re-noising the x0 prediction with fresh noise (eta 1)
-        return SamplerSpec(kind="cps", steps=self.options.num_steps, guidance=1.0, eta=self.options.sample_eta)
+        return SamplerSpec(kind="cps", steps=self.options.num_steps, guidance=1.0, eta=self.options.eta)
 
     def inference_role(self):
         return "generator"

@@ -7,7 +7,7 @@ reference policy. The policy is the teacher (N SDE steps with CFG) or, with ``in
 distilled few-step generator sampled with CPS (method.md s2; its last step, to sigma 0, is
 deterministic and gets no policy gradient). The rollout runs once per iteration in
 ``before_step`` (no gradient); ``loss`` recomputes the new log-probs with gradient
-(rtdmd.methods.blocks.grpo_rollout / grpo_policy_loss, shared with RTDMD).
+(rtdmd.methods.grpo.GroupRollout / PolicyLoss, shared with RTDMD).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from rtdmd import checkpoint as ckpt
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.errors import UserError
-from rtdmd.methods import blocks
+from rtdmd.methods import blocks, grpo
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
 
@@ -35,7 +35,7 @@ class FlowGRPOOptions:
     eval_steps: int = 40  # ODE steps written into the checkpoint's sampler (baselines.md: 40 at evaluation)
     guidance: float = 4.5  # CFG of the SDE policy (Flow-GRPO on SD3.5-M: 4.5); a CPS policy samples as its checkpoint says
     sde_a: float = 0.7  # sigma_t = a sqrt(t / (1 - t)) (baselines.md)
-    cps_eta: float = 0.9  # CPS stochasticity of a few-step policy (method.md s2)
+    eta: float = 0.9  # CPS stochasticity of a few-step policy (method.md s2)
     group_size: int = 24  # K samples per prompt (baselines.md: 24); train.batch_size = groups x K
     #: stochastic steps trained per iteration: 0 = all; n > 0 = a random subset of n, shared by all processes
     #: (the Flow-GRPO code's timestep_fraction)
@@ -98,7 +98,14 @@ class FlowGRPOMethod(Method):
         self.networks = {"generator": policy}
         self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
         self.rewards = blocks.load_rewards(list(o.rewards), backend, differentiable=False)
-        self.batch: blocks.GRPOBatch | None = None
+        if self.kernel == "cps":
+            policy = grpo.CpsPolicy(self.sigmas, o.eta, self.policy_guidance)
+        else:
+            policy = grpo.SdePolicy(self.sigmas, o.sde_a, self.policy_guidance)
+        self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size,
+                                         grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards))
+        self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, o.kl_weight, self._reference(), o.mean_over_dims)
+        self.batch: grpo.GRPOBatch | None = None
 
     def _reference(self):
         w, b = self.policy_guidance, self.backend
@@ -108,11 +115,7 @@ class FlowGRPOMethod(Method):
 
     def before_step(self, ctx: StepContext) -> None:
         o = self.options
-        self.batch = blocks.grpo_rollout(
-            self.backend, self.networks["generator"], self.rewards, self.n_groups, o.group_size, ctx,
-            sigmas=self.sigmas, kernel=self.kernel, eta=o.cps_eta, a=o.sde_a, guidance=self.policy_guidance,
-            deterministic_last=self.kernel == "cps", reward_weights=o.rewards,
-            advantage_clip=o.advantage_clip, advantage_eps=o.advantage_eps)
+        self.batch = self.rollout(self.networks["generator"], ctx)
         stoch = self.batch.rollout.stochastic_steps
         if o.train_steps and o.train_steps < len(stoch):
             pick = torch.randperm(len(stoch), generator=ctx.generator)[: o.train_steps]
@@ -121,18 +124,15 @@ class FlowGRPOMethod(Method):
             self.steps = list(stoch)
 
     def loss(self, network: str, ctx: StepContext):
-        o, batch = self.options, self.batch
-        loss, logs = blocks.grpo_policy_loss(
-            self.backend, self.networks["generator"], batch, self.steps, kernel=self.kernel, eta=o.cps_eta, a=o.sde_a,
-            guidance=self.policy_guidance, clip_eps=o.clip_eps, kl_weight=o.kl_weight, reference=self._reference(),
-            mean_over_dims=o.mean_over_dims)
+        batch = self.batch
+        loss, logs = self.policy_loss(self.networks["generator"], batch, self.steps)
         logs.update({f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()})
         logs["grpo/adv_abs"] = float(batch.advantages.abs().mean())
         return loss, logs
 
     def sampler(self):
         if self.kernel == "cps":
-            return SamplerSpec(kind="cps", steps=len(self.sigmas) - 1, guidance=self.policy_guidance, eta=self.options.cps_eta)
+            return SamplerSpec(kind="cps", steps=len(self.sigmas) - 1, guidance=self.policy_guidance, eta=self.options.eta)
         # Flow-GRPO evaluates its fine-tuned model with the ODE (40 steps, the same CFG)
         return SamplerSpec(kind="euler", steps=self.options.eval_steps, guidance=self.policy_guidance)
 

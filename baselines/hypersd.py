@@ -8,12 +8,12 @@ stage boundaries, and the stage is logged to MLflow as ``stage/index`` and ``sta
    k = 8 -> 4 -> 2 -> 1, ``segment_steps[i]`` steps each, each stage continuing from the
    previous one (the teacher solver stays the original teacher; the adversarial term of the
    paper is not implemented).
-2. ReFL: from a late state of the generator's own Euler trajectory (blocks.late_state), one
+2. ReFL: from a late state of the generator's own Euler trajectory (blocks.LateState), one
    gradient-carrying step to x0_hat, decode, and L = sum_d relu(margin_d - r_d) over a
-   preference and an aesthetic reward (blocks.refl_loss), for ``refl_steps`` steps.
+   preference and an aesthetic reward (blocks.RewardHinge), for ``refl_steps`` steps.
 3. Unified: the last segment count's consistency loss plus the DMD generator loss on the same
-   student x0 predictions (blocks.dm_generator_loss at s = 0, DMD2's form) with a trainable fake
-   score (blocks.fake_score_loss, plain flow matching), until train.max_steps.
+   student x0 predictions (blocks.DMLoss at s = 0, DMD2's form) with a trainable fake
+   score (blocks.FakeScoreLoss, plain flow matching), until train.max_steps.
 
 The fake score is trained in the unified stage and, with ``fake_warmup``, already in the earlier
 one-segment stages; in the other steps its loss is a constant with no path to its weights, so
@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from baselines.lcm import (ConsistencyMethod, ConsistencyOptions, PhaseSchedule, phased_consistency_loss, phased_sampler,
+from baselines.lcm import (ConsistencyMethod, ConsistencyOptions, PhasedConsistencyLoss, PhaseSchedule, phased_sampler,
                            unwrap)
 from rtdmd import flow
 from rtdmd.backends.base import Backend
@@ -63,7 +63,7 @@ class HyperSDOptions(ConsistencyOptions):
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
     # --- sampling of the final (1-segment) model
     sample_steps: int = 4
-    inference_eta: float = 1.0  # CPS re-noising of the consistency model: 1 = LCM's multistep sampler
+    eta: float = 1.0  # CPS re-noising when sampling the consistency model: 1 = LCM's multistep sampler
 
     def validate(self):
         super().validate()
@@ -81,8 +81,8 @@ class HyperSDOptions(ConsistencyOptions):
             lo_hi = self.refl_stop_range
             if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < self.refl_total_steps:
                 raise UserError("method.refl_stop_range must be [lo, hi] with 0 <= lo <= hi < method.refl_total_steps.")
-        if not 0.0 <= self.inference_eta <= 1.0:
-            raise UserError("method.inference_eta must be in [0, 1].")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UserError(f"method.eta must be in [0, 1] (got {self.eta}); LCM's multistep sampler uses 1.")
 
     def uses_refl(self) -> bool:
         return self.refl_steps > 0 or self.unified_refl_weight > 0
@@ -136,9 +136,18 @@ class HyperSDMethod(ConsistencyMethod):
         if o.dmd_weight > 0:
             self.networks["fake_score"] = backend.make_trainable("fake_score")
             self.updates.append(Update("fake_score", every=1, optim=o.fake_optim))
-        self.schedules = {k: PhaseSchedule(backend, k, o.solver_steps) for k in sorted(set(o.segments))}
+        self.consistency = {k: PhasedConsistencyLoss(backend, PhaseSchedule(backend, k, o.solver_steps), cfg.train.batch_size,
+                                                     o.guidance, o.guidance_range, o.consistency_loss, o.huber_c)
+                            for k in sorted(set(o.segments))}
         self._init_target_and_data()
-        self.rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.uses_refl() else {}
+        rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.uses_refl() else {}
+        n = cfg.train.batch_size
+        self.refl = blocks.RewardHinge(rewards, o.refl_margins, o.refl_weight)
+        self.late_state = blocks.LateState(backend, n, o.refl_total_steps, tuple(o.refl_stop_range), o.inference_guidance)
+        # unified stage: DMD2's form, t ~ U[0.02, 0.98] at s = 0, x0 re-noised with fresh noise (eta 1);
+        # the fake score is plain flow matching, t ~ U(0, 1)
+        self.dm = blocks.DMLoss(backend, n, o.guidance, 1.0, o.dmd_normalize, blocks.NoiseLevels(uniform=True), tag="dmd")
+        self.fake = blocks.FakeScoreLoss(backend, n, blocks.NoiseLevels(True, 0.0, 1.0), tag="fake")
         self._step = 0
         self._fake_input: tuple[int, torch.Tensor, blocks.Prompts] | None = None
 
@@ -152,25 +161,20 @@ class HyperSDMethod(ConsistencyMethod):
 
     # -- losses ------------------------------------------------------------------
     def _consistency(self, ctx: StepContext, segments: int):
-        o, n = self.options, self.cfg.train.batch_size
         gen = self.networks["generator"]
         x0, p = self.data.get(ctx, gen, self._data_sampler())
-        target = self.target_net()
-        out = phased_consistency_loss(self.backend, gen, target, x0, p, self.schedules[segments], n, ctx, o.guidance,
-                                      o.guidance_range, o.consistency_loss, o.huber_c)
-        return out, p
+        return self.consistency[segments](gen, self.target_net(), x0, p, ctx), p
 
     def _refl(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         """ReFL on the generator: a late state without gradient, one gradient step to x0_hat, decoded, rewarded."""
         o, b, n = self.options, self.backend, self.cfg.train.batch_size
         gen = self.networks["generator"]
         p = blocks.draw_prompts(b, n, ctx, guidance=o.inference_guidance, tag="refl-prompts")
-        x_s, s = blocks.late_state(b, unwrap(gen), p, n, ctx, o.refl_total_steps, tuple(o.refl_stop_range),
-                                   guidance=o.inference_guidance, tag="refl")
+        x_s, s = self.late_state(unwrap(gen), p, ctx)
         v = flow.guided_velocity(lambda a, ss, c: b.velocity(gen, a, ss, c), x_s, flow.batch_sigma(s, x_s), p.cond,
                                  o.inference_guidance, p.uncond)
         images = b.decode(flow.x0_from_v(x_s, v, s))
-        loss, logs = blocks.refl_loss(self.rewards, o.refl_margins, images, p.prompts, weight=o.refl_weight)
+        loss, logs = self.refl(images, p.prompts)
         logs["refl/loss"] = float(loss.detach())
         logs["refl/sigma"] = s
         return loss, logs
@@ -201,9 +205,7 @@ class HyperSDMethod(ConsistencyMethod):
         loss = out.loss
         if o.dmd_weight > 0:
             x0_hat = flow.x0_from_v(out.x_s, out.v, out.s)
-            dm, extra = blocks.dm_generator_loss(self.backend, self.networks["fake_score"], x0_hat, 0.0, p, o.guidance,
-                                                 self.cfg.train.batch_size, ctx, eta=1.0, normalize=o.dmd_normalize,
-                                                 t_sampling="uniform", tag="dmd")  # DMD2: t ~ U[0.02, 0.98]
+            dm, extra = self.dm(self.networks["fake_score"], x0_hat, 0.0, p, ctx)
             logs.update(extra)
             logs["dmd/loss"] = float(dm.detach())
             loss = loss + o.dmd_weight * dm
@@ -226,9 +228,7 @@ class HyperSDMethod(ConsistencyMethod):
             # no path to the fake score's weights: the optimiser skips it (no update, no weight decay)
             return torch.zeros((), device=self.backend.device, requires_grad=True), logs
         _, x0_hat, p = self._fake_input
-        loss, extra = blocks.fake_score_loss(self.backend, self.networks["fake_score"], x0_hat, 0.0, p,
-                                             self.cfg.train.batch_size, ctx, weighting="none", t_sampling="uniform",
-                                             tag="fake")
+        loss, extra = self.fake(self.networks["fake_score"], x0_hat, 0.0, p, ctx)
         logs.update(extra)
         return loss, logs
 
@@ -238,10 +238,10 @@ class HyperSDMethod(ConsistencyMethod):
 
     def sampler(self) -> SamplerSpec:
         """During a TSCD stage with k > 1 segments: the k edges, deterministically; otherwise the consistency
-        model's ``sample_steps`` with re-noising ``inference_eta`` (checkpoints record the stage's sampler)."""
+        model's ``sample_steps`` with re-noising ``eta`` (checkpoints record the stage's sampler)."""
         o, st = self.options, self.stage()
         k = st.segments if st.kind == "tscd" else o.segments[-1]
-        return phased_sampler(k, o.sample_steps, o.inference_guidance, o.inference_eta)
+        return phased_sampler(k, o.sample_steps, o.inference_guidance, o.eta)
 
 
 @register_method("hypersd", HyperSDOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",

@@ -30,12 +30,12 @@ from rtdmd import flow, objectives
 from rtdmd.backends.base import Backend
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.data import StepPrefetcher
+from rtdmd.ema import ema_update
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
 from rtdmd.seeding import step_seed, torch_generator
-from rtdmd.trainer import ema_update
 
 
 # ---------------------------------------------------------------------------- options
@@ -144,36 +144,50 @@ def teacher_solver_velocity(backend: Backend, x: torch.Tensor, s: torch.Tensor, 
     return flow.cfg(v_u, v_c, flow.expand_sigma(w, x))
 
 
-def phased_consistency_loss(backend: Backend, student: nn.Module, target: nn.Module, x0: torch.Tensor,
-                            p: blocks.Prompts, schedule: PhaseSchedule, n_global: int, ctx: StepContext,
-                            guidance: float, guidance_range: list[float] | None = None, loss: str = "pseudo_huber",
-                            huber_c: float = 0.001, tag: str = "cd") -> ConsistencyOut:
-    """The phased consistency distillation loss of one batch (baselines.md LCM flow port)."""
-    s64, s_prev64, e64 = schedule.draw(n_global, ctx, tag)
-    dev, dt = x0.device, x0.dtype
-    s, s_prev, e = (t.to(device=dev, dtype=dt) for t in (s64, s_prev64, e64))
-    eps = blocks.global_randn(backend, n_global, ctx, f"{tag}-eps").to(dtype=dt)
-    x_s = flow.add_noise(x0, eps, s)
-    w = None
-    if guidance_range:
-        lo, hi = guidance_range
-        u = torch.rand(n_global, generator=torch_generator(ctx.seed, f"{tag}-w"))[ctx.shard(n_global)]
-        w = (lo + (hi - lo) * u).to(device=dev, dtype=dt)
-    with torch.no_grad():
-        v_teacher = teacher_solver_velocity(backend, x_s, s, p, guidance, w)
-        x_prev = objectives.euler_jump(x_s, v_teacher, s, s_prev)  # one teacher solver step
-        v_target = backend.velocity(target, x_prev, s_prev, p.cond)
-        x_e_target = objectives.euler_jump(x_prev, v_target, s_prev, e)
-    v = backend.velocity(student, x_s, s, p.cond)
-    x_e = objectives.euler_jump(x_s, v, s, e)  # boundary by construction: e = s gives x_s
-    if loss == "pseudo_huber":
-        value = objectives.pseudo_huber(x_e - x_e_target, huber_c)
-    elif loss == "mse":
-        value = objectives.weighted_mse(x_e, x_e_target)
-    else:
-        raise UserError(f"unknown consistency loss {loss!r}; use 'pseudo_huber' or 'mse'.")
-    logs = {"cd/loss": float(value.detach()), "cd/mean_abs_diff": float((x_e - x_e_target).detach().abs().mean())}
-    return ConsistencyOut(value, x_s, s, v, logs)
+@dataclass
+class PhasedConsistencyLoss:
+    """The phased consistency distillation loss of one batch (baselines.md LCM flow port): the student's
+    jump from x_s to its phase's lower edge against the target network's jump from one CFG teacher solver
+    step further (``guidance``, or per-row w ~ U[guidance_range]), by pseudo-Huber (``huber_c``) or MSE."""
+
+    backend: Backend
+    schedule: PhaseSchedule
+    n_global: int
+    guidance: float
+    guidance_range: list[float] | None = None
+    loss: str = "pseudo_huber"
+    huber_c: float = 0.001
+
+    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, p: blocks.Prompts,
+                 ctx: StepContext) -> ConsistencyOut:
+        n, tag = self.n_global, "cd"
+        s64, s_prev64, e64 = self.schedule.draw(n, ctx, tag)
+        dev, dt = x0.device, x0.dtype
+        s, s_prev, e = (t.to(device=dev, dtype=dt) for t in (s64, s_prev64, e64))
+        eps = blocks.global_randn(self.backend, n, ctx, f"{tag}-eps").to(dtype=dt)
+        x_s = flow.add_noise(x0, eps, s)
+        w = None
+        if self.guidance_range:
+            lo, hi = self.guidance_range
+            u = torch.rand(n, generator=torch_generator(ctx.seed, f"{tag}-w"))[ctx.shard(n)]
+            w = (lo + (hi - lo) * u).to(device=dev, dtype=dt)
+        with torch.no_grad():
+            v_teacher = teacher_solver_velocity(self.backend, x_s, s, p, self.guidance, w)
+            x_prev = objectives.euler_jump(x_s, v_teacher, s, s_prev)  # one teacher solver step
+            v_target = self.backend.velocity(target, x_prev, s_prev, p.cond)
+            x_e_target = objectives.euler_jump(x_prev, v_target, s_prev, e)
+        v = self.backend.velocity(student, x_s, s, p.cond)
+        x_e = objectives.euler_jump(x_s, v, s, e)  # boundary by construction: e = s gives x_s
+        value = self._distance(x_e, x_e_target)
+        logs = {"cd/loss": float(value.detach()), "cd/mean_abs_diff": float((x_e - x_e_target).detach().abs().mean())}
+        return ConsistencyOut(value, x_s, s, v, logs)
+
+    def _distance(self, x_e: torch.Tensor, x_e_target: torch.Tensor) -> torch.Tensor:
+        if self.loss == "pseudo_huber":
+            return objectives.pseudo_huber(x_e - x_e_target, self.huber_c)
+        if self.loss == "mse":
+            return objectives.weighted_mse(x_e, x_e_target)
+        raise UserError(f"unknown consistency loss {self.loss!r}; use 'pseudo_huber' or 'mse'.")
 
 
 class ConsistencyData:
@@ -207,8 +221,8 @@ class ConsistencyData:
         p = blocks.draw_prompts(b, self.n, ctx, tag="cd-prompts")
         if self.cfg_needed:
             p.uncond = b.uncond(len(p.prompts))
-        x0, _ = blocks.generator_sample(b, unwrap(generator_net), p, self.n, ctx, num_steps=len(b.generator_sigmas()) - 1,
-                                        eta=sampler.eta, grad=False, tag="cd-gen")
+        sample = blocks.GeneratorSample(b, self.n, sampler.eta, tag="cd-gen")
+        x0, _ = sample(unwrap(generator_net), p, ctx, len(b.generator_sigmas()) - 1, grad=False)
         return x0.detach(), p
 
     def close(self):
@@ -277,15 +291,14 @@ class LCMMethod(ConsistencyMethod):
         o = self.options
         self.networks["generator"] = backend.make_trainable("generator")
         self.updates = [Update("generator", every=1, optim=o.optim, ema_decay=o.ema_decay)]
-        self.schedule = PhaseSchedule(backend, o.phases, o.solver_steps)
+        self.consistency = PhasedConsistencyLoss(backend, PhaseSchedule(backend, o.phases, o.solver_steps),
+                                                 cfg.train.batch_size, o.guidance, o.guidance_range, "pseudo_huber", o.huber_c)
         self._init_target_and_data()
 
     def loss(self, network: str, ctx: StepContext):
-        o, n = self.options, self.cfg.train.batch_size
         gen = self.networks["generator"]
         x0, p = self.data.get(ctx, gen, self.sampler())
-        out = phased_consistency_loss(self.backend, gen, self.target_net(), x0, p, self.schedule, n, ctx, o.guidance,
-                                      o.guidance_range, "pseudo_huber", o.huber_c)
+        out = self.consistency(gen, self.target_net(), x0, p, ctx)
         return out.loss, out.logs
 
     def sampler(self) -> SamplerSpec:

@@ -14,8 +14,11 @@ import dataclasses
 from pathlib import Path
 
 from rtdmd import config as C
+from rtdmd import registry, stages
+from rtdmd.checkpoint import load_for_inference
 from rtdmd.errors import UserError
-from rtdmd.trainer import TrainResult, check_resume_from, default_run_dir, train
+from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
+from rtdmd.trainer import TrainResult, check_resume_from, default_run_dir
 
 
 def make_config(method: str, backend: str | None = None, config_file: Path | None = None,
@@ -28,7 +31,8 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
                  overrides: dict | None = None, preset: str | None = None, out: Path | None = None,
                  resume: bool | str = False, stage: str | None = None, init: Path | None = None,
                  command: str = "", show_progress: bool = True) -> TrainResult:
-    """Train from a method name (resolved like the CLI) or from a ready RunConfig.
+    """Train from a method name (resolved like the CLI) or from a ready RunConfig; a method whose options
+    declare stages trains them in order (rtdmd.stages).
 
     ``resume``: True continues the run in ``out``; "auto" continues it if ``out`` holds one and
     starts it otherwise (for scripts that may be rerun after an interruption).
@@ -39,8 +43,6 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
         method = cfg.method_name
     else:
         method = method_or_cfg
-        from rtdmd import registry
-
         names = {f.name for f in dataclasses.fields(registry.get_method(method).options)}
         if stage is not None and "stage" not in names:
             raise UserError(f"--stage applies to rtdmd only, not to '{method}'; drop --stage.")
@@ -55,14 +57,9 @@ def run_training(method_or_cfg, backend: str | None = None, config_file: Path | 
             overrides = C._deep_merge(overrides, {"method": extra})
         cfg = make_config(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset)
     if resume == "auto":
-        run_dir = Path(out) if out is not None else default_run_dir(cfg)
-        resume = any((run_dir / sub / "checkpoints" / "latest").is_file() for sub in ("", "stage1", "stage2"))
+        resume = stages.has_run(cfg, Path(out) if out is not None else default_run_dir(cfg))
     check_resume_from(cfg, resume)
-    if cfg.method_name == "rtdmd":  # one stage, or stage 1 then stage 2 as two runs under a parent MLflow run
-        from rtdmd.methods.rtdmd import train_stages
-
-        return train_stages(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
-    return train(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
+    return stages.run_stages(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
 
 
 def sample(checkpoint, prompts, seed: int = 0, steps: int | None = None, guidance: float | None = None,
@@ -70,9 +67,6 @@ def sample(checkpoint, prompts, seed: int = 0, steps: int | None = None, guidanc
     """Samples of a trained checkpoint (run or checkpoint directory), one per prompt, with the checkpoint's
     own sampler unless steps / guidance / eta are given: images (B, 3, H, W) in [0, 1], or toy2d points (B, 2).
     Sample i is seeded by (seed, i), as `rtdmd-bench sample` and the evaluation runner do."""
-    from rtdmd.checkpoint import load_for_inference
-    from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
-
     prompts = list(prompts)
     if not prompts:
         raise UserError("sample() needs at least one prompt (toy2d: \"\" for the whole mixture).")

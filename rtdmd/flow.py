@@ -33,11 +33,6 @@ def index_cond(cond: Cond, index) -> Cond:
     return {k: v[index] for k, v in cond.items()}
 
 
-def repeat_cond(cond: Cond, repeats: int) -> Cond:
-    """Repeat every row ``repeats`` times (row i -> rows i*repeats .. i*repeats+repeats-1)."""
-    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
-
-
 def expand_sigma(sigma: SigmaLike, x: torch.Tensor) -> torch.Tensor:
     """sigma (float, 0-d or (B,) tensor) as a tensor that broadcasts against x (B, ...)."""
     if not torch.is_tensor(sigma):

@@ -1,7 +1,10 @@
 """Samplers over velocity callables ``velocity_fn(x, sigma) -> v`` (sigma a (B,) tensor).
 
-Euler ODE, coefficient-preserving sampling (CPS, method.md section 2) with per-step
-Gaussian policies and log-probs, and the Flow-GRPO SDE step (baselines.md, Flow-GRPO).
+One short free function per sampler: ``euler_sample`` (the ODE), ``cps_rollout``
+(coefficient-preserving sampling, method.md section 2) and ``sde_rollout`` (the Flow-GRPO SDE,
+baselines.md); the two stochastic ones record each step's Gaussian policy and log-prob in a
+``Rollout`` through one shared ``_Trace``. Each kernel's step formula is its own function
+(``cps_mean_std`` / ``cps_step``, ``flow_grpo_sde_mean_std`` / ``flow_grpo_sde_step``).
 Random draws take an explicit torch.Generator; noise is drawn on the generator's device
 and moved to x's device, so seeds are device-independent for CPU generators.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from rtdmd.errors import UserError
 from rtdmd.flow import SigmaLike, batch_sigma, eps_from_v, expand_sigma, x0_from_v
@@ -45,8 +49,6 @@ def euler_sample(
     s = _sigma_list(sigmas)
     steps = range(len(s) - 1)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="euler", leave=False)
     for i in steps:
         v = velocity_fn(x, batch_sigma(s[i], x))
@@ -106,7 +108,7 @@ def log_prob(x: torch.Tensor, mean: torch.Tensor, std: SigmaLike, form: str = "g
 
 @dataclass
 class Rollout:
-    """A CPS trajectory.
+    """A trajectory of cps_rollout or sde_rollout.
 
     states: x_0 .. x_n (x_0 the input, x_n the last state); means / stds / velocities /
     noises: one per step (noise None on deterministic steps); log_probs: (B, n_stochastic)
@@ -127,103 +129,99 @@ class Rollout:
         return self.states[-1]
 
 
-KERNELS = ("cps", "sde")
+class _Trace:
+    """The states, step Gaussians and log-probs of a rollout, gathered step by step (shared by the kernels)."""
+
+    def __init__(self, x: torch.Tensor, generator: torch.Generator | None, noises, log_prob_form: str):
+        if log_prob_form not in LOG_PROB_FORMS:
+            raise UserError(f"unknown log_prob form {log_prob_form!r}; use one of {LOG_PROB_FORMS}.")
+        self.generator, self.given, self.form = generator, noises, log_prob_form
+        self.states, self.means, self.stds, self.vels, self.noises = [x], [], [], [], []
+        self.lps, self.stoch = [], []
+
+    def add(self, i: int, v: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None, s_next: float) -> None:
+        """Step i to s_next: x_{i+1} = mean + std z (noise given for step i, else drawn), or the mean when the
+        step is deterministic (std None)."""
+        x = self.states[-1]
+        if std is not None:
+            z = self.given[i] if self.given is not None and self.given[i] is not None else randn_like_gen(x, self.generator)
+            z = z.to(device=x.device, dtype=x.dtype)
+            x_next = mean + std * z
+            self.lps.append(log_prob(x_next.detach(), mean, std, self.form))
+            self.stoch.append(i)
+        else:
+            z, std, x_next = None, torch.zeros_like(expand_sigma(s_next, x)), mean
+        for seq, item in ((self.states, x_next), (self.means, mean), (self.stds, std), (self.vels, v), (self.noises, z)):
+            seq.append(item)
+
+    def rollout(self, sigmas: list[float]) -> Rollout:
+        return Rollout(states=self.states, means=self.means, stds=self.stds,
+                       log_probs=torch.stack(self.lps, dim=1) if self.lps else None, velocities=self.vels,
+                       sigmas=sigmas[: len(self.states)], noises=self.noises, stochastic_steps=self.stoch)
 
 
-def step_mean_std(kernel: str, x: torch.Tensor, v: torch.Tensor, s: SigmaLike, s_next: SigmaLike, eta: float = 0.9,
-                  a: float = 0.7, sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gaussian policy of one step: CPS (method.md s2) or the Flow-GRPO SDE (baselines.md)."""
-    if kernel == "cps":
-        return cps_mean_std(x, v, s, s_next, eta)
-    if kernel == "sde":
-        return flow_grpo_sde_mean_std(x, v, s, s_next, a, sigma_max)
-    raise UserError(f"unknown sampling kernel {kernel!r}; use one of {KERNELS}.")
-
-
-def policy_rollout(
-    velocity_fn: VelocityFn,
-    x: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
-    kernel: str = "cps",
-    eta: float = 0.9,
-    a: float = 0.7,
-    noises: Sequence[torch.Tensor | None] | None = None,
-    generator: torch.Generator | None = None,
-    grad_steps: Iterable[int] | None = None,
-    log_prob_form: str = "gaussian",
-    deterministic_last: bool = True,
-    num_steps: int | None = None,
-    detach_inputs: bool = True,
-) -> Rollout:
-    """Run a stochastic sampler (``kernel`` "cps" or "sde") along ``sigmas`` from x (at sigmas[0]).
-
-    noises: optional per-step noise (None entries are drawn from ``generator``), e.g.
-    group-shared noise for SubGRPO. grad_steps: step indices whose network call keeps
-    gradient (all others run under no_grad). deterministic_last: the last step of the
-    schedule draws no noise (it goes to sigma 0 in method.md s4). num_steps: stop after
-    this many steps (AC-DMD's stop index k, method.md s3 step 2). detach_inputs: each step's
-    input state is detached, so a step's gradient flows only through its own network call.
-    Log-probs score the detached x_{i+1} under the step's (possibly grad-carrying) mean.
-    """
-    if log_prob_form not in LOG_PROB_FORMS:
-        raise UserError(f"unknown log_prob form {log_prob_form!r}; use one of {LOG_PROB_FORMS}.")
-    s = _sigma_list(sigmas)
+def _step_count(s: list[float], num_steps: int | None, noises) -> int:
     n_total = len(s) - 1
     n = n_total if num_steps is None else int(num_steps)
     if not 0 <= n <= n_total:
         raise UserError(f"num_steps={num_steps} is outside 0..{n_total} for a {n_total}-step schedule; fix the stop index.")
     if noises is not None and len(noises) < n:
         raise ValueError(f"noises has {len(noises)} entries for {n} steps")
-    grad_steps = set(grad_steps or ())
-    sigma_max = s[1]
-    noisy_kernel = kernel == "sde" or math.sin(eta * math.pi / 2) > 0
+    return n
 
-    states, means, stds, vels, used_noises, lps, stoch = [x], [], [], [], [], [], []
+
+def _grad(enabled: bool):
+    """A context that keeps gradient only when ``enabled`` (the rollouts' grad_steps)."""
+    return contextlib.nullcontext() if enabled else torch.no_grad()
+
+
+def cps_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, eta: float, noises=None,
+                generator: torch.Generator | None = None, *, grad_steps: Iterable[int] = (),
+                log_prob_form: str = "gaussian", num_steps: int | None = None, detach_inputs: bool = True) -> Rollout:
+    """CPS trajectory (method.md s2) from x at sigmas[0]: every step to a sigma above 0 is stochastic when
+    eta > 0; the schedule's last step draws no noise (it goes to sigma 0 in method.md s4).
+
+    noises: optional per-step noise (None entries are drawn from ``generator``), e.g. group-shared noise for
+    SubGRPO. grad_steps: steps whose network call keeps gradient (the others run under no_grad).
+    num_steps: stop after this many steps (AC-DMD's stop index k, method.md s3 step 2). detach_inputs: each
+    step's input state is detached, so a step's gradient flows only through its own network call.
+    Log-probs score the detached x_{i+1} under the step's (possibly grad-carrying) mean.
+    """
+    s = _sigma_list(sigmas)
+    n, grad_steps = _step_count(s, num_steps, noises), set(grad_steps)
+    trace = _Trace(x, generator, noises, log_prob_form)
+    noisy = math.sin(eta * math.pi / 2) > 0
     for i in range(n):
-        xi = states[-1].detach() if detach_inputs else states[-1]
-        ctx = contextlib.nullcontext() if i in grad_steps else torch.no_grad()
-        with ctx:
+        xi = trace.states[-1].detach() if detach_inputs else trace.states[-1]
+        with _grad(i in grad_steps):
             v = velocity_fn(xi, batch_sigma(s[i], xi))
-            mean, std = step_mean_std(kernel, xi, v, s[i], s[i + 1], eta, a, sigma_max)
-        stochastic = noisy_kernel and (kernel == "sde" or s[i + 1] > 0) and not (deterministic_last and i == n_total - 1)
-        if stochastic:
-            z = noises[i] if noises is not None and noises[i] is not None else randn_like_gen(xi, generator)
-            z = z.to(device=xi.device, dtype=xi.dtype)
-            x_next = mean + std * z
-            lps.append(log_prob(x_next.detach(), mean, std, log_prob_form))
-            stoch.append(i)
-        else:
-            z = None
-            std = torch.zeros_like(expand_sigma(s[i + 1], xi))
-            x_next = mean
-        states.append(x_next)
-        means.append(mean)
-        stds.append(std)
-        vels.append(v)
-        used_noises.append(z)
-    return Rollout(
-        states=states,
-        means=means,
-        stds=stds,
-        log_probs=torch.stack(lps, dim=1) if lps else None,
-        velocities=vels,
-        sigmas=s[: n + 1],
-        noises=used_noises,
-        stochastic_steps=stoch,
-    )
+            mean, std = cps_mean_std(xi, v, s[i], s[i + 1], eta)
+        trace.add(i, v, mean, std if noisy and s[i + 1] > 0 and i < len(s) - 2 else None, s[i + 1])
+    return trace.rollout(s)
 
 
-def cps_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, eta: float, **kwargs) -> Rollout:
-    """CPS trajectory (method.md s2); see policy_rollout for the keyword arguments."""
-    return policy_rollout(velocity_fn, x, sigmas, kernel="cps", eta=eta, **kwargs)
+def sde_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, a: float = 0.7, noises=None,
+                generator: torch.Generator | None = None, *, grad_steps: Iterable[int] = (),
+                log_prob_form: str = "gaussian") -> Rollout:
+    """Flow-GRPO SDE trajectory (baselines.md) from x at sigmas[0]: every step is stochastic; noises and
+    grad_steps as in cps_rollout. At s = 1 the step uses sigma_max = sigmas[1], as the Flow-GRPO code."""
+    s = _sigma_list(sigmas)
+    n, grad_steps = _step_count(s, None, noises), set(grad_steps)
+    trace = _Trace(x, generator, noises, log_prob_form)
+    for i in range(n):
+        xi = trace.states[-1].detach()
+        with _grad(i in grad_steps):
+            v = velocity_fn(xi, batch_sigma(s[i], xi))
+            mean, std = flow_grpo_sde_mean_std(xi, v, s[i], s[i + 1], a, s[1])
+        trace.add(i, v, mean, std, s[i + 1])
+    return trace.rollout(s)
 
 
-def step_log_prob(velocity_fn: VelocityFn, x: torch.Tensor, x_next: torch.Tensor, s: float, s_next: float,
-                  kernel: str = "cps", eta: float = 0.9, a: float = 0.7, sigma_max: float | None = None,
-                  form: str = "gaussian") -> torch.Tensor:
-    """log pi_theta(x_next | x) of one stored transition, recomputed with gradient (GRPO's new log-prob)."""
+def cps_step_log_prob(velocity_fn: VelocityFn, x: torch.Tensor, x_next: torch.Tensor, s: float, s_next: float,
+                      eta: float = 0.9, form: str = "gaussian") -> torch.Tensor:
+    """log pi_theta(x_next | x) of one stored CPS transition, recomputed with gradient (GRPO's new log-prob)."""
     v = velocity_fn(x, batch_sigma(s, x))
-    mean, std = step_mean_std(kernel, x, v, s, s_next, eta, a, sigma_max)
+    mean, std = cps_mean_std(x, v, s, s_next, eta)
     return log_prob(x_next.detach(), mean, std, form)
 
 
@@ -285,6 +283,5 @@ def sde_sample(
     log_prob_form: str = "gaussian",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample with the Flow-GRPO SDE along ``sigmas``; returns (final x, (B, N) per-step log-probs)."""
-    r = policy_rollout(velocity_fn, x, sigmas, kernel="sde", a=a, generator=generator,
-                       log_prob_form=log_prob_form, deterministic_last=False)
+    r = sde_rollout(velocity_fn, x, sigmas, a, generator=generator, log_prob_form=log_prob_form)
     return r.final, r.log_probs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -154,3 +155,51 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     mlflow = mlflow_at(uri, must_exist=True)
     client = mlflow.tracking.MlflowClient()
     return sorted((h.step, h.value) for h in client.get_metric_history(run_id, key))
+# ---------------------------------------------------------------------------- parent runs of multi-stage runs
+
+
+def _client(uri: str):
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("MLflow is not installed; install it (pip install 'mlflow<3.18') or set tracking.enabled=false.") from None
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def open_parent_run(uri: str, experiment: str, marker: Path, run_name: str, tags: dict[str, str],
+                    params: dict[str, Any]) -> str:
+    """The parent MLflow run of a multi-stage run: the one ``marker`` names (set RUNNING again, on resume),
+    or a new run with ``tags`` and ``params``, whose id is then written to ``marker``."""
+    client = _client(uri)
+    if marker.is_file():
+        run_id = json.loads(marker.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for i in range(0, len(items), 90):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=[Param(k, "" if v is None else str(v)[:6000]) for k, v in items[i:i + 90]])
+    marker.write_text(json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
+def adopt_child_run(uri: str, parent_id: str, child_id: str | None, stage: str, minutes: float, checkpoint: Path) -> None:
+    """Tag a stage's own run as a child of the parent run; log the stage's minutes and checkpoint on the parent."""
+    client = _client(uri)
+    if child_id:
+        client.set_tag(child_id, "mlflow.parentRunId", parent_id)
+    client.log_metric(parent_id, f"{stage}/train_minutes", minutes)
+    client.set_tag(parent_id, f"{stage}_checkpoint", str(checkpoint))
+
+
+def end_parent_run(uri: str, parent_id: str, status: str, checkpoint: Path | None = None) -> None:
+    """Close the parent run with ``status`` (FINISHED, KILLED, FAILED), tagging the final checkpoint if given."""
+    client = _client(uri)
+    if checkpoint is not None:
+        client.set_tag(parent_id, "checkpoint", str(checkpoint))
+    client.set_terminated(parent_id, status=status)

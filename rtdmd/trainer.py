@@ -30,6 +30,7 @@ from torch import nn
 from rtdmd import checkpoint as ckpt
 from rtdmd import registry
 from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved, scheduled_lr
+from rtdmd.ema import ema_update
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
 from rtdmd.runlock import DirLock
@@ -99,16 +100,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device is '{name}' but no CUDA device is visible; set train.device=cpu or auto.")
     return torch.device(name)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, on parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        if p.requires_grad:
-            pe.lerp_(p.detach(), 1.0 - decay)
-    for be, b in zip(ema.buffers(), net.buffers()):
-        be.copy_(b)
 
 
 def _init_seconds(cfg) -> float:

@@ -26,7 +26,7 @@ _toy_backend = tiny_toy_backend
 
 
 def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():
-    """blocks.dm_generator_loss at s = 0 against baselines.md's DMD2 formula written out directly:
+    """blocks.DMLoss at s = 0 against baselines.md's DMD2 formula written out directly:
     x_t = (1-t) x + t n; x0_fake = x_t - t v_fake; x0_real = x_t - t v_cfg; g = (x0_fake - x0_real) /
     mean|x - x0_real|; L = 0.5 mean (x - sg(x - g))^2, so dL/dx = g / numel."""
     b = _toy_backend()
@@ -36,7 +36,7 @@ def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():
     prompts = [f"mode {i % 8}" for i in range(n)]
     p = blocks.Prompts(prompts, b.encode_prompts(prompts), b.uncond(n))
     x = (2.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
-    loss, _ = blocks.dm_generator_loss(b, fake, x, 0.0, p, w, n, ctx, tag="dm")
+    loss, _ = blocks.DMLoss(b, n, w, tag="dm")(fake, x, 0.0, p, ctx)
     loss.backward()
     # the same draws, then the DMD2 formula by hand
     t = objectives.sample_subinterval_t(torch.zeros(n), torch_generator(ctx.seed, "dm-t"))
@@ -56,7 +56,7 @@ def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():
 
 def test_stop_index_is_uniform_and_a_function_of_the_step():
     cfg = make_config("ac-dmd", backend="toy2d", overrides=TINY_TOY)
-    from rtdmd.methods.rtdmd import AcDmdMethod
+    from rtdmd.methods.ac_dmd import AcDmdMethod
 
     m = AcDmdMethod(cfg, _toy_backend())
     ks = []
@@ -73,7 +73,7 @@ def test_generator_loss_uses_the_kth_state_and_fake_update_reuses_it():
     """The generator's sample is the CPS state after k steps (s = sigma_k); the fake score then trains on that
     same sample, detached; for the DMD2 ablation s = 0 always and the sampler re-noises with eta 1."""
     b = _toy_backend()
-    from rtdmd.methods.rtdmd import AcDmdMethod
+    from rtdmd.methods.ac_dmd import AcDmdMethod
 
     cfg = make_config("ac-dmd", backend="toy2d", overrides=TINY_TOY)
     m = AcDmdMethod(cfg, b)
@@ -86,8 +86,8 @@ def test_generator_loss_uses_the_kth_state_and_fake_update_reuses_it():
         assert logs["dm/s"] == pytest.approx(sig[m._k]) and logs["dm/k"] == m._k
         x_cached = m._cache[0]
         p = blocks.draw_prompts(b, 8, ctx, m.options.guidance, tag="s1-prompts")
-        x_ref, s_ref = blocks.generator_sample(b, m.networks["generator"], p, 8, ctx, m._k, m.options.eta, grad=False,
-                                               tag="s1-gen")
+        x_ref, s_ref = blocks.GeneratorSample(b, 8, m.options.eta, tag="s1-gen")(m.networks["generator"], p, ctx, m._k,
+                                                                                 grad=False)
         assert torch.equal(x_cached, x_ref) and s_ref == logs["dm/s"]
         seen.add(m._k)
         fl, flogs = m.loss("fake_score", ctx)

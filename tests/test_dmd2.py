@@ -52,7 +52,7 @@ def test_dm_loss_is_dmd2_formula_on_hand_numbers():
     fake = ConstantX0([2.0, 2.0])
     x = torch.tensor([[1.0, 3.0], [1.0, 3.0]], requires_grad=True)
     p = blocks.Prompts(["", ""], b.encode_prompts(["", ""]), None)
-    loss, _ = blocks.dm_generator_loss(b, fake, x, 0.0, p, 1.0, 2, _ctx(), t_range=(0.02, 0.98), t_sampling="uniform")
+    loss, _ = blocks.DMLoss(b, 2, 1.0, levels=blocks.NoiseLevels(True, 0.02, 0.98))(fake, x, 0.0, p, _ctx())
     g = torch.tensor([2.0, 1.0]) / 1.5
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(0.5 * (g**2).mean().item(), rel=1e-6)  # = 5/9
@@ -69,7 +69,7 @@ def test_dm_loss_uniform_t_covers_its_range_without_atoms():
     n = 2000
     x = torch.ones(n, 2)
     p = blocks.Prompts([""] * n, b.encode_prompts([""] * n), None)
-    blocks.dm_generator_loss(b, fake, x, 0.0, p, 1.0, n, _ctx(), t_range=(0.02, 0.98), t_sampling="uniform")
+    blocks.DMLoss(b, n, 1.0, levels=blocks.NoiseLevels(True, 0.02, 0.98))(fake, x, 0.0, p, _ctx())
     t = b._teacher.sigmas[0]
     assert t.min() >= 0.02 and t.max() <= 0.98
     assert (t == t.min()).sum() <= 2 and (t == t.max()).sum() <= 2  # no clamped atoms at the ends
@@ -89,7 +89,7 @@ def test_fake_score_loss_is_plain_flow_matching():
 
     fake = OffByHalf()
     p = blocks.Prompts([""] * 3, b.encode_prompts([""] * 3), None)
-    loss, _ = blocks.fake_score_loss(b, fake, x, 0.0, p, 3, _ctx(), weighting="none", t_sampling="uniform")
+    loss, _ = blocks.FakeScoreLoss(b, 3, blocks.NoiseLevels(True, 0.0, 1.0))(fake, x, 0.0, p, _ctx())
     assert loss.item() == pytest.approx(0.25, rel=1e-5)
     assert ((fake.t > 0) & (fake.t < 1)).all()
 

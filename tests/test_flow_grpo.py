@@ -15,7 +15,7 @@ from rtdmd import objectives
 from rtdmd.api import make_config, run_training
 from rtdmd.config import CONFIG_DIR, _deep_merge
 from rtdmd.errors import UserError
-from rtdmd.methods import blocks
+from rtdmd.methods import grpo
 from rtdmd.methods.base import StepContext
 from rtdmd.rewards.registry import register_reward, unregister_reward
 from rtdmd.seeding import torch_generator
@@ -62,8 +62,8 @@ def test_grpo_rollout_groups_rewards_and_advantages():
     b = _toy_backend()
     policy = ConstantVelocity([0.3, -0.2])
     rewards = {"near01": near_modes_01, "x": lambda x, p: x[:, 0]}
-    batch = blocks.grpo_rollout(b, policy, rewards, n_groups=3, group_size=4, ctx=_ctx(), sigmas=b.sampling_sigmas(5),
-                                kernel="sde", reward_weights={"near01": 1.0, "x": 0.5})
+    batch = grpo.GroupRollout(b, rewards, grpo.SdePolicy(b.sampling_sigmas(5)), n_groups=3, group_size=4,
+                              advantages=grpo.Advantages(weights={"near01": 1.0, "x": 0.5}))(policy, _ctx())
     assert batch.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert len(batch.prompts) == 12 and batch.rollout.stochastic_steps == [0, 1, 2, 3, 4]  # every SDE step is stochastic
     assert batch.rollout.log_probs.shape == (12, 5)
@@ -72,8 +72,8 @@ def test_grpo_rollout_groups_rewards_and_advantages():
     expected = objectives.group_advantages(batch.rewards, batch.group_ids, weights={"near01": 1.0, "x": 0.5})
     assert torch.allclose(batch.advantages, expected)
     # the same step seed gives the same rollout (the draws depend only on (seed, tag))
-    again = blocks.grpo_rollout(b, policy, rewards, 3, 4, _ctx(), sigmas=b.sampling_sigmas(5), kernel="sde",
-                                reward_weights={"near01": 1.0, "x": 0.5})
+    again = grpo.GroupRollout(b, rewards, grpo.SdePolicy(b.sampling_sigmas(5)), 3, 4,
+                              grpo.Advantages(weights={"near01": 1.0, "x": 0.5}))(policy, _ctx())
     assert torch.equal(again.rollout.final, batch.rollout.final)
 
 
@@ -85,13 +85,13 @@ def test_grpo_policy_loss_and_kl_on_hand_numbers():
     so dL/dtheta = mean_b(A_b z_b) / 1.4. KL to v_ref = theta + 1: mean_dims (0.5)^2 / (2 * 0.49) = 0.25 / 0.98."""
     b = _toy_backend()
     policy = ConstantVelocity([0.3, -0.2])
-    batch = blocks.grpo_rollout(b, policy, {"near01": near_modes_01}, 2, 4, _ctx(), sigmas=[1.0, 0.5], kernel="sde")
+    batch = grpo.GroupRollout(b, {"near01": near_modes_01}, grpo.SdePolicy([1.0, 0.5]), 2, 4)(policy, _ctx())
     z = batch.rollout.noises[0]
     x0, x1 = batch.rollout.states
     assert torch.allclose(x1, 0.755 * x0 - 0.5 * policy.theta.detach() + 0.7 * z, atol=1e-6)
     A = batch.advantages
     ref = lambda c, u: (lambda x, s: (policy.theta.detach() + 1.0).expand_as(x))  # noqa: E731
-    loss, logs = blocks.grpo_policy_loss(b, policy, batch, [0], kernel="sde", clip_eps=1e-4, kl_weight=0.1, reference=ref)
+    loss, logs = grpo.PolicyLoss(b, grpo.SdePolicy([1.0, 0.5]), clip_eps=1e-4, kl_weight=0.1, reference=ref)(policy, batch, [0])
     kl = 0.25 / 0.98
     assert logs["grpo/ratio_dev"] == pytest.approx(0.0, abs=1e-6)
     assert logs["grpo/kl"] == pytest.approx(kl, rel=1e-5)
@@ -103,7 +103,7 @@ def test_grpo_policy_loss_and_kl_on_hand_numbers():
     assert torch.allclose(policy.theta.grad, hand, atol=1e-5)
     # mean_over_dims: the Flow-GRPO code's per-dimension log-density divides the policy term's gradient by D
     policy.theta.grad = None
-    loss2, _ = blocks.grpo_policy_loss(b, policy, batch, [0], kernel="sde", mean_over_dims=True)
+    loss2, _ = grpo.PolicyLoss(b, grpo.SdePolicy([1.0, 0.5]), mean_over_dims=True)(policy, batch, [0])
     loss2.backward()
     assert torch.allclose(policy.theta.grad, (A[:, None] * z).mean(0) / 1.4 / d, atol=1e-6)
 
@@ -112,13 +112,12 @@ def test_grpo_policy_loss_refuses_deterministic_steps_and_drops_zero_advantages(
     b = _toy_backend()
     policy = ConstantVelocity([0.3, -0.2])
     sig = b.generator_sigmas(4)
-    batch = blocks.grpo_rollout(b, policy, {"near01": near_modes_01}, 2, 4, _ctx(), sigmas=sig, kernel="cps",
-                                deterministic_last=True)
+    batch = grpo.GroupRollout(b, {"near01": near_modes_01}, grpo.CpsPolicy(sig), 2, 4)(policy, _ctx())
     assert batch.rollout.stochastic_steps == [0, 1, 2]
     with pytest.raises(UserError, match="deterministic"):
-        blocks.grpo_policy_loss(b, policy, batch, [3], kernel="cps")
+        grpo.PolicyLoss(b, grpo.CpsPolicy(sig))(policy, batch, [3])
     batch.advantages[:3] = 0.0
-    _, logs = blocks.grpo_policy_loss(b, policy, batch, [0, 1, 2], kernel="cps", drop_zero_advantage=True)
+    _, logs = grpo.PolicyLoss(b, grpo.CpsPolicy(sig), drop_zero_advantage=True)(policy, batch, [0, 1, 2])
     assert logs["grpo/rows"] == 5.0
 
 

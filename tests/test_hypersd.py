@@ -72,7 +72,7 @@ def test_refl_hinge_weighting_by_hand():
     images = torch.tensor([[1.0], [3.0], [0.0]], requires_grad=True)
     rewards = {"a": _Fixed(1.0, 0.0), "b": _Fixed(2.0, -1.0)}  # a = x, b = 2x - 1
     margins = {"a": 2.0, "b": 2.0}
-    loss, logs = blocks.refl_loss(rewards, margins, images, ["p"] * 3, weight=1e-3)
+    loss, logs = blocks.RewardHinge(rewards, margins, 1e-3)(images, ["p"] * 3)
     # rows: a = [1, 3, 0], b = [1, 5, -1]; hinge relu(2 - a) + relu(2 - b) = [1 + 1, 0 + 0, 2 + 3]
     assert loss.item() == pytest.approx(1e-3 * (2 + 0 + 5) / 3)
     assert logs["reward/a"] == pytest.approx(4 / 3) and logs["reward/b"] == pytest.approx(5 / 3)

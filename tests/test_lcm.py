@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.lcm import (ConsistencyData, EMATarget, PhaseSchedule, phased_consistency_loss, phased_sampler)
+from baselines.lcm import (ConsistencyData, EMATarget, PhasedConsistencyLoss, PhaseSchedule, phased_sampler)
 from rtdmd import config as C
 from rtdmd import flow, objectives, samplers
 from rtdmd.api import make_config, run_training
@@ -117,7 +117,7 @@ def test_consistency_loss_matches_a_hand_computation_with_linear_velocities():
     n, ctx = 6, _ctx(7)
     x0 = torch.linspace(-1, 1, n).reshape(n, 1)
     c = 0.1
-    out = phased_consistency_loss(b, student, target, x0, _prompts(b, n), sch, n, ctx, guidance=3.0, huber_c=c)
+    out = PhasedConsistencyLoss(b, sch, n, guidance=3.0, huber_c=c)(student, target, x0, _prompts(b, n), ctx)
     s, s_prev, e = sch.draw(n, ctx, "cd")
     eps = blocks.global_randn(b, n, ctx, "cd-eps")
     vals, diffs = [], []
@@ -131,7 +131,7 @@ def test_consistency_loss_matches_a_hand_computation_with_linear_velocities():
         diffs.append(d)
         vals.append(math.sqrt(d * d + c * c) - c)
     assert out.loss.item() == pytest.approx(sum(vals) / n, rel=1e-5)
-    mse = phased_consistency_loss(b, student, target, x0, _prompts(b, n), sch, n, ctx, guidance=3.0, loss="mse")
+    mse = PhasedConsistencyLoss(b, sch, n, guidance=3.0, loss="mse")(student, target, x0, _prompts(b, n), ctx)
     assert mse.loss.item() == pytest.approx(sum(d * d for d in diffs) / n, rel=1e-5)
 
 
@@ -145,8 +145,7 @@ def test_exact_consistency_function_is_a_fixed_point_of_the_target():
     sch = PhaseSchedule(b, 4, 20)
     n, ctx = 64, _ctx(1)
     x0 = torch.full((n, 1), m)
-    out = phased_consistency_loss(b, exact, exact, x0, _prompts(b, n, uncond=False), sch, n, ctx, guidance=1.0,
-                                  loss="mse")
+    out = PhasedConsistencyLoss(b, sch, n, guidance=1.0, loss="mse")(exact, exact, x0, _prompts(b, n, uncond=False), ctx)
     assert out.loss.item() < 1e-10
     # ... the jump lands on the exact solution at the lower edge ...
     s, _, e = sch.draw(n, ctx, "cd")
@@ -156,8 +155,8 @@ def test_exact_consistency_function_is_a_fixed_point_of_the_target():
     assert torch.allclose(jump, sol, atol=1e-5)
     # ... while a student off the solution is penalised
     wrong = LinearVelocity(lambda x, s: 1.1 * (x - m) / s.clamp(min=1e-6))
-    assert phased_consistency_loss(b, wrong, exact, x0, _prompts(b, n, uncond=False), sch, n, ctx, guidance=1.0,
-                                   loss="mse").loss.item() > 1e-4
+    assert PhasedConsistencyLoss(b, sch, n, guidance=1.0, loss="mse")(wrong, exact, x0, _prompts(b, n, uncond=False),
+                                                                      ctx).loss.item() > 1e-4
 
 
 def test_per_sample_guidance_range_uses_one_w_per_row():
@@ -167,8 +166,8 @@ def test_per_sample_guidance_range_uses_one_w_per_row():
     sch = PhaseSchedule(b, 1, 10)
     n, ctx = 5, _ctx(2)
     x0 = torch.ones(n, 1)
-    out = phased_consistency_loss(b, zero, zero, x0, _prompts(b, n), sch, n, ctx, guidance=1.0,
-                                  guidance_range=[2.0, 6.0], loss="mse")
+    out = PhasedConsistencyLoss(b, sch, n, guidance=1.0, guidance_range=[2.0, 6.0], loss="mse")(
+        zero, zero, x0, _prompts(b, n), ctx)
     s, s_prev, _ = sch.draw(n, ctx, "cd")
     w = 2.0 + 4.0 * torch.rand(n, generator=torch_generator(ctx.seed, "cd-w"))
     xs = out.x_s[:, 0].double()

@@ -1,4 +1,4 @@
-"""ReFL building block (blocks.refl_loss + blocks.late_state): the hinge on hand numbers, the late start
+"""ReFL building block (blocks.RewardHinge + blocks.LateState): the hinge on hand numbers, the late start
 point, and ReFL steps raising a differentiable toy reward on toy2d."""
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def test_refl_hinge_on_hand_numbers():
     imgs = torch.zeros(3, 2)
     ra = lambda x, p: torch.tensor([1.0, 2.5, 1.5])  # noqa: E731
     rb = lambda x, p: torch.tensor([0.0, 0.5, 3.0])  # noqa: E731
-    loss, logs = blocks.refl_loss({"a": ra}, {"a": 2.0}, imgs, ["", "", ""], weight=1e-3)
+    loss, logs = blocks.RewardHinge({"a": ra}, {"a": 2.0}, 1e-3)(imgs, ["", "", ""])
     assert loss.item() == pytest.approx(1e-3 * (1.0 + 0.0 + 0.5) / 3)
     assert logs["reward/a"] == pytest.approx(5 / 3)
-    loss2, _ = blocks.refl_loss({"a": ra, "b": rb}, {"a": 2.0, "b": 1.0}, imgs, ["", "", ""], weight=1.0)
+    loss2, _ = blocks.RewardHinge({"a": ra, "b": rb}, {"a": 2.0, "b": 1.0}, 1.0)(imgs, ["", "", ""])
     assert loss2.item() == pytest.approx(((1.0 + 1.0) + (0.0 + 0.5) + (0.5 + 0.0)) / 3)
     # method.md s4's form: one hinge on the summed rewards, margin 3
-    loss3, _ = blocks.refl_loss({"a": ra, "b": rb}, {"__sum__": 3.0}, imgs, ["", "", ""], weight=1e-4)
+    loss3, _ = blocks.RewardHinge({"a": ra, "b": rb}, {"__sum__": 3.0}, 1e-4)(imgs, ["", "", ""])
     assert loss3.item() == pytest.approx(1e-4 * (2.0 + 0.0 + 0.0) / 3)
 
 
@@ -51,7 +51,7 @@ def test_late_state_stops_on_the_euler_grid():
             return x
 
     p = blocks.Prompts([""] * 4, b.encode_prompts([""] * 4), None)
-    x, s = blocks.late_state(b, Identity(), p, 4, _ctx(), total_steps=40, stop_range=(30, 39))
+    x, s = blocks.LateState(b, 4, total_steps=40, stop_range=(30, 39))(Identity(), p, _ctx())
     sig = b.sampling_sigmas(40)
     m = int((sig - s).abs().argmin())
     assert 30 <= m <= 39 and s == pytest.approx(float(sig[m]))
@@ -72,7 +72,7 @@ def test_refl_steps_raise_a_differentiable_toy_reward():
     p = blocks.Prompts([""] * n, b.encode_prompts([""] * n), None)
 
     def x0_hat(ctx):
-        x_s, s = blocks.late_state(b, net, p, n, ctx, total_steps=40, stop_range=(30, 39))
+        x_s, s = blocks.LateState(b, n, total_steps=40, stop_range=(30, 39))(net, p, ctx)
         v = b.velocity(net, x_s, flow.batch_sigma(s, x_s), p.cond)
         return flow.x0_from_v(x_s, v, s)
 
@@ -82,7 +82,7 @@ def test_refl_steps_raise_a_differentiable_toy_reward():
 
     before = mean_reward()
     for step in range(30):
-        loss, _ = blocks.refl_loss(reward, {"near0": 0.0}, x0_hat(_ctx(seed=step, step=step)), p.prompts, weight=1.0)
+        loss, _ = blocks.RewardHinge(reward, {"near0": 0.0}, 1.0)(x0_hat(_ctx(seed=step, step=step)), p.prompts)
         opt.zero_grad()
         loss.backward()
         opt.step()

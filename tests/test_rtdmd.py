@@ -11,6 +11,7 @@ import torch
 
 from rtdmd import objectives
 from rtdmd.api import make_config, run_training
+from rtdmd.backends.base import index_cond
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks
 from rtdmd.methods.base import StepContext
@@ -107,9 +108,9 @@ def test_multi_reward_advantages_and_zero_advantage_drop(stage1_ckpt):
     from rtdmd import samplers
 
     r = batch.rollout
-    fn = blocks.velocity_fn(m.backend, m.networks["generator"], blocks.index_cond(batch.cond, keep))
-    logp = torch.stack([samplers.step_log_prob(fn, r.states[i][keep], r.states[i + 1][keep], r.sigmas[i], r.sigmas[i + 1],
-                                               eta=0.9, form="simplified") for i in steps], dim=1)
+    fn = blocks.velocity_fn(m.backend, m.networks["generator"], index_cond(batch.cond, keep))
+    logp = torch.stack([samplers.cps_step_log_prob(fn, r.states[i][keep], r.states[i + 1][keep], r.sigmas[i], r.sigmas[i + 1],
+                                                   eta=0.9, form="simplified") for i in steps], dim=1)
     old = r.log_probs[keep][:, [r.stochastic_steps.index(i) for i in steps]]
     pg = objectives.ppo_clip_loss(logp, old, batch.advantages[keep], 1e-5)
     assert logs["grpo/policy_loss"] == pytest.approx(pg.item(), rel=1e-5, abs=1e-9)
@@ -145,7 +146,7 @@ def test_subgrpo_noise_shared_within_groups_and_distinct_across(stage1_ckpt):
 
 def test_back_propagation_and_dm_terms_by_hand(stage1_ckpt):
     """loss = L_BP + dm_weight L_DM with GRPO off: L_BP = w mean relu(margin - sum_j r_j(x0)) on
-    x0 = x_t3 - s3 v_theta(x_t3), only differentiable rewards; the DM term is blocks.dm_generator_loss at s = 0."""
+    x0 = x_t3 - s3 v_theta(x_t3), only differentiable rewards; the DM term is blocks.DMLoss at s = 0."""
     m = _method(stage1_ckpt, grpo_weight=0.0, bp_weight=0.3, bp_margin=2.0, dm_weight=0.7)
     assert list(m.bp_rewards) == ["test_right"]
     ctx = _ctx(step=1)
@@ -158,7 +159,7 @@ def test_back_propagation_and_dm_terms_by_hand(stage1_ckpt):
     assert torch.allclose(x0, r.final, atol=1e-6)
     bp = 0.3 * torch.relu(2.0 - torch.tanh(x0[:, 0])).mean()
     p = blocks.Prompts(m.batch.prompts, m.batch.cond, None)
-    dm, _ = blocks.dm_generator_loss(m.backend, m.networks["fake_score"], x0, 0.0, p, 1.0, 16, ctx, tag="rt-dm")
+    dm, _ = blocks.DMLoss(m.backend, 16, 1.0, tag="rt-dm")(m.networks["fake_score"], x0, 0.0, p, ctx)
     assert logs["loss/bp"] == pytest.approx(bp.item(), rel=1e-5)
     assert loss.item() == pytest.approx(bp.item() + 0.7 * dm.item(), rel=1e-5)
     # the gradient reaches the generator only through the last step's network call

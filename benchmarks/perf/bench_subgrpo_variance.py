@@ -30,7 +30,6 @@ import torch
 def gradient_samples(method, repeats: int, seed: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """At fixed parameters, for R independent epochs: the (R, P) gradients of the generator loss, and per
     stochastic step i the (R_i, P) gradients of the PPO term at step i alone over the epochs that train i."""
-    from rtdmd.methods import blocks
     from rtdmd.methods.base import StepContext
     from rtdmd.seeding import step_seed, torch_generator
 
@@ -49,8 +48,7 @@ def gradient_samples(method, repeats: int, seed: int = 0) -> tuple[torch.Tensor,
         loss, _ = method.loss("generator", ctx)
         full.append(flat(loss))
         for i in method.selected:
-            li, _ = blocks.grpo_policy_loss(method.backend, gen, method.batch, [i], kernel="cps", eta=o.eta,
-                                            clip_eps=o.clip_eps, log_prob_form=o.log_prob, drop_zero_advantage=True)
+            li, _ = method.policy_loss(gen, method.batch, [i])
             per_step[i].append(flat(o.grpo_weight * li))
     return torch.stack(full), {i: torch.stack(v) for i, v in per_step.items() if v}
 

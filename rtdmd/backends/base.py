@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rtdmd.errors import UserError
-from rtdmd.flow import Cond, cat_cond, guided_velocity, index_cond, repeat_cond  # noqa: F401  (the Cond helpers)
+from rtdmd.flow import Cond, cat_cond, guided_velocity, index_cond  # noqa: F401  (the Cond helpers)
 
 
 @dataclass

@@ -1,74 +1,30 @@
-"""RTDMD: stage 1 AC-DMD (method.md s3) and stage 2 reward-tilted DMD (method.md s4).
+"""RTDMD (method.md s4): stage 1 AC-DMD, then stage 2 reward-tilted DMD.
 
-Registered names:
-  ``ac-dmd``  stage 1 alone: ambient-consistent distribution matching, DM term only.
-  ``rtdmd``   stage 1 then stage 2 (``method.stage: 0``), or one stage (``stage: 1`` / ``2``);
-              stage 2 starts from a stage-1 checkpoint (``method.init``: generator and fake score).
-
-A two-stage run is two consecutive trainer runs, ``<out>/stage1`` (an ``ac-dmd`` run) and
-``<out>/stage2``, grouped under one parent MLflow run (``train_stages``); ``--resume``
-continues whichever stage was interrupted. Formulas live in rtdmd.flow / samplers / objectives;
-the wiring to networks in rtdmd.methods.blocks. This file only decides what runs when.
+Registered as ``rtdmd``: stage 1 then stage 2 (``method.stage: 0``), or one stage (``stage: 1`` / ``2``);
+stage 2 starts from a stage-1 checkpoint (``method.init``: generator and fake score). A two-stage run is
+two trainer runs, ``<out>/stage1`` (an ``ac-dmd`` run, rtdmd.methods.ac_dmd) and ``<out>/stage2``,
+declared by ``RtdmdOptions.stages`` and run by rtdmd.stages. Formulas live in rtdmd.flow / samplers /
+objectives; the loss blocks that wire them to the networks in rtdmd.methods.blocks.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from rtdmd import checkpoint as ckpt
 from rtdmd import flow, objectives, samplers
 from rtdmd.config import OptimConfig, RunConfig, TrainConfig, build_dataclass
 from rtdmd.errors import UserError
-from rtdmd.methods import blocks
+from rtdmd.methods import blocks, grpo
+from rtdmd.methods.ac_dmd import BACKENDS, AcDmdMethod, AcDmdOptions
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
-
-BACKENDS = ("shapes", "toy2d", "sd3", "flux2")
-
-
-# ---------------------------------------------------------------------------- options
-
-
-@dataclass
-class AcDmdOptions:
-    """Stage 1 (method.md s3). ``objective: dmd2`` is the plain-DMD2 ablation (baselines.md DMD2):
-    backward simulation with eta 1, the DM loss always at s = 0, plain flow matching for the fake score."""
-
-    objective: Literal["ac-dmd", "dmd2"] = "ac-dmd"
-    guidance: float = 4.0  # teacher CFG (shapes teacher is sampled at CFG 4; SD3-M 7, SD3.5-M 4.5, FLUX.2 4)
-    num_steps: int = 4  # the few-step generator (method.md s2)
-    eta: float = 0.9  # CPS stochasticity of the generator's own steps and of the map back to s (method.md s2-s3)
-    t_min: float = 0.02  # re-noising t clamped to [t_min, t_max] (method.md s3 step 4)
-    t_max: float = 0.98
-    normalize: bool = True  # DMD normalisation g / mean|x_s - x_s^R| (method.md s3 step 6)
-    adsm_weight_clamp: float = 10.0  # ADSM weight min(1, 10 sigma_ts^2) (method.md s3, code)
-    consistency_weight: float = 0.01  # gamma (method.md s3)
-    consistency_max_delta: int = 200  # delta ~ U{1..200} timesteps (method.md s3)
-    ttur: int = 10  # fake score every iteration, generator every ttur-th (method.md s3)
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # SD3/3.5 lr (method.md s3)
-    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))
-    ema_decay: float = 0.999  # EMA generator for inference (method.md s3; the decay is our choice)
-    #: a checkpoint whose inference weights initialise the generator and the fake score instead of the
-    #: teacher's (toy2d with the exact teacher has no weights to copy: start from a flow-matching MLP)
-    init: str = ""
-
-    def validate(self):
-        if self.num_steps < 1:
-            raise UserError(f"method.num_steps must be at least 1 (got {self.num_steps}); the paper uses 4.")
-        if not 0.0 <= self.eta <= 1.0:
-            raise UserError(f"method.eta must be in [0, 1] (got {self.eta}); the paper uses 0.9.")
-        if not 0.0 < self.t_min <= self.t_max < 1.0:
-            raise UserError(f"method.t_min/t_max must satisfy 0 < t_min <= t_max < 1 (got {self.t_min}, {self.t_max}).")
-        if self.ttur < 1:
-            raise UserError(f"method.ttur must be a positive integer (got {self.ttur}); the paper uses 10.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay}).")
+from rtdmd.rewards.registry import is_differentiable, reward_names
 
 
 def _paper_rewards() -> dict[str, float]:
@@ -140,93 +96,14 @@ class RtdmdOptions:
         merged = {**dataclasses.asdict(train), **self.stage1_train}
         return build_dataclass(TrainConfig, merged, "method.stage1_train")
 
-
-# ---------------------------------------------------------------------------- stage 1: AC-DMD
-
-
-class AcDmdMethod(Method):
-    """Stage 1: the generator learns the teacher with the DM term only (method.md s3)."""
-
-    inference_network = "generator"
-
-    def __init__(self, cfg: RunConfig, backend, options: AcDmdOptions | None = None):
-        super().__init__(cfg, backend)
-        o = self.options = options if options is not None else cfg.method
-        self.networks["generator"] = backend.make_trainable("generator")
-        self.networks["fake_score"] = backend.make_trainable("fake_score")
-        if o.init:
-            from rtdmd import checkpoint as ckpt
-
-            state = ckpt.load_model_state(ckpt.find_checkpoint(o.init))
-            for net in self.networks.values():
-                try:
-                    backend.load_network_state(net, state)
-                except (RuntimeError, KeyError) as exc:
-                    raise UserError(f"method.init {o.init} does not fit this backend's networks "
-                                    f"({str(exc).splitlines()[0][:100]}); pass a checkpoint of the same architecture.") from None
-        # DMD2's order: the generator step, then the fake score on the same (detached) sample
-        self.updates = [Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay),
-                        Update("fake_score", every=1, optim=o.fake_optim)]
-        self._k = o.num_steps
-        self._cache: tuple | None = None
-
-    @property
-    def dmd2(self) -> bool:
-        return self.options.objective == "dmd2"
-
-    def before_step(self, ctx: StepContext) -> None:
-        o = self.options
-        # the stop index k ~ U{1..num_steps}, shared by every process (method.md s3 step 1)
-        self._k = int(torch.randint(1, o.num_steps + 1, (1,), generator=ctx.generator))
-        self._cache = None
-
-    def _prompts(self, ctx: StepContext) -> blocks.Prompts:
-        return blocks.draw_prompts(self.backend, self.cfg.train.batch_size, ctx, self.options.guidance, tag="s1-prompts")
-
-    def _sample(self, p: blocks.Prompts, ctx: StepContext, grad: bool) -> tuple[torch.Tensor, float]:
-        """The generator's training sample and its noise level s (method.md s3 steps 1-3)."""
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
-        gen = self.networks["generator"]
-        if not self.dmd2:
-            return blocks.generator_sample(b, gen, p, n, ctx, self._k, o.eta, grad=grad, tag="s1-gen")
-        # DMD2 backward simulation (baselines.md): k-1 steps that re-noise with fresh noise (eta = 1)
-        # without gradient, then the x0 prediction at the k-th state, so s = 0 always.
-        x, s = blocks.generator_sample(b, gen, p, n, ctx, self._k - 1, 1.0, grad=False, tag="s1-gen")
-        with torch.set_grad_enabled(grad):
-            v = b.velocity(gen, x.detach(), flow.batch_sigma(s, x), p.cond)
-        return flow.x0_from_v(x.detach(), v, s), 0.0
-
-    def loss(self, network: str, ctx: StepContext):
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
-        if self._cache is None:
-            p = self._prompts(ctx)
-        else:
-            p = self._cache[2]
-        if network == "generator":
-            x_s, s = self._sample(p, ctx, grad=True)
-            self._cache = (x_s.detach(), s, p)
-            loss, logs = blocks.dm_generator_loss(b, self.networks["fake_score"], x_s, s, p, o.guidance, n, ctx, eta=o.eta,
-                                                  normalize=o.normalize, t_range=(o.t_min, o.t_max), tag="s1-dm",
-                                                  t_sampling="uniform" if self.dmd2 else "subinterval")
-            return loss, {**logs, "dm/s": s, "dm/k": float(self._k)}
-        # fake score on the (detached) sample of this step: ambient DSM + consistency (method.md s3), or
-        # DMD2's plain flow matching on x0 with t ~ U(0, 1) (baselines.md)
-        if self._cache is None:
-            with torch.no_grad():
-                x_s, s = self._sample(p, ctx, grad=False)
-        else:
-            x_s, s = self._cache[0], self._cache[1]
-        if self.dmd2:
-            return blocks.fake_score_loss(b, self.networks["fake_score"], x_s, 0.0, p, n, ctx, weighting="none",
-                                          t_sampling="uniform", consistency_weight=0.0, tag="s1-fake")
-        return blocks.fake_score_loss(b, self.networks["fake_score"], x_s, s, p, n, ctx, weighting="ambient",
-                                      t_sampling="subinterval", consistency_weight=o.consistency_weight,
-                                      consistency_max_delta=o.consistency_max_delta, eta=o.eta,
-                                      weight_clamp=o.adsm_weight_clamp, tag="s1-fake")
-
-    def sampler(self) -> SamplerSpec:
-        # inference re-noises as in training: CPS eta 0.9 (method.md s2); DMD2's backward simulation is eta 1
-        return SamplerSpec(kind="cps", steps=self.options.num_steps, eta=1.0 if self.dmd2 else self.options.eta)
+    def stages(self, cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+        """The runs of this config (rtdmd.stages): stage 1 (an ac-dmd run), stage 2, or both in order."""
+        if self.stage == 1:
+            return [("stage1", stage1_config(cfg))]
+        if self.stage == 2:
+            return [("stage2", cfg)]
+        check_rewards(self)  # before stage 1 spends its time
+        return [("stage1", stage1_config(cfg)), ("stage2", stage2_config(cfg))]
 
 
 # ---------------------------------------------------------------------------- stage 2: RTDMD
@@ -235,8 +112,6 @@ class AcDmdMethod(Method):
 def load_init(backend, networks: dict, init: str) -> dict:
     """Stage 2's start: the generator from a stage-1 checkpoint's inference (EMA) weights and the fake
     score from its training state (method.md s4: initialise from stage 1, generator and fake score)."""
-    from rtdmd import checkpoint as ckpt
-
     step_dir = ckpt.find_checkpoint(init)
     meta = ckpt.read_meta(step_dir)
     if meta.get("backend") != backend.name:
@@ -255,8 +130,6 @@ def load_init(backend, networks: dict, init: str) -> dict:
 def load_rewards(options: RtdmdOptions, backend) -> tuple[dict, dict]:
     """(every training reward, the back-propagated ones): name -> Reward from rtdmd.rewards.registry.
     Back-propagated: ``bp_rewards``, or every differentiable training reward when it is empty."""
-    from rtdmd.rewards.registry import is_differentiable
-
     bp = list(options.bp_rewards) or [n for n in options.rewards if is_differentiable(n)]
     bad = [n for n in bp if not is_differentiable(n)]
     if bad:
@@ -295,7 +168,17 @@ class RtdmdMethod(Method):
         # the fake score is updated first, on the rollout, then the generator (method.md s4)
         self.updates = ([Update("fake_score", every=1, optim=o.fake_optim)] if "fake_score" in self.networks else []) + \
                        [Update("generator", every=1, optim=o.generator_optim, ema_decay=o.ema_decay)]
-        self.batch: blocks.GRPOBatch | None = None
+        n, levels = cfg.train.batch_size, blocks.NoiseLevels(False, o.dm_t_min, o.dm_t_max)
+        policy = grpo.CpsPolicy(self.sigmas, o.eta, 1.0, o.log_prob)
+        advantages = grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards, o.advantage_normalize)
+        self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size, advantages, tag="rt")
+        self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, drop_zero_advantage=True)
+        self.bp = blocks.RewardHinge(self.bp_rewards, {"__sum__": o.bp_margin}, o.bp_weight)
+        self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, levels, tag="rt-dm")
+        # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (method.md s4)
+        self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
+                                         blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
+        self.batch: grpo.GRPOBatch | None = None
         self.selected: list[int] = []
 
     # ------------------------------------------------------------------ rollout
@@ -312,7 +195,7 @@ class RtdmdMethod(Method):
         (method.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index keeps repeated
         prompts apart."""
         b = self.backend
-        prompts, gids = blocks.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
+        prompts, gids = grpo.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
         noises: list[torch.Tensor | None] = []
         for i in range(len(self.sigmas) - 1):
             if i in selected or i not in self.stochastic:
@@ -324,26 +207,8 @@ class RtdmdMethod(Method):
         return noises
 
     def before_step(self, ctx: StepContext) -> None:
-        o = self.options
         self.selected = self.selected_steps(ctx.step)
-        noises = self.rollout_noises(ctx, self.selected)
-        self.batch = blocks.grpo_rollout(
-            self.backend, self.networks["generator"], self.rewards, self.n_groups, o.group_size, ctx,
-            sigmas=self.sigmas, kernel="cps", eta=o.eta, guidance=1.0, noises=noises, deterministic_last=True,
-            log_prob_form=o.log_prob, reward_weights=o.rewards, advantage_clip=o.advantage_clip,
-            advantage_eps=o.advantage_eps, tag="rt")
-        if not o.advantage_normalize:
-            self.batch.advantages = self._raw_advantages(ctx)
-
-    def _raw_advantages(self, ctx: StepContext) -> torch.Tensor:
-        from rtdmd.distributed import all_gather_tensor
-
-        o, n = self.options, self.cfg.train.batch_size
-        gathered = {k: all_gather_tensor(v) for k, v in self.batch.rewards.items()}
-        ids = torch.arange(self.n_groups).repeat_interleave(o.group_size)
-        adv = objectives.group_advantages(gathered, ids, clip=o.advantage_clip, eps=o.advantage_eps,
-                                          weights=o.rewards, normalize=False)
-        return adv[ctx.shard(n)].to(self.backend.device)
+        self.batch = self.rollout(self.networks["generator"], ctx, self.rollout_noises(ctx, self.selected))
 
     # ------------------------------------------------------------------ losses
     def _prompts(self) -> blocks.Prompts:
@@ -363,45 +228,34 @@ class RtdmdMethod(Method):
         """The rollout replayed with its own initial state and noises, gradient through every step
         (``dm_grad: all``: the DM term then sees the whole generator, as the exact check needs)."""
         b, r = self.backend, self.batch.rollout
-        full = samplers.policy_rollout(blocks.velocity_fn(b, self.networks["generator"], self.batch.cond),
-                                       r.states[0].detach(), self.sigmas, kernel="cps", eta=self.options.eta,
-                                       noises=r.noises, grad_steps=range(len(self.sigmas) - 1), detach_inputs=False)
+        full = samplers.cps_rollout(blocks.velocity_fn(b, self.networks["generator"], self.batch.cond),
+                                    r.states[0].detach(), self.sigmas, self.options.eta, r.noises,
+                                    grad_steps=range(len(self.sigmas) - 1), detach_inputs=False)
         return full.final
 
     def loss(self, network: str, ctx: StepContext):
-        o, b, n = self.options, self.backend, self.cfg.train.batch_size
-        batch = self.batch
+        o, batch = self.options, self.batch
         if network == "fake_score":
-            # one fake-score update per epoch on the rollout's final x0, s = 0 (method.md s4)
-            return blocks.fake_score_loss(b, self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), n,
-                                          ctx, weighting="ambient", t_sampling="subinterval",
-                                          consistency_weight=o.consistency_weight, eta=o.eta,
-                                          weight_clamp=o.adsm_weight_clamp, tag="rt-fake",
-                                          t_range=(o.dm_t_min, o.dm_t_max))
-        gen = self.networks["generator"]
+            return self.fake(self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), ctx)
         logs: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()}
         logs["grpo/steps"] = float(sum(1 << i for i in self.selected))
-        total = torch.zeros((), device=b.device)
+        total = torch.zeros((), device=self.backend.device)
         if o.grpo_weight > 0 and self.selected:
-            pg, pg_logs = blocks.grpo_policy_loss(b, gen, batch, self.selected, kernel="cps", eta=o.eta,
-                                                  clip_eps=o.clip_eps, log_prob_form=o.log_prob, drop_zero_advantage=True)
+            pg, pg_logs = self.policy_loss(self.networks["generator"], batch, self.selected)
             total = total + o.grpo_weight * pg
             logs.update(pg_logs)
         if (self.bp_rewards and o.bp_weight > 0) or o.dm_weight > 0:
             x0 = self.last_step_x0()
             if self.bp_rewards and o.bp_weight > 0:
                 # reward back-propagation through the deterministic last step (method.md s4)
-                bp, bp_logs = blocks.refl_loss(self.bp_rewards, {"__sum__": o.bp_margin}, b.decode(x0), batch.prompts,
-                                               weight=o.bp_weight)
+                bp, _ = self.bp(self.backend.decode(x0), batch.prompts)
                 total = total + bp
                 logs["loss/bp"] = float(bp.detach())
             if o.dm_weight > 0:
                 # the DM term on the same x0 at s = 0, teacher with CFG (method.md s4); the reward's
                 # gradient through the stochastic steps is GRPO's, so only the DM term may use the replay
                 x0_dm = self.replayed_x0() if o.dm_grad == "all" else x0
-                dm, dm_logs = blocks.dm_generator_loss(b, self.networks["fake_score"], x0_dm, 0.0, self._prompts(), o.guidance, n,
-                                                       ctx, eta=o.eta, normalize=o.normalize,
-                                                       t_range=(o.dm_t_min, o.dm_t_max), tag="rt-dm")
+                dm, _ = self.dm(self.networks["fake_score"], x0_dm, 0.0, self._prompts(), ctx)
                 total = total + o.dm_weight * dm
                 logs["loss/dm"] = float(dm.detach())
         return total, logs
@@ -421,99 +275,15 @@ def stage1_config(cfg: RunConfig) -> RunConfig:
                      backend=copy.deepcopy(cfg.backend), train=o.stage1_train_config(cfg.train), tracking=tracking)
 
 
-def stage2_config(cfg: RunConfig, init: str) -> RunConfig:
+def stage2_config(cfg: RunConfig) -> RunConfig:
+    """Stage 2 of a two-stage rtdmd config (rtdmd.stages sets ``method.init`` to stage 1's checkpoint)."""
     c = copy.deepcopy(cfg)
     c.method.stage = 2
-    c.method.init = str(init)
     return c
 
 
-@register_method("ac-dmd", AcDmdOptions, backends=BACKENDS, default_backend="shapes",
-                 help="RTDMD stage 1: ambient-consistent distribution matching distillation (4-step generator)")
-def make_ac_dmd(cfg: RunConfig, backend) -> AcDmdMethod:
-    return AcDmdMethod(cfg, backend)
-
-
-@register_method("rtdmd", RtdmdOptions, backends=BACKENDS, default_backend="shapes",
-                 help="RTDMD: stage 1 (AC-DMD) then stage 2 (reward-tilted DMD: SubGRPO + reward back-propagation + DM)")
-def make_rtdmd(cfg: RunConfig, backend) -> Method:
-    if cfg.method.stage == 1:
-        return AcDmdMethod(cfg, backend, options=cfg.method.stage1)
-    if cfg.method.stage == 0:
-        raise UserError("a two-stage rtdmd config runs through rtdmd.api.run_training (or the CLI), which trains "
-                        "stage 1 then stage 2; to build one stage's method set method.stage to 1 or 2.")
-    return RtdmdMethod(cfg, backend)
-
-
-def _named(cfg: RunConfig, suffix: str) -> RunConfig:
-    c = copy.deepcopy(cfg)
-    base = cfg.tracking.run_name or f"train-rtdmd-{cfg.backend_name}"
-    c.tracking.run_name = f"{base}/{suffix}"
-    return c
-
-
-def _stage_done(run_dir: Path, max_steps: int) -> bool:
-    from rtdmd import checkpoint as ckpt
-
-    if not (run_dir / "checkpoints" / "latest").is_file():
-        return False
-    return int(ckpt.read_meta(ckpt.find_checkpoint(run_dir)).get("step", 0)) >= max_steps
-
-
-def train_stages(cfg: RunConfig, out: Path | None = None, resume: bool = False, command: str = "",
-                 show_progress: bool = True):
-    """Train an rtdmd config. stage 1 or 2 alone: one trainer run into ``out``. stage 0: ``out/stage1``
-    (ac-dmd) then ``out/stage2`` initialised from it, under one parent MLflow run; ``--resume`` skips a
-    finished stage and continues the interrupted one. ``out/checkpoints/latest`` then points at the
-    final checkpoint, so ``out`` works wherever a run directory is expected."""
-    from rtdmd.checkpoint import require_checkpoint as ckpt_require
-    from rtdmd.trainer import TrainResult, train
-
-    o: RtdmdOptions = cfg.method
-    out = Path(out) if out is not None else Path("runs") / f"rtdmd-{cfg.backend_name}"
-    if o.stage == 1:
-        return train(stage1_config(cfg), out=out, resume=resume, command=command, show_progress=show_progress)
-    if o.stage == 2:
-        return train(cfg, out=out, resume=resume, command=command, show_progress=show_progress)
-
-    _check_rewards(o)  # before stage 1 spends its time
-    out.mkdir(parents=True, exist_ok=True)
-    parent = _ParentRun(cfg, out, command)
-    cfg1 = _named(stage1_config(cfg), "stage1")
-    d1, d2 = out / "stage1", out / "stage2"
-    if resume:  # --resume on a directory without a run is an error, not a fresh start
-        ckpt_require(d1, shown=out)
-    seconds = 0.0
-    try:
-        if resume and _stage_done(d1, cfg1.train.max_steps):
-            r1 = None
-        else:
-            r1 = train(cfg1, out=d1, resume=resume and (d1 / "checkpoints" / "latest").is_file(), command=command,
-                       show_progress=show_progress)
-            seconds += r1.seconds
-            parent.adopt(r1, "stage1")
-            if r1.steps < cfg1.train.max_steps:  # stopped by train.max_minutes: continue later with --resume
-                parent.end("KILLED")
-                return r1
-        from rtdmd import checkpoint as ckpt
-
-        init = ckpt.find_checkpoint(d1)
-        cfg2 = _named(stage2_config(cfg, str(init)), "stage2")
-        r2 = train(cfg2, out=d2, resume=resume and (d2 / "checkpoints" / "latest").is_file(), command=command,
-                   show_progress=show_progress)
-        seconds += r2.seconds
-        parent.adopt(r2, "stage2")
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    _point_latest(out, r2.checkpoint)
-    parent.end("FINISHED", final_checkpoint=r2.checkpoint)
-    return TrainResult(out, r2.checkpoint, r2.steps, seconds, r2.last_logs)
-
-
-def _check_rewards(o: RtdmdOptions) -> None:
-    from rtdmd.rewards.registry import is_differentiable, reward_names
-
+def check_rewards(o: RtdmdOptions) -> None:
+    """Stage 2's rewards exist and its back-propagated ones are differentiable."""
     if not o.rewards:
         raise UserError("stage 2 needs at least one reward in method.rewards; on toy2d register your own with "
                         "rtdmd.rewards.registry.register_reward (docs/api.md) and name it there.")
@@ -527,70 +297,12 @@ def _check_rewards(o: RtdmdOptions) -> None:
         raise UserError(f"reward '{bad[0]}' in method.bp_rewards is not differentiable; it can enter through GRPO only.")
 
 
-def _point_latest(out: Path, step_dir: Path) -> None:
-    """out/checkpoints/latest -> the final stage's checkpoint (read by rtdmd.checkpoint.find_checkpoint)."""
-    import os
-
-    root = out / "checkpoints"
-    root.mkdir(exist_ok=True)
-    tmp = root / f"latest.tmp{os.getpid()}"
-    tmp.write_text(os.path.relpath(Path(step_dir).resolve(), root.resolve()) + "\n")
-    os.replace(tmp, root / "latest")
-
-
-class _ParentRun:
-    """The parent MLflow run of a two-stage run; each stage's own run is tagged as its child."""
-
-    def __init__(self, cfg: RunConfig, out: Path, command: str):
-        self.enabled = cfg.tracking.enabled
-        self.run_id = None
-        if not self.enabled:
-            return
-        from mlflow.tracking import MlflowClient
-
-        from rtdmd.config import config_to_dict, flatten
-        from rtdmd.tracking import git_commit
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking.uri)
-        self.client = MlflowClient(cfg.tracking.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.tracking.experiment)
-        marker = out / "mlflow_parent.json"
-        if marker.is_file():
-            self.run_id = json.loads(marker.read_text())["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
-        run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or f"train-rtdmd-{cfg.backend_name}",
-                                     tags={"method": "rtdmd", "backend": cfg.backend_name, "kind": "train",
-                                           "git_commit": git_commit(), "run_dir": str(out.resolve()),
-                                           "command": command[:5000], "stages": "stage1,stage2"})
-        self.run_id = run.info.run_id
-        items = list(flatten(config_to_dict(cfg)).items())
-        for i in range(0, len(items), 90):
-            self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in items[i:i + 90]])
-        marker.write_text(json.dumps({"run_id": self.run_id}) + "\n")
-
-    def adopt(self, result, stage: str) -> None:
-        if not self.enabled:
-            return
-        from rtdmd import checkpoint as ckpt
-
-        child = ckpt.read_meta(ckpt.find_checkpoint(result.run_dir)).get("mlflow_run_id")
-        if child:
-            self.client.set_tag(child, "mlflow.parentRunId", self.run_id)
-        self.client.log_metric(self.run_id, f"{stage}/train_minutes", result.seconds / 60)
-        self.client.set_tag(self.run_id, f"{stage}_checkpoint", str(result.checkpoint))
-
-    def end(self, status: str, final_checkpoint: Path | None = None) -> None:
-        if not self.enabled:
-            return
-        if final_checkpoint is not None:
-            self.client.set_tag(self.run_id, "checkpoint", str(final_checkpoint))
-        self.client.set_terminated(self.run_id, status=status)
-
-
-def _param(k, v):
-    from mlflow.entities import Param
-
-    return Param(k, "" if v is None else str(v)[:6000])
+@register_method("rtdmd", RtdmdOptions, backends=BACKENDS, default_backend="shapes",
+                 help="RTDMD: stage 1 (AC-DMD) then stage 2 (reward-tilted DMD: SubGRPO + reward back-propagation + DM)")
+def make_rtdmd(cfg: RunConfig, backend) -> Method:
+    if cfg.method.stage == 1:
+        return AcDmdMethod(cfg, backend, options=cfg.method.stage1)
+    if cfg.method.stage == 0:
+        raise UserError("a two-stage rtdmd config runs through rtdmd.api.run_training (or the CLI), which trains "
+                        "stage 1 then stage 2; to build one stage's method set method.stage to 1 or 2.")
+    return RtdmdMethod(cfg, backend)

@@ -14,6 +14,7 @@ import torch
 from rtdmd import flow
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.data import StepPrefetcher
+from rtdmd.errors import UserError
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.objectives import flow_matching_loss
 from rtdmd.registry import register_method
@@ -34,8 +35,6 @@ class TeacherOptions:
     prefetch: int = 2  # training batches rendered ahead in a background thread (0: synchronous)
 
     def validate(self):
-        from rtdmd.errors import UserError
-
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise UserError("method.prompt_dropout must be in [0, 1); the paper-style default is 0.1.")
 

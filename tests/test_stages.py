@@ -1,0 +1,53 @@
+"""rtdmd.stages: the plan of a run (one stage, or the stages its options declare), stage run names and
+each stage's training loop. The two-stage run itself (layout, resume, MLflow) is tested in test_rtdmd.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtdmd import stages
+from rtdmd.api import make_config
+from rtdmd.errors import UserError
+from rtdmd.rewards.registry import register_reward, unregister_reward
+
+
+@pytest.fixture(autouse=True)
+def toy_reward():
+    register_reward("test_stage_right", lambda x, prompts: torch.tanh(x[:, 0]), differentiable=True)
+    yield
+    unregister_reward("test_stage_right")
+
+
+def _rtdmd(**method):
+    return make_config("rtdmd", backend="toy2d", overrides={
+        "method": {"rewards": {"test_stage_right": 1.0}, "stage1_train": {"max_steps": 7, "batch_size": 32}, **method},
+        "train": {"max_steps": 5, "batch_size": 16}, "tracking": {"run_name": "two"}})
+
+
+def test_a_method_without_stages_is_one_stage_trained_into_out():
+    cfg = make_config("dmd2", backend="toy2d")
+    plan = stages.plan(cfg)
+    assert len(plan) == 1 and plan[0].name == "" and plan[0].cfg is cfg
+
+
+def test_rtdmd_declares_stage1_then_stage2_with_their_own_training_loops():
+    cfg = _rtdmd()
+    plan = stages.plan(cfg)
+    assert [st.name for st in plan] == ["stage1", "stage2"]
+    s1, s2 = plan[0].cfg, plan[1].cfg
+    assert s1.method_name == "ac-dmd" and s1.method == cfg.method.stage1
+    assert (s1.train.max_steps, s1.train.batch_size) == (7, 32)  # stage1_train merged over train
+    assert s2.method_name == "rtdmd" and s2.method.stage == 2 and (s2.train.max_steps, s2.train.batch_size) == (5, 16)
+    assert (s1.tracking.run_name, s2.tracking.run_name) == ("two/stage1", "two/stage2")
+    assert cfg.tracking.run_name == "two" and cfg.method.stage == 0  # the plan leaves the run's own config alone
+
+
+def test_one_stage_of_rtdmd_trains_straight_into_out():
+    assert [(st.name, st.cfg.method_name) for st in stages.plan(_rtdmd(stage=1))] == [("stage1", "ac-dmd")]
+    assert [(st.name, st.cfg.method_name) for st in stages.plan(_rtdmd(stage=2, init="x"))] == [("stage2", "rtdmd")]
+
+
+def test_unknown_rewards_are_refused_before_any_stage_trains():
+    with pytest.raises(UserError, match="unknown reward 'nope'"):
+        stages.plan(_rtdmd(rewards={"nope": 1.0}))
