@@ -242,5 +242,13 @@ def report(experiment, out, tracking_uri, bootstrap):
     click.echo(f"wrote {path}")
 
 
+def _add_study() -> None:
+    from benchmarks.study.cli import study
+
+    main.add_command(study)
+
+
+_add_study()
+
 if __name__ == "__main__":
     main()
