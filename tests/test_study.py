@@ -173,7 +173,7 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
         return real_step(self, step)
 
     monkeypatch.setattr(T.Trainer, "_one_step", dying_step)
-    with pytest.raises(UserError, match="second Ctrl-C"):
+    with pytest.raises(UserError, match="second interrupt"):
         execute.run_study(cut, progress=False)
     assert calls["n"] == 1
     s = load_study(cut)
