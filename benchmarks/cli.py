@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from benchmarks.study.cli import study
 from rtdmd.cli import _command_line
 from rtdmd.errors import UserError
 
@@ -113,4 +114,4 @@ def report(experiment, out, tracking_uri, bootstrap):
     click.echo(f"wrote {path}")
 
 
-COMMANDS = [prompts, eval_cmd, report]
+COMMANDS = [prompts, eval_cmd, report, study]

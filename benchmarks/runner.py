@@ -78,6 +78,7 @@ class EvalOptions:
     inception_path: str | None = None
     command: str = ""
     progress: bool = True
+    tags: dict = field(default_factory=dict)  # extra MLflow tags of every eval run (a study's arm, seed, study)
 
     def validate(self) -> None:
         self.suites = expand_suites(self.suites)
@@ -187,7 +188,7 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
             "git_commit": git_commit(), "nfe": str(nfe(sc.steps, sc.guidance)),
             "train_seconds": "" if model.train_seconds is None else f"{model.train_seconds:g}",
             "checkpoint_sha256": str(model.meta.get("model_sha256", "")), "eval_key": key,
-            "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **result.tags}
+            "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **result.tags, **opts.tags}
     uri = tracking_uri(opts.tracking_uri)
     run_id = _find_run(uri, opts.experiment, key)
     tracker = Tracker(True, uri, opts.experiment)

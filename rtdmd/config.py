@@ -99,6 +99,7 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "rtdmd-bench"
     run_name: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags of the run (a study's arm, seed, study)
 
 
 @dataclass

@@ -282,7 +282,7 @@ class Trainer:
         cfg, acc = self.cfg, self._accelerator
         tracker = Tracker(cfg.tracking.enabled and acc.is_main_process, cfg.tracking.uri, cfg.tracking.experiment)
         tags = {"method": cfg.method_name, "backend": cfg.backend_name, "git_commit": git_commit(),
-                "kind": "train", "run_dir": str(self.run_dir.resolve()), "command": self.command[:5000]}
+                "kind": "train", "run_dir": str(self.run_dir.resolve()), "command": self.command[:5000], **cfg.tracking.tags}
         p.run_id = tracker.start(cfg.tracking.run_name or f"train-{cfg.method_name}-{cfg.backend_name}", tags,
                                  flatten(config_to_dict(cfg)), run_id=p.run_id)
         if p.start == 0:

@@ -1,0 +1,1 @@
+"""Studies: arms x training seeds at equal budgets, evaluated on shared units, compared by paired statistics."""

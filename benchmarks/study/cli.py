@@ -1,0 +1,37 @@
+"""`rtdmd-bench study run STUDY.yaml` and `rtdmd-bench study report STUDY.yaml`.
+
+The study modules (torch, the trainer, the runner) load inside the commands, so `rtdmd-bench --help` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def study():
+    """Run a study file (arms x training seeds, evaluation, paired statistics) and report it."""
+
+
+@study.command("run")
+@click.argument("study_file", type=click.Path(path_type=Path))
+@click.option("--jobs", type=int, default=1, show_default=True, help="Jobs at once, each a process with one torch thread.")
+@click.option("--device", default="cpu", show_default=True, help="Device of training and evaluation (cpu, cuda, cuda:N).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_cmd(study_file, jobs, device, quiet):
+    """Train and evaluate every arm not done yet; rerun the same command to continue after an interruption."""
+    from benchmarks.study.execute import run_study
+
+    s = run_study(study_file, jobs=jobs, device=device, progress=not quiet)
+    click.echo(f"study {s.name}: every job is done; report it with: rtdmd-bench study report {study_file}")
+
+
+@study.command("report")
+@click.argument("study_file", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<study>/report.md).")
+def report_cmd(study_file, out):
+    """Markdown report: arms, paired differences with 95 % CIs, verdicts per claim, learning curves."""
+    from benchmarks.study.report import write_study_report
+
+    click.echo(f"wrote {write_study_report(study_file, out)}")

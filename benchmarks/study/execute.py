@@ -1,0 +1,259 @@
+"""Run a study: train every (arm, training seed) in dependency order, then score its checkpoints per unit.
+
+Everything a finished job produced is a file under the study's ``out`` folder, written atomically, so the same
+command continues after Ctrl-C, kill -9 or a restart: a finished job is skipped, an interrupted training run
+resumes from its last checkpoint (exactly, see rtdmd.trainer), an interrupted evaluation regenerates only the
+images that are missing.
+
+    <out>/arms/<arm>/seed<s>/run/                  the training run (checkpoints every eval curve point)
+    <out>/arms/<arm>/seed<s>/train.json            done: checkpoint, budget, seconds, commit
+    <out>/arms/<arm>/seed<s>/units/step_NNNNNN.json   per-unit scores of that checkpoint
+    <out>/eval/                                    generated images (the evaluation runner's layout)
+
+With ``jobs`` > 1 independent jobs run as separate processes with one torch thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtdmd import registry
+from rtdmd.api import make_config, run_training
+from rtdmd.checkpoint import find_checkpoint, read_meta
+from rtdmd.config import _deep_merge, load_resolved
+from rtdmd.errors import UserError
+from rtdmd.fileio import atomic_write_bytes
+from rtdmd.tracking import git_commit
+
+from benchmarks.runner import EvalOptions, run_eval
+from benchmarks.study.spec import ArmSpec, Study, load_study
+from benchmarks.study.units import UnitScores, image_units, toy2d_units
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "train" | "eval"
+    arm: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.arm} seed {self.seed}"
+
+
+def arm_dir(study: Study, arm: str, seed: int) -> Path:
+    return study.out / "arms" / arm / f"seed{seed}"
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def seeds_of(arm: ArmSpec) -> list[int]:
+    return list(arm.seeds) if arm.trains else [0]
+
+
+def plan(study: Study) -> list[Job]:
+    """Every job of the study, in an order that respects dependencies (train before eval, init_from first)."""
+    jobs = []
+    for arm in study.order():
+        for s in seeds_of(arm):
+            if arm.trains:
+                jobs.append(Job("train", arm.name, s))
+            jobs.append(Job("eval", arm.name, s))
+    return jobs
+
+
+def is_done(study: Study, job: Job) -> bool:
+    d = arm_dir(study, job.arm, job.seed)
+    if job.kind == "train":
+        return (d / "train.json").is_file()
+    return (d / "eval.json").is_file()
+
+
+def depends_on(study: Study, job: Job) -> list[Job]:
+    arm = study.arms[job.arm]
+    if job.kind == "eval":
+        return [Job("train", job.arm, job.seed)] if arm.trains else []
+    return [Job("train", arm.init_from, job.seed)] if arm.init_from else []
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _train_overrides(study: Study, arm: ArmSpec, seed: int, device: str) -> dict:
+    over = _deep_merge(arm.overrides or {}, {
+        "train": {"seed": seed, "num_threads": 1, "device": device, **({"keep_checkpoints": 0} if study.eval.curves else {})},
+        "tracking": {"experiment": study.experiment, "run_name": f"{study.name}/{arm.name}/seed{seed}",
+                     "tags": {"study": study.name, "arm": arm.name, "seed": str(seed)}}})
+    options = registry.get_method(arm.method).options
+    names = set(getattr(options, "__dataclass_fields__", {}))
+    if "stage1_train" in names:  # a multi-stage method: its first stage has its own loop settings
+        over = _deep_merge(over, {"method": {"stage1_train": {"seed": seed}}})
+    if arm.init_from:
+        init = json.loads((arm_dir(study, arm.init_from, seed) / "train.json").read_text())["checkpoint"]
+        over = _deep_merge(over, {"method": {"init": str(study.out / init)}})
+    return over
+
+
+def run_budget(run_dir: Path) -> dict:
+    """Iterations, generator updates and images of every stage in a run folder (from the configs it saved)."""
+    stages = [p for p in (run_dir, run_dir / "stage1", run_dir / "stage2") if (p / "config.yaml").is_file()
+              and (p / "checkpoints").is_dir()]
+    steps = updates = images = 0
+    for p in stages:
+        cfg = load_resolved(p / "config.yaml")
+        every = int(getattr(cfg.method, "ttur", 1) or 1)
+        n = int(cfg.train.max_steps)
+        steps += n
+        updates += -(-n // every)
+        images += -(-n // every) * int(cfg.train.batch_size)
+    return {"iterations": steps, "generator_updates": updates, "generator_images": images}
+
+
+def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
+    d = arm_dir(study, arm.name, seed)
+    run_dir = d / "run"
+    cfg = make_config(arm.method, backend=study.backend, overrides=_train_overrides(study, arm, seed, device),
+                      preset=arm.preset or None)
+    cpu0 = time.process_time()
+    result = run_training(cfg, out=run_dir, resume="auto", command=f"rtdmd-bench study run {study.path}",
+                          show_progress=progress)
+    meta = read_meta(find_checkpoint(run_dir))
+    record = {"checkpoint": str(Path(result.checkpoint).relative_to(study.out)),
+              "cpu_seconds_last_attempt": round(time.process_time() - cpu0, 1),
+              "train_seconds": meta.get("train_seconds"), "git_commit": meta.get("git_commit") or git_commit(),
+              **run_budget(run_dir)}
+    _write_json(d / "train.json", record)
+    return record
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def curve_checkpoints(study: Study, arm: ArmSpec, seed: int) -> list[Path]:
+    """The checkpoints an arm is scored at: its final one, and with eval.curves every kept checkpoint before it."""
+    if not arm.trains:
+        return [find_checkpoint(arm.checkpoint)]
+    final = study.out / json.loads((arm_dir(study, arm.name, seed) / "train.json").read_text())["checkpoint"]
+    if not study.eval.curves:
+        return [final]
+    return sorted(p for p in final.parent.glob("step_*") if p.is_dir() and ".tmp" not in p.name and (p / "meta.json").is_file())
+
+
+def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, device: str, progress: bool) -> UnitScores:
+    e = study.eval
+    steps = arm.steps or e.steps
+    eta = None if arm.eta < 0 else arm.eta
+    if study.backend == "toy2d":
+        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta)
+    opts = EvalOptions(suites=list(e.suites), steps=steps, guidance=e.guidance if arm.guidance < 0 else arm.guidance,
+                       eta=eta, seed=e.seed, images_per_prompt=e.images_per_prompt, max_prompts=e.prompts or None,
+                       out=study.out / "eval", experiment=study.experiment, device=device, threads=1,
+                       command=f"rtdmd-bench study run {study.path}", progress=progress,
+                       tags={"study": study.name, "arm": arm.name, "seed": str(seed)})
+    return image_units(run_eval([step_dir], opts))
+
+
+def eval_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
+    d = arm_dir(study, arm.name, seed)
+    points = []
+    for step_dir in curve_checkpoints(study, arm, seed):
+        meta = read_meta(step_dir)
+        step = int(meta.get("step", 0))
+        f = d / "units" / f"step_{step:06d}.json"
+        if not f.is_file():
+            _write_json(f, score_checkpoint(study, arm, seed, step_dir, device, progress).to_json())
+        points.append({"step": step, "units": str(f.relative_to(study.out)), "train_seconds": meta.get("train_seconds")})
+    record = {"points": points, "final": points[-1]["units"]}
+    _write_json(d / "eval.json", record)
+    return record
+
+
+# ---------------------------------------------------------------------------- the scheduler
+
+
+def run_job(study: Study, job: Job, device: str = "cpu", progress: bool = True) -> None:
+    arm = study.arms[job.arm]
+    if job.kind == "train":
+        train_job(study, arm, job.seed, device, progress)
+    else:
+        eval_job(study, arm, job.seed, device, progress)
+
+
+def _say(msg: str) -> None:
+    print(f"[study] {msg}", file=sys.stderr, flush=True)
+
+
+def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bool = True) -> Study:
+    """Run every job not done yet; with jobs > 1, independent jobs run in parallel processes."""
+    study = load_study(path)
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    todo = [j for j in plan(study) if not is_done(study, j)]
+    _say(f"{study.name}: {len(plan(study)) - len(todo)} of {len(plan(study))} jobs already done")
+    if jobs == 1:
+        for k, job in enumerate(todo, 1):
+            _say(f"({k}/{len(todo)}) {job.label}")
+            run_job(study, job, device, progress)
+        return study
+    _run_parallel(study, todo, jobs, device)
+    return study
+
+
+def _run_parallel(study: Study, todo: list[Job], jobs: int, device: str) -> None:
+    running: dict[Job, subprocess.Popen] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending = list(todo)
+    try:
+        while pending or running:
+            for job, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[job]
+                    if proc.returncode != 0:
+                        raise UserError(f"study job '{job.label}' failed (exit {proc.returncode}, its error is above); "
+                                        "fix it and run the same command to continue.")
+                    _say(f"done: {job.label}")
+            ready = [j for j in pending if all(is_done(study, d) for d in depends_on(study, j))]
+            for job in ready[:max(0, jobs - len(running))]:
+                pending.remove(job)
+                _say(f"start: {job.label}")
+                running[job] = subprocess.Popen([sys.executable, "-m", "benchmarks.study.execute", str(study.path),
+                                                 job.kind, job.arm, str(job.seed), device], env=env)
+            if pending and not running and not ready:
+                raise UserError("study jobs wait on each other and none can start; check the arms' init_from.")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
+        raise UserError("study interrupted; run the same command to continue where it stopped.") from None
+
+
+def _worker(argv: list[str]) -> int:
+    path, kind, arm, seed, device = argv
+    study = load_study(path)
+    try:
+        run_job(study, Job(kind, arm, int(seed)), device, progress=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""A study file: arms, training seeds, the budget, the evaluation and the claims to decide.
+
+    name: toy2d-demo
+    backend: toy2d
+    reference: teacher                 # differences are taken against this arm
+    budget: {generator_updates: 40, batch: 64}
+    eval: {suites: [toy2d], steps: 4, prompts: 8, images_per_prompt: 32, seed: 0}
+    arms:
+      teacher: {checkpoint: runs/toy2d-teacher, steps: 40}
+      dmd2:    {method: dmd2, seeds: [0, 1], overrides: {train: {max_steps: 200}}}
+      rtdmd:   {method: rtdmd, init_from: ac-dmd, seeds: [0, 1]}
+    claims:
+      - {name: "(b) AC-DMD vs DMD2", arm: ac-dmd, versus: dmd2, metric: toy2d/mode_hit, direction: greater}
+
+An arm either trains (``method``, with ``preset`` and ``overrides`` as `rtdmd-bench train` takes them, one run
+per training seed) or evaluates a fixed ``checkpoint``. ``init_from`` names an arm whose checkpoint of the same
+training seed initialises this arm (``method.init``), so arms train in dependency order. ``budget`` is recorded
+and checked: every training arm's generator updates x batch is reported beside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rtdmd.config import build_dataclass, read_yaml
+from rtdmd.errors import UserError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class EvalSpec:
+    suites: list[str] = field(default_factory=lambda: ["geneval"])
+    steps: int = 4  # the generators' sampling steps (arms may override)
+    guidance: float = 1.0
+    prompts: int = 0  # prompts per evaluation (0: the whole prompt set; every task kept)
+    images_per_prompt: int = 4
+    seed: int = 0  # image seeds: unit (prompt i, image k) is seeded by (seed, i, k) for every arm
+    curves: bool = True  # also evaluate intermediate checkpoints (learning curves)
+    bootstrap: int = 2000  # bootstrap resamples of every interval
+
+    def validate(self):
+        if self.steps <= 0 or self.images_per_prompt <= 0 or self.prompts < 0 or self.bootstrap < 100:
+            raise UserError("eval needs steps > 0, images_per_prompt > 0, prompts >= 0 and bootstrap >= 100; fix the study file.")
+
+
+@dataclass
+class BudgetSpec:
+    generator_updates: int = 0  # per training arm (0: not fixed)
+    batch: int = 0
+
+
+@dataclass
+class ArmSpec:
+    name: str = ""
+    method: str = ""  # trains this method ...
+    checkpoint: str = ""  # ... or evaluates this fixed checkpoint
+    preset: str = ""
+    overrides: dict = field(default_factory=dict)
+    init_from: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 0  # sampling steps at evaluation (0: eval.steps)
+    guidance: float = -1.0  # CFG at evaluation (-1: eval.guidance)
+    eta: float = -1.0  # CPS eta at evaluation (-1: the checkpoint's own)
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.method)
+
+    def validate(self):
+        if not _NAME.match(self.name):
+            raise UserError(f"arm name '{self.name}' must be letters, digits, '.', '_' or '-'; rename it in the study file.")
+        if bool(self.method) == bool(self.checkpoint):
+            raise UserError(f"arm '{self.name}' needs exactly one of 'method' (train) or 'checkpoint' (evaluate); fix the study file.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"arm '{self.name}' needs a list of distinct training seeds; fix its 'seeds'.")
+        if self.init_from and not self.method:
+            raise UserError(f"arm '{self.name}' has init_from but trains nothing; give it a method or drop init_from.")
+
+
+@dataclass
+class ClaimSpec:
+    name: str = ""
+    arm: str = ""
+    versus: str = ""
+    metric: str = ""
+    direction: str = "greater"  # greater: arm > versus is claimed
+
+    def validate(self):
+        if self.direction not in ("greater", "less"):
+            raise UserError(f"claim '{self.name}' has direction '{self.direction}'; use 'greater' or 'less'.")
+
+
+@dataclass
+class Study:
+    name: str
+    backend: str
+    path: Path
+    out: Path
+    experiment: str
+    reference: str
+    budget: BudgetSpec
+    eval: EvalSpec
+    arms: dict[str, ArmSpec]
+    claims: list[ClaimSpec]
+
+    def order(self) -> list[ArmSpec]:
+        """Arms in dependency order (an arm after the arm it initialises from)."""
+        done: list[str] = []
+        pending = list(self.arms)
+        while pending:
+            ready = [a for a in pending if not self.arms[a].init_from or self.arms[a].init_from in done]
+            if not ready:
+                raise UserError(f"arms {', '.join(pending)} initialise from each other in a circle; fix their init_from.")
+            done += ready
+            pending = [a for a in pending if a not in ready]
+        return [self.arms[a] for a in done]
+
+
+_TOP = {"name", "backend", "out", "experiment", "reference", "budget", "eval", "arms", "claims"}
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; every mistake is one UserError sentence."""
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = sorted(set(data) - _TOP)
+    if unknown:
+        raise UserError(f"unknown key '{unknown[0]}' in study file {path}; valid keys are: {', '.join(sorted(_TOP))}.")
+    name = str(data.get("name") or path.stem)
+    if not _NAME.match(name):
+        raise UserError(f"study name '{name}' must be letters, digits, '.', '_' or '-'; rename it in {path}.")
+    raw_arms = data.get("arms") or {}
+    if not isinstance(raw_arms, dict) or not raw_arms:
+        raise UserError(f"study file {path} needs an 'arms' mapping (arm name -> settings).")
+    arms = {a: build_dataclass(ArmSpec, {**(v or {}), "name": a}, f"arms.{a}") for a, v in raw_arms.items()}
+    claims = [build_dataclass(ClaimSpec, c or {}, "claims") for c in (data.get("claims") or [])]
+    study = Study(name=name, backend=str(data.get("backend") or "shapes"), path=path,
+                  out=Path(data.get("out") or Path("runs") / "studies" / name),
+                  experiment=str(data.get("experiment") or f"study-{name}"),
+                  reference=str(data.get("reference") or next(iter(arms))),
+                  budget=build_dataclass(BudgetSpec, data.get("budget") or {}, "budget"),
+                  eval=build_dataclass(EvalSpec, data.get("eval") or {}, "eval"), arms=arms, claims=claims)
+    _check_references(study)
+    study.order()
+    return study
+
+
+def _check_references(study: Study) -> None:
+    names = set(study.arms)
+    if study.reference not in names:
+        raise UserError(f"reference arm '{study.reference}' is not an arm of the study; choose one of: {', '.join(sorted(names))}.")
+    for a in study.arms.values():
+        if a.init_from and a.init_from not in names:
+            raise UserError(f"arm '{a.name}' initialises from unknown arm '{a.init_from}'; choose one of: {', '.join(sorted(names))}.")
+        if a.init_from and not set(a.seeds) <= set(study.arms[a.init_from].seeds):
+            raise UserError(f"arm '{a.name}' uses training seeds that arm '{a.init_from}' does not train; give it a subset of its seeds.")
+    for c in study.claims:
+        for arm in (c.arm, c.versus):
+            if arm not in names:
+                raise UserError(f"claim '{c.name}' names unknown arm '{arm}'; choose one of: {', '.join(sorted(names))}.")
