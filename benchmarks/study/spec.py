@@ -10,7 +10,7 @@
       dmd2:    {method: dmd2, seeds: [0, 1], overrides: {train: {max_steps: 200}}}
       rtdmd:   {method: rtdmd, init_from: ac-dmd, seeds: [0, 1]}
     claims:
-      - {name: "(b) AC-DMD vs DMD2", arm: ac-dmd, versus: dmd2, metric: toy2d/mode_hit, direction: greater}
+      - {name: "(b) AC-DMD vs DMD2", arm: ac-dmd, versus: dmd2, metric: toy2d/in_mode, direction: greater}
 
 An arm either trains (``method``, with ``preset`` and ``overrides`` as `rtdmd-bench train` takes them, one run
 per training seed) or evaluates a fixed ``checkpoint``. ``init_from`` names an arm whose checkpoint of the same
