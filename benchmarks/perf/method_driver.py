@@ -301,9 +301,11 @@ class MethodTiming:
         return sum(s * v for s, v in vals)
 
 
-def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf"), warmup: int = 1) -> MethodTiming:
-    """Time ``repeats`` steps of every distinct set of due updates (after ``warmup`` steps from 0) and count
-    one more step of each with FlopCounterMode; seconds and FLOPs amortised over the update period."""
+def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf"), warmup: int = 1,
+            first_timed: int | None = None) -> MethodTiming:
+    """Time ``repeats`` steps of every distinct set of due updates (after ``warmup`` steps from 0; timed
+    steps from ``first_timed``, default ``warmup``, so runs with different warm-ups time the same steps)
+    and count one more step of each with FlopCounterMode; seconds and FLOPs amortised over the period."""
     method, device = tr.method, tr.backend.device
     period = update_period(method)
     shares: dict[tuple[str, ...], int] = {}
@@ -315,11 +317,10 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
         torch.cuda.synchronize()
         res.static_gib = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    step = 0
-    for _ in range(warmup):
+    for step in range(warmup):
         trainer_step(tr, step)
-        step += 1
     sync(device)
+    step = warmup if first_timed is None else max(first_timed, warmup)
     wanted = {k: [] for k in shares}
     need = {k: repeats + (1 if flops else 0) for k in shares}
     i = step
@@ -333,20 +334,22 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
         for k, steps in wanted.items():
             timed = steps[:repeats]
             entry = {"share": shares[k] / period, "steps": timed}
-            secs = []
+            secs, cpu = [], []
             for s in timed:
                 if time.perf_counter() > deadline:
                     res.skipped.append(f"step {s} ({'+'.join(k)}): time budget")
                     break
                 counter.counts.clear()
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 trainer_step(tr, s)
                 sync(device)
                 secs.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 entry["calls"] = dict(counter.counts)
-            if secs:
+            if secs:  # wall seconds, and this process's CPU seconds (steadier on a shared machine)
                 entry["seconds"] = sum(secs) / len(secs)
+                entry["cpu_seconds"] = sum(cpu) / len(cpu)
             if flops and secs and time.perf_counter() < deadline:
                 entry["flops"] = count_flops(lambda: trainer_step(tr, steps[-1]))
             res.kinds[k] = entry
