@@ -206,13 +206,14 @@ def main(argv=None) -> int:
         adamw = [n for n in kept if n.startswith("adamw_")]
         if len(adamw) > 1:  # one AdamW implementation: the faster
             kept = [n for n in kept if n not in sorted(adamw, key=lambda n: total(passes[n], key, vw))[1:]]
-        print(f"\nvariants on {', '.join(vw)}: {key.replace('_', ' ')} per step (amortised over each update period)")
         names = list(passes)
-        print(f"{'workload':22s} " + " ".join(f"{n[:16]:>16s}" for n in names))
-        for title, m in WORKLOADS:
-            if m in vw:
-                print(f"{title:22s} " + " ".join(f"{seconds(passes[n], m, key):16.3f}" for n in names))
-        print(f"{'speed-up over eager':22s} " + " ".join(f"{base_vw / total(passes[n], key, vw):16.2f}" for n in names))
+        if len(names) > 1 and vw:
+            print(f"\nvariants on {', '.join(vw)}: {key.replace('_', ' ')} per step (amortised over each update period)")
+            print(f"{'workload':22s} " + " ".join(f"{n[:16]:>16s}" for n in names))
+            for title, m in WORKLOADS:
+                if m in vw:
+                    print(f"{title:22s} " + " ".join(f"{seconds(passes[n], m, key):16.3f}" for n in names))
+            print(f"{'speed-up over eager':22s} " + " ".join(f"{base_vw / total(passes[n], key, vw):16.2f}" for n in names))
         print("kept (faster than eager by more than {:.0%}; bf16 autocast and extra threads are never kept): {}".format(
             a.keep_threshold, ", ".join(kept) or "none"))
         speedup = 1.0

@@ -305,7 +305,8 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
             first_timed: int | None = None) -> MethodTiming:
     """Time ``repeats`` steps of every distinct set of due updates (after ``warmup`` steps from 0; timed
     steps from ``first_timed``, default ``warmup``, so runs with different warm-ups time the same steps)
-    and count one more step of each with FlopCounterMode; seconds and FLOPs amortised over the period."""
+    and count FLOPs of one step of each with FlopCounterMode (step 0, a warm-up step, for its own set;
+    one more step for the others); seconds and FLOPs amortised over the update period."""
     method, device = tr.method, tr.backend.device
     period = update_period(method)
     shares: dict[tuple[str, ...], int] = {}
@@ -317,12 +318,16 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
         torch.cuda.synchronize()
         res.static_gib = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup):
-        trainer_step(tr, step)
+    counted: dict[tuple[str, ...], int] = {}
+    for step in range(warmup):  # the first warm-up step is also the FLOP-counted step of its kind
+        if flops and step == 0:
+            counted[due_updates(method, 0)] = count_flops(lambda: trainer_step(tr, 0))
+        else:
+            trainer_step(tr, step)
     sync(device)
     step = warmup if first_timed is None else max(first_timed, warmup)
     wanted = {k: [] for k in shares}
-    need = {k: repeats + (1 if flops else 0) for k in shares}
+    need = {k: repeats + (1 if flops and k not in counted else 0) for k in shares}
     i = step
     while any(len(wanted[k]) < need[k] for k in shares):
         k = due_updates(method, i)
@@ -350,7 +355,9 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
             if secs:  # wall seconds, and this process's CPU seconds (steadier on a shared machine)
                 entry["seconds"] = sum(secs) / len(secs)
                 entry["cpu_seconds"] = sum(cpu) / len(cpu)
-            if flops and secs and time.perf_counter() < deadline:
+            if k in counted:
+                entry["flops"] = counted[k]
+            elif flops and secs and time.perf_counter() < deadline:
                 entry["flops"] = count_flops(lambda: trainer_step(tr, steps[-1]))
             res.kinds[k] = entry
     finally:
