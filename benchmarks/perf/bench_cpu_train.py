@@ -214,6 +214,8 @@ def main(argv=None) -> int:
                 if m in vw:
                     print(f"{title:22s} " + " ".join(f"{seconds(passes[n], m, key):16.3f}" for n in names))
             print(f"{'speed-up over eager':22s} " + " ".join(f"{base_vw / total(passes[n], key, vw):16.2f}" for n in names))
+            if key != "seconds":  # CPU seconds add up every thread's: more threads are judged by wall time
+                print(f"{'wall s, same steps':22s} " + " ".join(f"{total(passes[n], 'seconds', vw):16.3f}" for n in names))
         print("kept (faster than eager by more than {:.0%}; bf16 autocast and extra threads are never kept): {}".format(
             a.keep_threshold, ", ".join(kept) or "none"))
         speedup = 1.0

@@ -130,14 +130,23 @@ def run_section(kind: str, methods: list[str], a, device: str, peak: float | Non
             cfg = method_config(kind, m, a.tiny, device, pfile, init)
             names = D.use_standins(cfg) if kind != "shapes" else []
             wdt = torch.float32 if a.tiny else torch.bfloat16
-            with D.standin_rewards(names, a.tiny, device, wdt):
-                tr = D.setup_trainer(cfg, tmp / f"{kind}-{m}")
-                try:
-                    r = D.measure(tr, a.repeats, flops=not a.no_flops, deadline=deadline)
-                    if m == "ac-dmd" and kind != "shapes":
-                        init = D.save_checkpoint(tr, 1)
-                finally:
-                    D.release(tr)
+            try:
+                with D.standin_rewards(names, a.tiny, device, wdt):
+                    tr = D.setup_trainer(cfg, tmp / f"{kind}-{m}")
+                    try:
+                        r = D.measure(tr, a.repeats, flops=not a.no_flops, deadline=deadline)
+                        if m == "ac-dmd" and kind != "shapes":
+                            init = D.save_checkpoint(tr, 1)
+                    finally:
+                        D.release(tr)
+            except Exception as exc:  # out of memory, say: report it and go on with the next method
+                if a.tiny:
+                    raise
+                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+                print(f"{kind:6s} {m:8s} failed: {msg}", flush=True)
+                results.append({"backend": kind, "method": m, "failed": msg})
+                D.release_memory()
+                continue
             o = summary(kind, r, peak)
             results.append(o)
             print(line(o) + ("  skipped: " + "; ".join(r.skipped) if r.skipped else ""), flush=True)

@@ -373,6 +373,10 @@ def release(tr) -> None:
     with contextlib.suppress(Exception):
         tr.method.close()
     tr.method = tr.backend = tr.optimizers = tr.emas = None
+    release_memory()
+
+
+def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
