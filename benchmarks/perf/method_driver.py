@@ -20,7 +20,6 @@ Needs torch, diffusers, transformers, peft (accelerate comes with peft); not MLf
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import math
 import sys
@@ -395,7 +394,3 @@ def prompts_file(directory: Path) -> Path:
 
 def temp_dir():
     return tempfile.TemporaryDirectory(prefix="rtdmd-perf-")
-
-
-def deep_copy(cfg):
-    return copy.deepcopy(cfg)
