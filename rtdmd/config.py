@@ -74,6 +74,8 @@ class TrainConfig:
     log_every: int = 10
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile (nn.Module.compile) the method's networks and the teacher; off = eager
+    adamw_impl: Literal["default", "foreach", "fused"] = "default"  # torch.optim.AdamW implementation
     # --max-steps: a cap every stage honours (an rtdmd stage-1 loop has its own max_steps); 0 = none
     max_steps_cap: int = 0
 

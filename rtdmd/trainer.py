@@ -167,10 +167,14 @@ class Trainer:
             if not params:
                 raise RuntimeError(f"network '{u.network}' of method '{cfg.method_name}' has no trainable parameters")
             o = u.optim
+            impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.train.adamw_impl]
             self.optimizers[u.network] = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),
-                                                           weight_decay=o.weight_decay, eps=o.eps)
+                                                           weight_decay=o.weight_decay, eps=o.eps, **impl)
             if u.ema_decay is not None:
                 self.emas[u.network] = copy.deepcopy(net).requires_grad_(False).eval()
+        if cfg.train.compile:  # opt-in: compiled forwards (state dicts and EMA copies stay those of the modules)
+            for net in [*method.networks.values(), *([] if "teacher" in method.networks else [backend.teacher])]:
+                net.compile()
         # Wrap for devices / processes; methods then call the wrapped modules.
         for name in list(self.optimizers):
             net, opt = acc.prepare(method.networks[name], self.optimizers[name])

@@ -1,4 +1,4 @@
-"""The real-backend perf scripts: the GPU benchmark's --tiny run on CPU, the memory model's formulas."""
+"""The real-backend perf scripts: gpu_check.py's --tiny run on CPU, the memory model's counts and formulas."""
 
 from __future__ import annotations
 
@@ -17,23 +17,52 @@ import memory_table as MT  # noqa: E402
 import real_model_configs as RC  # noqa: E402
 
 
-def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
-    import gpu_real_backends as G
+def test_gpu_check_runs_the_methods_own_iterations_tiny_on_cpu(tmp_path):
+    import gpu_check as G
 
-    out = tmp_path / "bench.json"
-    assert G.main(["--tiny", "--out", str(out), "--repeats", "1"]) == 0
+    out = tmp_path / "check.json"
+    assert G.main(["--tiny", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["backends"]) == {"sd3", "flux2"}
-    for kind, entry in res["backends"].items():
-        assert set(entry["methods"]) == set(G.METHODS)
-        dmd2 = entry["methods"]["dmd2"]
-        assert dmd2["amortised_seconds"] == pytest.approx(dmd2["fake"]["seconds"] + dmd2["generator"]["seconds"] / 5, abs=1e-3)
-        calls = entry["methods"]["rtdmd"]["iteration"]["calls"]
-        # method.md s4 at batch 2: 4 rollout steps, 2 SubGRPO + 1 BP grad forwards, 3 fake forwards, decode with grad
-        assert calls["gen_nograd_samples"] == 8 and calls["gen_grad_samples"] == 6 and calls["fake_grad_samples"] == 6
-        assert calls["vae_decode_grad"] == 2 and calls["reward_grad_images"] == 6 and calls["teacher_nograd_samples"] == 4
-        grpo = entry["methods"]["flow-grpo"]["iteration"]["calls"]
-        assert grpo["gen_grad_samples"] == grpo["gen_nograd_samples"] == 10 * 2 * 2  # 10 steps, CFG, batch 2
+    got = {(r["backend"], r["method"]): r for r in res["results"]}
+    assert set(got) == {("shapes", "teacher"), ("shapes", "ac-dmd")} | {(k, m) for k in ("sd3", "flux2") for m in G.REAL_METHODS}
+    for r in got.values():
+        assert not r["skipped"] and r["seconds_per_iteration"] > 0 and r["flops_per_iteration"] > 0
+        assert r["achieved_tflops"] > 0 and "mfu" not in r  # no peak known for a CPU
+    for kind in ("sd3", "flux2"):
+        # AC-DMD: fake score every step, generator every 10th (the shipped TTUR), amortised over the period
+        ac = got[(kind, "ac-dmd")]
+        assert ac["update_period"] == 10 and set(ac["steps"]) == {"generator+fake_score", "fake_score"}
+        parts = ac["steps"]
+        assert ac["seconds_per_iteration"] == pytest.approx(0.9 * parts["fake_score"]["seconds"]
+                                                            + 0.1 * parts["generator+fake_score"]["seconds"])
+        assert parts["generator+fake_score"]["flops"] > parts["fake_score"]["flops"]
+        # RTDMD stage 2 at batch 2, counted in the real code's calls: 4 rollout steps without grad, 2 SubGRPO + 1
+        # back-propagated generator forwards, ADSM + 2 consistency fake-score forwards, one decode with grad
+        calls = got[(kind, "rtdmd")]["steps"]["fake_score+generator"]["calls"]
+        assert calls["generator_nograd"] == 8 and calls["generator_grad"] == 6 and calls["fake_score_grad"] == 6
+        assert calls["decode_grad"] == 2 and calls["teacher_nograd"] == 4  # DM term: teacher with CFG
+
+
+def test_peak_table_matches_device_names():
+    import gpu_check as G
+
+    assert G.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert G.peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert G.peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert G.peak_tflops("NVIDIA A100-SXM4-80GB") == pytest.approx(312.0)
+    assert G.peak_tflops("Some Future GPU") is None
+
+
+def test_memory_profiles_are_counted_from_the_methods_code():
+    prof = MT.measured_profiles("sd3", ["ac-dmd", "rtdmd"])
+    ac, rt = prof["ac-dmd"], prof["rtdmd"]
+    assert (ac.trained, ac.frozen_adapters) == (2, 1)  # generator + fake score with AdamW, the EMA generator
+    # the fake-score update holds ADSM + 2 consistency forwards; the generator update one (method.md s3)
+    assert max(u.grad_forwards for u in ac.updates) == 3 and all(u.decodes == 0 for u in ac.updates)
+    # stage 2's generator update: 2 SubGRPO + 1 BP forwards, one decode, CLIPScore (ViT-L) + HPS and Pick (ViT-H)
+    gen = max(rt.updates, key=lambda u: u.decodes)
+    assert (gen.grad_forwards, gen.decodes, gen.reward_towers) == (3, 1, {"vit_l": 1, "vit_h": 2})
+    assert rt.rewards_resident == pytest.approx(2 * MT.REWARD_TOWER_PARAMS["vit_l"] + 2 * MT.REWARD_TOWER_PARAMS["vit_h"])
 
 
 def test_published_configs_have_the_published_sizes():
@@ -63,9 +92,9 @@ def test_activation_model_and_estimate_by_hand():
     assert MT.transformer_activation_bytes(per_token, [("joint", 4)], 50, 8, True) == 50 * 174
     params = {"transformer": 1000, "lora": 10, "vae": 100, "text": 0}
     act = {"transformer": 7.0, "transformer_ckpt": 3.0, "vae": 9.0, "vae_ckpt": 5.0, "vit_h": 2.0}
-    prof = MT.MethodProfile(trained=2, frozen_adapters=1, grad_forwards=3, decodes=1, reward_towers=["vit_h"],
-                            rewards_resident=50, note="")
-    est = MT.estimate(params, act, prof, batch=4, checkpointing=True)
+    prof = MT.MethodProfile(trained=2, frozen_adapters=1, rewards_resident=50, note="",
+                            updates=[MT.UpdateProfile(3, 1, {"vit_h": 1}), MT.UpdateProfile(1, 0, {})])
+    est = MT.estimate(params, act, prof, batch=4, checkpointing=True)  # the larger update sets the peak
     resident = 1000 * 2 + 2 * 10 * 16 + 1 * 10 * 4 + 100 * 2 + 50 * 2
     assert est["resident"] == resident and est["per_sample"] == 3 * 3.0 + 5.0 + 2.0
     assert est["peak"] == resident + 4 * 16.0

@@ -17,12 +17,19 @@ as the backends run), at two depths and two token counts (fit linear in L and T;
 attention on GPU saves nothing quadratic in T, and the CPU kernel used here does not either).
 The VAE decoder (with grad, for reward back-propagation; with checkpointing: each decoder
 block's input kept plus the largest block's saved tensors) and a CLIP ViT reward tower are
-measured the same way. Per method, the number of grad-carrying calls alive at the peak comes
-from the method definitions (method.md, baselines.md; the same counts as gpu_real_backends.py).
+measured the same way. Per method, what is alive at the peak is COUNTED from the method's own
+code (benchmarks/perf/method_driver.py): its shipped config trains on tiny random networks of
+the real classes through the Trainer's own steps, covering one update period (every Hyper-SD
+stage), and each update's loss is counted for grad-carrying transformer forwards, VAE decodes with
+grad and reward towers back-propagated, per sample; the largest update sets the peak. Networks
+with an optimiser and EMA copies are counted from the same run; the scorers the config names
+are resident at their towers' sizes.
 Not modelled: allocator fragmentation (typically 5-15% more), CUDA context (~0.5 GB), the
 transient working set of no-grad forwards (under one block's activations per sample).
 
     python benchmarks/perf/memory_table.py [--batch 9] [--gpu-gb 80] [--json out.json]
+
+Needs torch, diffusers, transformers, peft; not MLflow.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +46,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
+import method_driver as D  # noqa: E402
 import real_model_configs as RC  # noqa: E402
 
 GB = 1e9
@@ -210,40 +218,106 @@ def count_params(kind: str, variant: str) -> dict:
     return {"transformer": n(tr), "lora": lora, "vae": n(vae), "text": sum(n(t) for t in texts)}
 
 
-# ---------------------------------------------------------------------------- the estimate
+# ---------------------------------------------------------------------------- what each method keeps alive
+@dataclass
+class UpdateProfile:
+    """One optimiser update's loss graph, alive until its backward: per sample of the batch."""
+
+    grad_forwards: float  # grad-carrying transformer forwards
+    decodes: float  # VAE decodes with grad (reward back-propagation)
+    reward_towers: dict[str, float]  # image tower kind -> images back-propagated through it
+
+
 @dataclass
 class MethodProfile:
-    """What one method keeps on a GPU (method.md, baselines.md; counts as in gpu_real_backends.py)."""
+    """What one method keeps on a GPU, counted from a run of its own code (measured_profiles)."""
 
-    trained: int  # trained networks (adapters or full copies), each with AdamW state
-    frozen_adapters: int  # extra adapters without optimiser (EMA copies, a frozen stage-1 LoRA)
-    grad_forwards: float  # grad-carrying transformer forwards alive at the peak, per sample
-    decodes: int  # VAE decodes with grad per sample (reward back-propagation)
-    reward_towers: list[str]  # image towers back-propagated per sample
+    trained: int  # networks with an optimiser (adapters or full copies), each with AdamW state
+    frozen_adapters: int  # EMA copies (no optimiser)
+    updates: list[UpdateProfile]  # every update seen; the peak is the largest
     rewards_resident: float  # reward model parameters kept on the GPU (bf16)
     note: str
 
 
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-               image_size=224, projection_dim=768)
-PROFILES = {
-    # DMD2: generator + fake score (TTUR), EMA generator; peak: one grad forward (either update)
-    "dmd2": MethodProfile(2, 1, 1, 0, [], 0, "generator + fake score LoRA, EMA generator"),
-    # AC-DMD (method.md s3): fake update holds the ADSM/anchor forward + 2 consistency forwards
-    "ac-dmd": MethodProfile(2, 1, 3, 0, [], 0, "fake update: ADSM + 2 consistency forwards"),
-    # RTDMD stage 2 (method.md s4): 2 SubGRPO steps + the back-propagated last step, decode, 3 rewards
-    # (CLIPScore ViT-L/14, HPSv2.1 and PickScore ViT-H/14); frozen stage-1 LoRA + EMA
-    "rtdmd": MethodProfile(2, 2, 3, 1, ["vit_l", "vit_h", "vit_h"], 0.428e9 + 2 * 0.986e9,
-                           "2 GRPO + 1 BP forwards, decode + 3 rewards with grad"),
-    # Flow-GRPO (baselines.md): one timestep's forward with CFG (2 x batch) per backward; PickScore resident
-    "flow-grpo": MethodProfile(1, 0, 2, 0, [], 0.986e9, "per-timestep backward, CFG doubles the batch"),
-    # LCM / PCM LoRA (baselines.md): student only, target = online student without grad
-    "lcm": MethodProfile(1, 0, 1, 0, [], 0, "student LoRA; teacher and target without grad"),
-    # Hyper-SD style: consistency + ReFL forwards with grad, decode, aesthetic + ImageReward towers (ViT-L)
-    "hypersd": MethodProfile(2, 0, 2, 1, ["vit_l", "vit_l"], 0.43e9 + 0.45e9,
-                             "consistency + ReFL forwards, decode + 2 rewards with grad"),
-}
+REWARD_TOWER_PARAMS = {"vit_h": 0.986e9, "vit_l": 0.428e9}  # CLIP ViT-H/14, ViT-L/14 (with their text towers)
+PROFILE_METHODS = ["dmd2", "ac-dmd", "rtdmd", "flow-grpo", "lcm", "hypersd"]
 
+
+def profile_steps(method) -> list[int]:
+    """Steps that cover every kind of iteration: one update period, or the start of every Hyper-SD stage."""
+    if hasattr(method, "plan"):
+        return sorted({st.start for st in method.plan})
+    return list(range(D.update_period(method)))
+
+
+def _profile_run(tr, towers: dict, batch: int) -> list[UpdateProfile]:
+    """Count, per update, the grad-carrying calls its loss makes (the trainer's own steps)."""
+    counter = D.CallCounter(tr)
+    method = tr.method
+    inner = method.loss
+    seen: list[UpdateProfile] = []
+
+    def loss(network, ctx):
+        counter.counts.clear()
+        before = {n: t.calls.get("grad", 0) for n, t in towers.items()}
+        out = inner(network, ctx)
+        grad = sum(v for k, v in counter.counts.items() if k.endswith("_grad") and not k.startswith("decode"))
+        rewards: dict[str, float] = {}
+        for n, t in towers.items():
+            k = D.REWARD_STANDINS[n][0]
+            rewards[k] = rewards.get(k, 0.0) + (t.calls.get("grad", 0) - before[n]) / batch
+        seen.append(UpdateProfile(grad / batch, counter.counts.get("decode_grad", 0) / batch,
+                                  {k: v for k, v in rewards.items() if v}))
+        return out
+
+    method.loss = loss
+    try:
+        for step in profile_steps(method):
+            D.trainer_step(tr, step)
+    finally:
+        del method.loss
+        counter.close()
+    return seen
+
+
+def measured_profiles(kind: str, methods=PROFILE_METHODS) -> dict[str, MethodProfile]:
+    """Run every method's shipped ``kind`` config on tiny random networks of the real classes (CPU) and
+    count what its updates keep alive; rtdmd stage 2 starts from the ac-dmd run's checkpoint."""
+    from rtdmd.api import make_config
+
+    out: dict[str, MethodProfile] = {}
+    batch = 2
+    init = None
+    order = sorted(methods, key=lambda m: m != "ac-dmd")  # stage 2 needs the stage-1 checkpoint
+    with D.temp_dir() as tmp, D.random_real_backends(tiny=True):
+        pfile = D.prompts_file(Path(tmp))
+        for m in order:
+            over = D.real_overrides(kind, True, pfile, "cpu")
+            if m == "rtdmd":
+                if init is None:
+                    raise RuntimeError("profiling rtdmd stage 2 needs ac-dmd profiled first")
+                over["method"] = {"stage": 2, "init": str(init)}
+            cfg = make_config(m, backend=kind, overrides=over)
+            cfg.train.batch_size = batch
+            if hasattr(cfg.method, "group_size"):
+                cfg.method.group_size = batch
+            names = D.use_standins(cfg)
+            with D.standin_rewards(names, True, "cpu", torch.float32) as towers:
+                tr = D.setup_trainer(cfg, Path(tmp) / m)
+                try:
+                    updates = _profile_run(tr, towers, batch)
+                    if m == "ac-dmd":
+                        init = D.save_checkpoint(tr, 1)
+                    trained = len(tr.optimizers)
+                    emas = len(tr.emas)
+                finally:
+                    D.release(tr)
+            resident = sum(REWARD_TOWER_PARAMS[D.REWARD_STANDINS[n][0]] for n in names)
+            out[m] = MethodProfile(trained, emas, updates, resident, f"rewards: {', '.join(names) or 'none'}")
+    return {m: out[m] for m in methods}
+
+
+# ---------------------------------------------------------------------------- the estimate
 VARIANTS = [("sd3", "sd3-medium", 1024), ("sd3", "sd3.5-medium", 1024), ("sd3", "sd3.5-large", 1024),
             ("flux2", "klein-base-4b", 512), ("flux2", "klein-base-9b", 512)]
 
@@ -264,20 +338,27 @@ def transformer_activation_bytes(per_token: dict, blocks: list[tuple[str, int]],
     return tokens * (n_blocks * BF16 * width + max(per_token[k] for k, _ in blocks) + per_token["e"])
 
 
+def update_bytes(u: UpdateProfile, act: dict, checkpointing: bool) -> float:
+    """Activation bytes per sample of one update's loss graph."""
+    b = u.grad_forwards * act["transformer_ckpt" if checkpointing else "transformer"]
+    b += u.decodes * act["vae_ckpt" if checkpointing else "vae"]
+    return b + sum(n * act[t] for t, n in u.reward_towers.items())
+
+
 def estimate(params: dict, act: dict, prof: MethodProfile, batch: int, checkpointing: bool, full: bool = False) -> dict:
-    """Peak bytes per GPU: resident weights and optimiser state + batch x activations at the peak."""
+    """Peak bytes per GPU: resident weights and optimiser state + batch x activations of the largest update."""
     p_t = params["transformer"]
     trained = prof.trained * (p_t if full else params["lora"]) * ADAM_TRAINED
     frozen = prof.frozen_adapters * (p_t if full else params["lora"]) * FP32
     resident = p_t * BF16 + trained + frozen + params["vae"] * BF16 + prof.rewards_resident * BF16
-    per_sample = prof.grad_forwards * act["transformer_ckpt" if checkpointing else "transformer"]
-    per_sample += prof.decodes * act["vae_ckpt" if checkpointing else "vae"] + sum(act[t] for t in prof.reward_towers)
+    per_sample = max(update_bytes(u, act, checkpointing) for u in prof.updates)
     return {"resident": resident, "per_sample": per_sample, "peak": resident + batch * per_sample}
 
 
 def build_table(batch: int, gpu_gb: float) -> dict:
-    vit = {"vit_h": measure_vit(RC.VIT_H14)["per_image"], "vit_l": measure_vit(VIT_L14)["per_image"]}
+    vit = {"vit_h": measure_vit(RC.VIT_H14)["per_image"], "vit_l": measure_vit(RC.VIT_L14)["per_image"]}
     vae = {k: measure_vae_decoder(k) for k in ("sd3", "flux2")}
+    profiles = {k: measured_profiles(k) for k in ("sd3", "flux2")}
     rows = []
     for kind, variant, res in VARIANTS:
         params = count_params(kind, variant)
@@ -293,7 +374,7 @@ def build_table(batch: int, gpu_gb: float) -> dict:
         act = {"transformer": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], False),
                "transformer_ckpt": transformer_activation_bytes(per_token, blocks, img + txt, m["width"], True),
                "vae": vae[kind]["plain"] * res * res, "vae_ckpt": vae[kind]["ckpt"] * res * res, **vit}
-        for method, prof in PROFILES.items():
+        for method, prof in profiles[kind].items():
             plain = estimate(params, act, prof, batch, False)
             ckpt = estimate(params, act, prof, batch, True)
             full = estimate(params, act, prof, batch, True, full=True)
@@ -310,7 +391,7 @@ def build_table(batch: int, gpu_gb: float) -> dict:
                          "act_per_sample_ckpt_gb": ckpt["per_sample"] / GB, "peak_gb": plain["peak"] / GB,
                          "peak_ckpt_gb": ckpt["peak"] / GB, "peak_full_ckpt_gb": full["peak"] / GB, "fits": fits})
     return {"batch": batch, "gpu_gb": gpu_gb, "vae_bytes_per_pixel": vae, "reward_tower_bytes_per_image": vit,
-            "rows": rows}
+            "profiles": {k: {m: asdict(p) for m, p in v.items()} for k, v in profiles.items()}, "rows": rows}
 
 
 def markdown(table: dict) -> str:

@@ -61,9 +61,12 @@ FLUX2_TEXT = {
 }
 FLUX2_TOKENS = 512  # Qwen3 tokens (max_sequence_length 512)
 
-# ---- a differentiable reward's image tower: CLIP ViT-H/14 (HPSv2.1 and PickScore both use it)
+# ---- differentiable rewards' image towers: CLIP ViT-H/14 (HPSv2.1 and PickScore both use it) and
+# CLIP ViT-L/14 (CLIPScore; the aesthetic predictor's backbone)
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
                image_size=224, projection_dim=1024)
+VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+               image_size=224, projection_dim=768)
 
 # published sizes (parameters of the denoising transformer), for the sanity check
 PUBLISHED_TRANSFORMER_PARAMS = {"sd3-medium": 2.03e9, "sd3.5-medium": 2.24e9, "sd3.5-large": 8.06e9,
