@@ -162,6 +162,19 @@ def generate(checkpoint, pipeline, lora, scheduler_kwargs, resolution, out, prom
     click.echo(f"{r.model}: {r.images} images in {r.out} [{r.generated} generated in {r.seconds:.1f} s]")
 
 
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["lora", "pipeline"]), required=True,
+              help="lora: pytorch_lora_weights.safetensors for load_lora_weights; pipeline: a whole diffusers folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New folder to write.")
+def export(checkpoint, fmt, out):
+    """Export an sd3 / flux2 checkpoint for stock diffusers: a LoRA or a full pipeline folder."""
+    from rtdmd.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, fmt, out)
+    click.echo(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -178,4 +191,4 @@ def report(experiment, out, tracking_uri, bootstrap):
     click.echo(f"wrote {path}")
 
 
-COMMANDS = [prompts, eval_cmd, generate, report]
+COMMANDS = [prompts, eval_cmd, generate, export, report]
