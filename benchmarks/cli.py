@@ -5,6 +5,7 @@ Command bodies import what they run when they run, so that `rtdmd-bench --help` 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -57,22 +58,29 @@ def _pipeline_options(f):
                      help="--pipeline: image height = width in pixels (default: the pipeline's).")(f)
     f = click.option("--scheduler-kwargs", default=None,
                      help="--pipeline: JSON object of scheduler options, e.g. '{\"shift\": 3.0}'.")(f)
+    f = click.option("--lora-scale", type=float, default=1.0, show_default=True,
+                     help="--lora: its strength, fused into the weights when not 1.")(f)
     f = click.option("--lora", default=None, help="--pipeline: a diffusers LoRA (.safetensors or its folder).")(f)
     return click.option("--pipeline", default=None,
                         help="A diffusers text-to-image pipeline (folder, or hub id in the local HF cache) to run "
                              "with its own scheduler at --steps / --guidance.")(f)
 
 
-def _pipeline_spec(pipeline, lora, scheduler_kwargs, resolution, batch_size):
+def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size):
     from benchmarks.pipelines import DEFAULT_BATCH, PipelineSpec, parse_scheduler_kwargs
 
     if pipeline is None:
-        if lora or scheduler_kwargs or resolution:
-            raise UserError("--lora, --scheduler-kwargs and --resolution apply to --pipeline; add --pipeline ID_OR_DIR.")
+        if lora or lora_scale != 1.0 or scheduler_kwargs or resolution:
+            raise UserError("--lora, --lora-scale, --scheduler-kwargs and --resolution apply to --pipeline; add "
+                            "--pipeline ID_OR_DIR.")
         return None
     if resolution is not None and (resolution <= 0 or resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}.")
-    return PipelineSpec(pipeline, lora, parse_scheduler_kwargs(scheduler_kwargs), resolution,
+    if not math.isfinite(lora_scale):
+        raise UserError(f"--lora-scale must be a finite number, got {lora_scale}.")
+    if lora_scale != 1.0 and not lora:
+        raise UserError("--lora-scale sets the strength of --lora; add --lora PATH or drop --lora-scale.")
+    return PipelineSpec(pipeline, lora, lora_scale, parse_scheduler_kwargs(scheduler_kwargs), resolution,
                         DEFAULT_BATCH if batch_size is None else batch_size)
 
 
@@ -108,11 +116,11 @@ def _pipeline_spec(pipeline, lora, scheduler_kwargs, resolution, batch_size):
 @_pipeline_options
 def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
              backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
-             inception_path, quiet, pipeline, lora, scheduler_kwargs, resolution):
+             inception_path, quiet, pipeline, lora, lora_scale, scheduler_kwargs, resolution):
     """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per suite."""
     from benchmarks.runner import EvalOptions, run_eval
 
-    spec = _pipeline_spec(pipeline, lora, scheduler_kwargs, resolution, batch_size)
+    spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
     batch_size = 128 if batch_size is None else batch_size
     opts = EvalOptions(pipeline=spec, suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
                        guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
@@ -143,15 +151,15 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def generate(checkpoint, pipeline, lora, scheduler_kwargs, resolution, out, prompts_file, steps, guidance, eta, seed,
-             images_per_prompt, max_prompts, batch_size, device, threads, quiet):
+def generate(checkpoint, pipeline, lora, lora_scale, scheduler_kwargs, resolution, out, prompts_file, steps, guidance,
+             eta, seed, images_per_prompt, max_prompts, batch_size, device, threads, quiet):
     """Images only, for scoring elsewhere with `eval --images`: a checkpoint or a diffusers pipeline."""
     import torch
 
     from benchmarks.generate_cmd import run_generate
     from benchmarks.runner import EvalOptions
 
-    spec = _pipeline_spec(pipeline, lora, scheduler_kwargs, resolution, batch_size)
+    spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
     opts = EvalOptions(pipeline=spec, steps=steps, guidance=guidance, eta=eta, seed=seed,
                        images_per_prompt=images_per_prompt, max_prompts=max_prompts, prompts_file=prompts_file,
                        batch_size=128 if batch_size is None else batch_size, device=device, threads=threads,

@@ -47,6 +47,7 @@ class PipelineSpec:
 
     ref: str
     lora: str | None = None
+    lora_scale: float = 1.0  # the LoRA's strength, fused into the weights when not 1
     scheduler_kwargs: dict = field(default_factory=dict)
     resolution: int | None = None  # height = width; None: the pipeline's default
     batch_size: int = DEFAULT_BATCH
@@ -116,7 +117,7 @@ def model_name(spec: PipelineSpec, lora_file: Path | None) -> str:
     name = f"pipeline:{_short(spec.ref)}"
     if lora_file is not None:
         stem = lora_file.parent.name if lora_file.name == LORA_FILE else lora_file.stem
-        name += f"+lora:{stem}"
+        name += f"+lora:{stem}" + (f"@{spec.lora_scale:g}" if spec.lora_scale != 1.0 else "")
     if spec.scheduler_kwargs:
         name += "+scheduler:" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(spec.scheduler_kwargs.items()))
     return name
@@ -166,13 +167,13 @@ def describe_pipeline(spec: PipelineSpec) -> PipelineModel:
         raise UserError(f"{source / 'model_index.json'} is unreadable or names no _class_name; re-download the "
                         "pipeline.") from None
     lora_file = lora_path(spec.lora) if spec.lora else None
-    ident = {"pipeline": identity, "lora": _sha256(lora_file) if lora_file else None,
+    ident = {"pipeline": identity, "lora": _sha256(lora_file) if lora_file else None, "lora_scale": spec.lora_scale,
              "scheduler_kwargs": spec.scheduler_kwargs, "resolution": spec.resolution}
     sha = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     backend = scoring_backend(cls_name)
     info = BackendInfo.from_options(backend, registry.get_backend(backend).options())
     tags = {"pipeline": spec.ref, "pipeline_class": cls_name, "pipeline_identity": identity,
-            "lora": str(lora_file or ""), "scheduler_kwargs": json.dumps(spec.scheduler_kwargs, sort_keys=True)}
+            "lora": str(lora_file or ""), "lora_scale": f"{spec.lora_scale:g}", "scheduler_kwargs": json.dumps(spec.scheduler_kwargs, sort_keys=True)}
     return PipelineModel(source, model_name(spec, lora_file), info, {"model_sha256": sha, "pipeline": ident},
                          spec=spec, identity=identity, lora_file=lora_file, tags=tags)
 
@@ -195,11 +196,13 @@ def _with_scheduler(pipe, kwargs: dict):
     pipe.scheduler = type(sched).from_config(sched.config, **kwargs)
 
 
-def _load_lora(pipe, path: Path) -> None:
+def _load_lora(pipe, path: Path, scale: float) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise UserError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights); drop --lora.")
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        if scale != 1.0:
+            pipe.fuse_lora(lora_scale=scale)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for a LoRA that does not fit
         raise UserError(f"could not load LoRA {path} into {type(pipe).__name__} ({_first_line(exc)}); pass a LoRA "
                         "trained for this pipeline's model.") from None
@@ -228,7 +231,7 @@ def load_pipeline(model: PipelineModel, device: str, dtype: torch.dtype | None =
     if model.spec.scheduler_kwargs:
         _with_scheduler(pipe, model.spec.scheduler_kwargs)
     if model.lora_file is not None:
-        _load_lora(pipe, model.lora_file)
+        _load_lora(pipe, model.lora_file, model.spec.lora_scale)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

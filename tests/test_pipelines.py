@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 from benchmarks import pipelines as P  # noqa: E402
 from benchmarks.generation_record import RECORD  # noqa: E402
 from benchmarks.geneval import layout  # noqa: E402
-from rtdmd.generate import sample_seed  # noqa: E402
+from rtdmd.generate import SamplingConfig, sample_seed  # noqa: E402
 from rtdmd.rewards.registry import register_reward, unregister_reward  # noqa: E402
 from rtdmd.seeding import torch_generator  # noqa: E402
 from rtdmd.tracking import search_runs  # noqa: E402
@@ -142,6 +142,21 @@ def test_scheduler_kwargs_change_the_scheduler_and_the_name(tiny, tmp_path):
         P.load_pipeline(P.describe_pipeline(_spec(tiny, scheduler_kwargs={"shfit": 1.0})), "cpu", progress=False)
 
 
+def test_lora_scale_is_fused(tiny, tmp_path):
+    sc = SamplingConfig(kind="pipeline", steps=2, guidance=2.0, eta=0.0)
+    meta, todo = [{"prompt": p} for p in PROMPTS[:1]], [(0, 0), (0, 1)]
+    runs = {}
+    for name, kw in {"base": {}, "off": {"lora": str(tiny / "hyper"), "lora_scale": 0.0},
+                     "full": {"lora": str(tiny / "hyper")}, "half": {"lora": str(tiny / "hyper"), "lora_scale": 0.5}}.items():
+        model = P.describe_pipeline(_spec(tiny, **kw))
+        P.generate_images(model, meta, tmp_path / name, sc, 0, todo, "cpu", {}, progress=False)
+        runs[name] = (model, _images(tmp_path / name, 1, 2).astype(int))
+    assert runs["half"][0].method == "pipeline:sd3+lora:hyper@0.5" and runs["full"][0].method == "pipeline:sd3+lora:hyper"
+    assert len({m.slug for m, _ in runs.values()}) == 4
+    assert np.abs(runs["off"][1] - runs["base"][1]).max() <= 1  # strength 0: the base model
+    assert np.abs(runs["half"][1] - runs["base"][1]).max() > 1 and np.abs(runs["half"][1] - runs["full"][1]).max() > 1
+
+
 def test_generate_a_flux2_pipeline_then_eval_images_names_the_row(cli, tiny, tmp_path, scored):
     out = tmp_path / "imgs"
     args = ["generate", "--pipeline", tiny / "flux2", "--steps", "2", "--guidance", "1", "--resolution", RES,
@@ -184,6 +199,8 @@ def test_pipeline_user_errors(cli, tiny, tmp_path, monkeypatch):
     user_error(cli("eval", "--pipeline", tiny / "sd3", "--steps", "4", "--guidance", "1", "--lora", tmp_path / "no"),
                "is not a .safetensors file")
     user_error(cli("eval", "--lora", tiny / "hyper", "--steps", "4"), "apply to --pipeline")
+    user_error(cli("eval", "--pipeline", tiny / "sd3", "--steps", "4", "--guidance", "1", "--lora-scale", "0.5"),
+               "add --lora PATH")
     user_error(cli("generate", "--out", tmp_path / "x"), "exactly one model")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     model = P.describe_pipeline(_spec(tiny, lora=str(tmp_path / "bad.safetensors")))
