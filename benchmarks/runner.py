@@ -310,9 +310,14 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
 def _generate(model: Model, sc, ps: PromptSet, image_dir: Path, opts: EvalOptions, procs: Processes, device: str,
               net_cache: dict) -> int:
     """Generate this rank's share of the missing images; returns how many this rank generated."""
-    if procs.main:
-        gsuite.prepare_prompt_dirs(image_dir, ps.entries, ps.indices)
-        write_record(image_dir, make_record(model, sc, ps, opts.seed, opts.images_per_prompt))
+    error = None
+    if procs.main:  # a folder holding another prompt set or model is refused on every rank
+        try:
+            gsuite.prepare_prompt_dirs(image_dir, ps.entries, ps.indices)
+            write_record(image_dir, make_record(model, sc, ps, opts.seed, opts.images_per_prompt))
+        except BaseException as e:  # noqa: BLE001 - re-raised on every rank by agree()
+            error = e
+    procs.agree(error)
     procs.barrier()
     todo = gsuite.missing_images(image_dir, ps.indices, opts.images_per_prompt)
     procs.barrier()  # every rank has the same list before anyone writes
