@@ -5,6 +5,7 @@ Command bodies import what they run when they run, so that `rtdmd-bench --help` 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -49,7 +50,40 @@ def prompts(prompt_set, out, seed, per_task, classes):
     click.echo(f"wrote {len(entries)} prompts to {out}")
 
 
-# ---------------------------------------------------------------------------- eval
+# ---------------------------------------------------------------------------- eval / generate
+
+
+def _pipeline_options(f):
+    """--pipeline, --lora, --scheduler-kwargs, --resolution (a diffusers pipeline as the model)."""
+    f = click.option("--resolution", type=int, default=None,
+                     help="--pipeline: image height = width in pixels (default: the pipeline's).")(f)
+    f = click.option("--scheduler-kwargs", default=None,
+                     help="--pipeline: JSON object of scheduler options, e.g. '{\"shift\": 3.0}'.")(f)
+    f = click.option("--lora-scale", type=float, default=1.0, show_default=True,
+                     help="--lora: its strength, fused into the weights when not 1.")(f)
+    f = click.option("--lora", default=None, help="--pipeline: a diffusers LoRA (.safetensors or its folder).")(f)
+    return click.option("--pipeline", default=None,
+                        help="A diffusers text-to-image pipeline (folder, or hub id in the local HF cache) to run "
+                             "with its own scheduler at --steps / --guidance.")(f)
+
+
+def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size):
+    from benchmarks.pipelines import DEFAULT_BATCH, PipelineSpec, parse_scheduler_kwargs
+
+    if pipeline is None:
+        if lora or lora_scale != 1.0 or scheduler_kwargs or resolution:
+            raise UserError("--lora, --lora-scale, --scheduler-kwargs and --resolution apply to --pipeline; add "
+                            "--pipeline ID_OR_DIR.")
+        return None
+    if resolution is not None and (resolution <= 0 or resolution % 8):
+        raise UserError(f"--resolution must be a positive multiple of 8, got {resolution}.")
+    if not math.isfinite(lora_scale):
+        raise UserError(f"--lora-scale must be a finite number, got {lora_scale}.")
+    if lora_scale != 1.0 and not lora:
+        raise UserError("--lora-scale sets the strength of --lora; add --lora PATH or drop --lora-scale.")
+    return PipelineSpec(pipeline, lora, lora_scale, parse_scheduler_kwargs(scheduler_kwargs), resolution,
+                        DEFAULT_BATCH if batch_size is None else batch_size)
+
 
 
 @click.command("eval")
@@ -73,20 +107,23 @@ def prompts(prompt_set, out, seed, per_task, classes):
 @click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment.")
 @click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (results stay under --out).")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images generated per batch.")
+@click.option("--batch-size", type=int, default=None, help="Images generated per batch (default 128; --pipeline: 4).")
 @click.option("--workers", type=int, default=None, help="Detector processes (default: all cores for >= 400 images).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @click.option("--fid-reference", default=None, help="fid suite on real backends: reference folder, .npz (mu, sigma) or clean-fid stats name.")
 @click.option("--inception", "inception_path", default=None, help="clean-fid Inception file (default: the usual locations).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_pipeline_options
 def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
              backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
-             inception_path, quiet):
-    """Generate (resumably, sharded under accelerate) and score checkpoints; one MLflow run per suite."""
+             inception_path, quiet, pipeline, lora, lora_scale, scheduler_kwargs, resolution):
+    """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per suite."""
     from benchmarks.runner import EvalOptions, run_eval
 
-    opts = EvalOptions(suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
+    spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
+    batch_size = 128 if batch_size is None else batch_size
+    opts = EvalOptions(pipeline=spec, suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
                        guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
                        max_prompts=max_prompts, prompts_file=prompts_file, images_dir=images_dir, backend=backend,
                        out=out, experiment=experiment, tracking_uri=tracking_uri, tracking=not no_tracking,
@@ -96,6 +133,55 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
         shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
         click.echo(f"{r.method} {r.suite} steps {r.steps} guidance {r.guidance:g} seed {r.seed}: {shown}  "
                    f"[{r.generated} generated; {r.eval_dir}]")
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Run or checkpoint directory.")
+@_pipeline_options
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Image folder (GenEval layout + generation.json); rerunning fills in what is missing.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="GenEval JSONL or plain text, one prompt per line (default: GenEval's prompts for the backend).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the checkpoint's; required with --pipeline).")
+@click.option("--guidance", type=float, default=None, help="CFG weight, 1 = off (default: the checkpoint's; required with --pipeline).")
+@click.option("--eta", type=float, default=None, help="CPS stochasticity (checkpoints only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images-per-prompt", type=int, default=4, show_default=True)
+@click.option("--max-prompts", type=int, default=None, help="This many evenly spaced prompts (default all).")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default 128; --pipeline: 4).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def generate(checkpoint, pipeline, lora, lora_scale, scheduler_kwargs, resolution, out, prompts_file, steps, guidance,
+             eta, seed, images_per_prompt, max_prompts, batch_size, device, threads, quiet):
+    """Images only, for scoring elsewhere with `eval --images`: a checkpoint or a diffusers pipeline."""
+    import torch
+
+    from benchmarks.generate_cmd import run_generate
+    from benchmarks.runner import EvalOptions
+
+    spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
+    opts = EvalOptions(pipeline=spec, steps=steps, guidance=guidance, eta=eta, seed=seed,
+                       images_per_prompt=images_per_prompt, max_prompts=max_prompts, prompts_file=prompts_file,
+                       batch_size=128 if batch_size is None else batch_size, device=device, threads=threads,
+                       tracking=False, command=_command_line(), progress=not quiet)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    r = run_generate(checkpoint, opts, out)
+    click.echo(f"{r.model}: {r.images} images in {r.out} [{r.generated} generated in {r.seconds:.1f} s]")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["lora", "pipeline"]), required=True,
+              help="lora: pytorch_lora_weights.safetensors for load_lora_weights; pipeline: a whole diffusers folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New folder to write.")
+def export(checkpoint, fmt, out):
+    """Export an sd3 / flux2 checkpoint for stock diffusers: a LoRA or a full pipeline folder."""
+    from rtdmd.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, fmt, out)
+    click.echo(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------- report
@@ -114,4 +200,4 @@ def report(experiment, out, tracking_uri, bootstrap):
     click.echo(f"wrote {path}")
 
 
-COMMANDS = [prompts, eval_cmd, report, study]
+COMMANDS = [prompts, eval_cmd, generate, export, report, study]

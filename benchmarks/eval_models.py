@@ -34,6 +34,7 @@ class Model:
     method: str
     info: BackendInfo
     meta: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # extra MLflow tags (a pipeline's id, class, LoRA, scheduler options)
 
     @property
     def train_seconds(self) -> float | None:

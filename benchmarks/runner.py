@@ -29,7 +29,9 @@ from typing import Sequence
 
 import torch
 
+from benchmarks import pipelines
 from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoint, images_only_model, tracking_uri
+from benchmarks.generation_record import make_record, recorded_model, write_record
 from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, select_indices
 from benchmarks.geneval import suite as gsuite
 from benchmarks.processes import Processes
@@ -76,6 +78,7 @@ class EvalOptions:
     threads: int = 0  # torch CPU threads (0: torch's default)
     fid_reference: str | None = None
     inception_path: str | None = None
+    pipeline: pipelines.PipelineSpec | None = None  # a diffusers pipeline evaluated beside the checkpoints
     command: str = ""
     progress: bool = True
     tags: dict = field(default_factory=dict)  # extra MLflow tags of every eval run (a study's arm, seed, study)
@@ -92,6 +95,8 @@ class EvalOptions:
             raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}.")
+        if self.pipeline is not None:
+            pipelines.check_pipeline_options(self)
 
 
 @dataclass
@@ -114,6 +119,8 @@ class EvalResult:
 
 
 def _sampling(model: Model, opts: EvalOptions):
+    if hasattr(model, "sampling"):  # a pipeline's own settings, or those an image folder's generation.json records
+        return model.sampling(opts)
     if model.checkpoint is None:
         return SamplingConfig(kind="images", steps=opts.steps or 0, guidance=1.0 if opts.guidance is None else opts.guidance,
                               eta=0.0 if opts.eta is None else opts.eta)
@@ -121,7 +128,7 @@ def _sampling(model: Model, opts: EvalOptions):
 
 
 def sampler_slug(sc, seed: int) -> str:
-    eta = "" if sc.kind == "euler" else f"-eta{sc.eta:g}"  # the Euler ODE sampler has no eta
+    eta = "" if sc.kind in ("euler", "pipeline") else f"-eta{sc.eta:g}"  # the Euler ODE sampler has no eta
     return f"{sc.kind}-s{sc.steps}-w{sc.guidance:g}{eta}-seed{seed}"
 
 
@@ -188,7 +195,8 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
             "git_commit": git_commit(), "nfe": str(nfe(sc.steps, sc.guidance)),
             "train_seconds": "" if model.train_seconds is None else f"{model.train_seconds:g}",
             "checkpoint_sha256": str(model.meta.get("model_sha256", "")), "eval_key": key,
-            "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **result.tags, **opts.tags}
+            "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **model.tags, **result.tags,
+            **opts.tags}
     uri = tracking_uri(opts.tracking_uri)
     run_id = _find_run(uri, opts.experiment, key)
     tracker = Tracker(True, uri, opts.experiment)
@@ -224,10 +232,11 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
         torch.set_num_threads(opts.threads)
     procs = Processes(cpu=opts.device == "cpu")
     device = procs.device(opts.device)
-    if checkpoints:
-        models = [describe_checkpoint(c) for c in checkpoints]
+    if checkpoints or opts.pipeline is not None:
+        models = [describe_checkpoint(c) for c in checkpoints or []]
+        models += [pipelines.describe_pipeline(opts.pipeline)] if opts.pipeline is not None else []
     elif opts.images_dir is not None:
-        models = [images_only_model(opts.backend)]
+        models = [recorded_model(opts.images_dir) or images_only_model(opts.backend)]
     else:
         models = [describe_checkpoint(c) for c in default_checkpoints(opts.experiment, opts.tracking_uri)]
     if opts.images_dir is not None and len(models) != 1:
@@ -303,13 +312,22 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
 def _generate(model: Model, sc, ps: PromptSet, image_dir: Path, opts: EvalOptions, procs: Processes, device: str,
               net_cache: dict) -> int:
     """Generate this rank's share of the missing images; returns how many this rank generated."""
-    if procs.main:
-        gsuite.prepare_prompt_dirs(image_dir, ps.entries, ps.indices)
+    error = None
+    if procs.main:  # a folder holding another prompt set or model is refused on every rank
+        try:
+            gsuite.prepare_prompt_dirs(image_dir, ps.entries, ps.indices)
+            write_record(image_dir, make_record(model, sc, ps, opts.seed, opts.images_per_prompt))
+        except BaseException as e:  # noqa: BLE001 - re-raised on every rank by agree()
+            error = e
+    procs.agree(error)
     procs.barrier()
     todo = gsuite.missing_images(image_dir, ps.indices, opts.images_per_prompt)
     procs.barrier()  # every rank has the same list before anyone writes
     mine = todo[procs.rank::procs.world]
-    if mine:
+    if mine and isinstance(model, pipelines.PipelineModel):
+        pipelines.generate_images(model, ps.entries, image_dir, sc, opts.seed, mine, device, net_cache,
+                                  progress=opts.progress and procs.main)
+    elif mine:
         backend, net = _load_network(model, device, net_cache)
         gsuite.generate_images(backend, net, ps.entries, image_dir, sc, opts.images_per_prompt, opts.seed,
                                batch_size=opts.batch_size, shard=(0, 1), progress=opts.progress and procs.main,

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,9 @@ def load_training_state(step_dir: Path) -> dict[str, Any]:
     verify_files(step_dir, read_meta(step_dir))
     try:
         tensors = {f.stem: load_file(str(f)) for f in sorted(state_dir.glob("*.safetensors"))}
-        objects = torch.load(state_dir / TRAINER_FILE, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused: one sentence is enough
+            warnings.simplefilter("ignore", UserWarning)
+            objects = torch.load(state_dir / TRAINER_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated files, foreign pickles: all refused the same way
         raise UserError(f"training state in {state_dir} is corrupt or holds more than tensors ({type(exc).__name__}); "
                         f"{EARLIER}.") from None

@@ -15,7 +15,7 @@ from rtdmd_bench.cli import main
 def test_help_lists_every_command_on_one_untruncated_line():
     out = CliRunner().invoke(main, ["--help"]).output
     commands = {**core.main.commands, **{c.name: c for c in COMMANDS}}
-    assert set(commands) == {"train", "sample", "prompts", "eval", "report", "study"} == set(main.commands)
+    assert set(commands) == {"train", "sample", "prompts", "eval", "generate", "export", "report", "study"} == set(main.commands)
     lines = out[out.index("Commands:"):].splitlines()[1:]
     for name, cmd in commands.items():
         first = cmd.help.split("\n")[0].strip()

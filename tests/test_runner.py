@@ -173,6 +173,10 @@ class _FakeProcs:
     def barrier(self):
         pass
 
+    def agree(self, error):
+        if error is not None:
+            raise error
+
 
 def test_sharded_generation_equals_one_process(tmp_path, ckpt):
     """Each rank generates its share of the missing images; together they equal one process's images."""
