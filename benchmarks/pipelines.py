@@ -30,6 +30,7 @@ from benchmarks.eval_models import Model
 from benchmarks.geneval import layout
 from benchmarks.suites.base import BackendInfo
 from rtdmd import registry
+from rtdmd.checkpoint import sha256_file
 from rtdmd.errors import UserError
 from rtdmd.generate import SamplingConfig, sample_seed
 from rtdmd.images import to_uint8
@@ -100,14 +101,6 @@ def lora_path(path: str) -> Path:
     return p.resolve()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _short(ref: str) -> str:
     return Path(ref.rstrip("/")).name or ref
 
@@ -167,7 +160,7 @@ def describe_pipeline(spec: PipelineSpec) -> PipelineModel:
         raise UserError(f"{source / 'model_index.json'} is unreadable or names no _class_name; re-download the "
                         "pipeline.") from None
     lora_file = lora_path(spec.lora) if spec.lora else None
-    ident = {"pipeline": identity, "lora": _sha256(lora_file) if lora_file else None, "lora_scale": spec.lora_scale,
+    ident = {"pipeline": identity, "lora": sha256_file(lora_file) if lora_file else None, "lora_scale": spec.lora_scale,
              "scheduler_kwargs": spec.scheduler_kwargs, "resolution": spec.resolution}
     sha = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     backend = scoring_backend(cls_name)

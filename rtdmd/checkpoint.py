@@ -283,3 +283,19 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", bac
                         "use the config the checkpoint was trained with.") from None
     net.eval().requires_grad_(False)
     return cfg, backend, net, meta
+
+
+def checkpoint_tensors(step_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, for comparing runs bit for bit: inference weights, training weights, EMA
+    copies, optimiser moments and learning rates, and the step (trainer.pt read with weights_only=True)."""
+    step_dir = Path(step_dir)
+    out = {f"model/{k}": v for k, v in load_file(str(step_dir / MODEL_FILE)).items()}
+    for f in sorted((step_dir / "state").glob("*.safetensors")):
+        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=True)
+    for name, opt in objects["optimizers"].items():
+        for pid, st in opt["state"].items():
+            out.update({f"optim_{name}/{pid}/{k}": torch.as_tensor(v) for k, v in st.items()})
+        out[f"optim_{name}/param_groups"] = torch.tensor([g["lr"] for g in opt["param_groups"]], dtype=torch.float64)
+    out["step"] = torch.tensor(objects["step"])
+    return out

@@ -54,21 +54,9 @@ def assert_user_error(result, *fragments: str) -> str:
 
 def checkpoint_tensors(step_dir: Path) -> dict:
     """Every tensor of a checkpoint: inference weights, training weights, EMA copies, optimiser moments and steps."""
-    import torch
-    from safetensors.torch import load_file
+    from rtdmd.checkpoint import checkpoint_tensors as tensors
 
-    step_dir = Path(step_dir)
-    out = {f"model/{k}": v for k, v in load_file(str(step_dir / "model.safetensors")).items()}
-    for f in sorted((step_dir / "state").glob("*.safetensors")):
-        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
-    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=True)
-    for name, opt in objects["optimizers"].items():
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                out[f"optim_{name}/{pid}/{k}"] = torch.as_tensor(v)
-        out[f"optim_{name}/param_groups"] = torch.tensor([g["lr"] for g in opt["param_groups"]], dtype=torch.float64)
-    out["step"] = torch.tensor(objects["step"])
-    return out
+    return tensors(step_dir)
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

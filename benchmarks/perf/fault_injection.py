@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from rtdmd.checkpoint import checkpoint_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_SETS = ("backend.hidden=16", "backend.depth=2", "train.batch_size=8", "train.device=cpu", "train.num_threads=1",
@@ -62,19 +63,6 @@ def train_cmd(out: Path, steps: int, *sets: str, tracking: str | None = None) ->
     for s in (*TOY_SETS, *track, *sets):
         args += ["--set", s]
     return cli_args(*args)
-
-
-def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (trainer.pt read with weights_only=True)."""
-    out = {f"model/{k}": v for k, v in load_file(str(step_dir / "model.safetensors")).items()}
-    for f in sorted((step_dir / "state").glob("*.safetensors")):
-        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
-    objects = torch.load(step_dir / "state" / "trainer.pt", map_location="cpu", weights_only=True)
-    for name, opt in objects["optimizers"].items():
-        for pid, st in opt["state"].items():
-            out.update({f"optim_{name}/{pid}/{k}": torch.as_tensor(v) for k, v in st.items()})
-    out["step"] = torch.tensor(objects["step"])
-    return out
 
 
 def same(a: dict, b: dict) -> bool:
