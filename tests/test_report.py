@@ -189,3 +189,44 @@ def test_rows_of_one_method_with_several_checkpoints_are_named_apart():
             {"method": "rtdmd", "checkpoint": "runs/s/rtdmd-epoch50", "sha": "c3", "name": "rtdmd"}]
     report._name_checkpoints(rows)
     assert [r["name"] for r in rows] == ["rtdmd [rtdmd/stage2@120]", "rtdmd [rtdmd-no-dm@120]", "rtdmd [rtdmd-epoch50]"]
+
+
+def test_runs_of_the_older_one_run_per_suite_layout_are_still_read(tmp_path):
+    """Stores written before one run held every suite: per-suite runs with their artifacts at the top."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("old-layout")
+    params = {"checkpoint": "/abs/runs/dmd2/checkpoints/step_000100", "method": "dmd2", "backend": "shapes",
+              "sampler": "cps", "steps": 4, "guidance": 1.0, "eta": 0.9, "seed": 0, "images_per_prompt": 2}
+    res = _geneval_result(TASK_VALUES[("dmd2", 4)])
+    art = _per_prompt_csv(tmp_path / "old", res)[0]
+    for suite, metrics, tags in (("geneval", res.metrics, {"detector": "fake-det"}),
+                                 ("fid", {"fd_shapes": 2.5}, {"scorers": "shapes_encoder=/abs/bundle@sha256:1"})):
+        with mlflow.start_run():
+            mlflow.log_params({**params, "suite": suite})
+            mlflow.set_tags({"kind": "eval", "suite": suite, "nfe": "4", **tags})
+            mlflow.log_metrics({**metrics, "nfe": 4})
+            if suite == "geneval":
+                mlflow.log_artifact(str(art))
+    md = report.write_report("old-layout", out=tmp_path / "r" / "report.md", uri=uri, n_boot=100).read_text()
+    (row,) = _table(md, "## Results")
+    lo, hi = report.bootstrap_ci([0.5, 0.5, 0.0, 0.0], ["single_object"] * 2 + ["counting"] * 2, n_boot=100)
+    assert row[:6] == ["dmd2", "cps", "4", "1", "4", "-"] and row[6] == f"**0.250** [{lo:.3f}, {hi:.3f}]"
+    assert row[7] == "**2.500**" and "shapes_encoder=bundle@sha256:1" in md and "/abs/" not in md
+
+
+def test_logged_run_spans_generation_and_scoring(fake_experiment):
+    import mlflow
+
+    _, uri = fake_experiment
+    mlflow.set_tracking_uri(uri)
+    df = mlflow.search_runs(experiment_names=["report-test"], filter_string="params.method = 'dmd2'")
+    (run_id,) = df["run_id"]
+    run = mlflow.get_run(run_id)
+    m, t = run.data.metrics, run.data.tags
+    assert (m["generate_seconds"], m["score_seconds"]) == (2.0, 4.5)  # 3 suites of 1.5 s
+    assert (run.info.start_time, run.info.end_time) == (1_700_000_000_000, 1_700_000_006_500)
+    assert t["train_run_id"] == "tdmd2" and t["suites"] == "fid,geneval,preference" and run.data.params["checkpoint"] == (
+        "step_100@dmd2dmd2")  # outside the working directory: the folder name + the sha prefix
