@@ -205,6 +205,32 @@ class _FakeProcs:
         pass
 
 
+def test_generation_bar_moves_every_sampling_step(tmp_path, ckpt, monkeypatch):
+    from rtdmd.checkpoint import load_for_inference
+    from rtdmd.generate import SamplingConfig
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(gsuite, "tqdm", Bar)
+    _, backend, net, _ = load_for_inference(ckpt)
+    meta = [{"prompt": "a photo of a circle"}, {"prompt": "a photo of a square"}]
+    for kind, steps, want in (("cps", 2, [2, 2, 1, 1]), ("euler", 4, [1, 1, 1, 1, 1, 1])):
+        updates.clear()
+        n = gsuite.generate_images(backend, net, meta, tmp_path / kind, SamplingConfig(kind, steps, 1.0, 0.9),
+                                   images_per_prompt=3, batch_size=4, progress=True)
+        assert n == 6 and sum(updates) == 6 and updates == want, (kind, updates)  # 4 + 2 images, in steps
+
+
 def test_sharded_generation_equals_one_process(tmp_path, ckpt):
     """Each rank generates its share of the missing images; together they equal one process's images."""
     model = EM.describe_checkpoint(ckpt)
