@@ -17,7 +17,7 @@ from benchmarks.geneval import suite as gsuite
 from benchmarks.suites.registry import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem
 from rtdmd.errors import UserError
-from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)
+from tests.eval_fixtures import ckpt, one_torch_thread, tiny_bundle, tmp_bundle_path  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -328,30 +328,6 @@ def test_fid_suite_on_real_backend_needs_reference_and_inception(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------- MLflow
-
-
-@pytest.fixture
-def tiny_bundle(ckpt, monkeypatch):
-    """A random tiny shapes reward bundle in place of the shipped one (the tiny checkpoint's 16 px world)."""
-    import torch
-
-    import benchmarks.shapes.reward_models as RM
-    import benchmarks.shapes.reward_nets as RN
-    from rtdmd.world.shapes import vocabulary
-
-    spec = EM.describe_checkpoint(ckpt).info.spec
-    torch.manual_seed(0)
-    arch = RN.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
-                           encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
-    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
-    bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec,
-                             f"{tmp_bundle_path()}@sha256:0", {})
-    monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
-    return bundle
-
-
-def tmp_bundle_path() -> str:
-    return str(Path("/nonexistent/abs/tiny-bundle"))
 
 
 def test_one_mlflow_run_per_checkpoint_and_sampler_holds_every_suite(tmp_path, ckpt, store, tiny_bundle):
