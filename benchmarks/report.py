@@ -355,6 +355,10 @@ def plot_training(experiment: str, uri: str | None, path: Path) -> Path | None:
     return path
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -380,7 +384,7 @@ def write_report(experiment: str, out: Path | None = None, uri: str | None = Non
         main = [m for m in metrics if not (m.startswith("geneval/") and m != "geneval/overall")]
         tasks = [m for m in metrics if m.startswith("geneval/") and m != "geneval/overall"]
         md = [f"# Evaluation report: {experiment}", ""]
-        md.append(f"{len(df)} eval runs, {len(rows)} configurations. Values are means over images; brackets give a "
+        md.append(f"{_count(len(df), 'eval run')}, {_count(len(rows), 'configuration')}. Values are means over images; brackets give a "
                   f"bootstrap 95% confidence interval over prompts ({n_boot} resamples; GenEval overall resamples within "
                   "each task). Best per column in bold (highest, except FD/FID: lowest). NFE = network evaluations per "
                   "image (steps, x2 with CFG). Training cost: the checkpoint's train_seconds in minutes (- where unknown).")
@@ -434,9 +438,10 @@ def _plots_section(rows, metrics, folder: Path, experiment: str, uri, work: Path
 
 
 def _provenance(df: pd.DataFrame, rows: list[dict], command: str, commit: str) -> list[str]:
-    cmds = list(dict.fromkeys(c for c in df.get("tags.command", pd.Series(dtype=str)).dropna() if c))
+    cmds = list(dict.fromkeys(portable_text(c) for c in df.get("tags.command", pd.Series(dtype=str)).dropna() if c))
     commits = sorted({c for c in df.get("tags.git_commit", pd.Series(dtype=str)).dropna() if c})
-    md = ["## How this was made", "", "Eval commands (one per line, as run):", "", "```"]
+    md = ["## How this was made", "", "Eval commands (one per line, as run; a path is shown relative to the working "
+          "directory, or by its last component when outside it):", "", "```"]
     md += list(reversed(cmds)) or ["(not recorded)"]
     md += ["```", "", f"Eval code commit(s): {', '.join(commits) or 'unknown'}.", ""]
     ident = sorted({v for r in rows for v in r["tags"].get("identity", ())})

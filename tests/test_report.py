@@ -89,7 +89,7 @@ def _log(tmp_path, uri, method, steps, guidance, results: dict, train_seconds, e
     sc = SamplingConfig(kind="cps", steps=steps, guidance=guidance, eta=0.9)
     ps = EP.PromptSet("default:shapes", [{"prompt": f"p{i}"} for i in range(4)], [0, 1, 2, 3], True)
     opts = runner.EvalOptions(tracking_uri=uri, experiment=experiment, images_per_prompt=2,
-                              command=f"rtdmd-bench eval --suite all --steps {steps} # {method}")
+                              command=f"rtdmd-bench eval --suite all --steps {steps} --out /abs/evals # {method}")
     base = tmp_path / "art" / f"{method}-{steps}"
     scores = [runner.SuiteScore(suite, res, _per_prompt_csv(base / suite, res), 1.5) for suite, res in results.items()]
     from rtdmd.images import save_png
@@ -152,9 +152,10 @@ def test_report_tables_best_and_cis(fake_experiment):
     assert "`fd_shapes`: FD-shapes" in legend and "lower is better" in legend and "`reward/oracle`" in legend
     assert "`geneval/<task>`" in legend and "0 to 1" in legend
     # provenance: the eval commands, the commit, the report command
-    assert "rtdmd-bench eval --suite all --steps 8 # teacher" in md and "rtdmd-bench report -x" in md
+    assert "rtdmd-bench eval --suite all --steps 8 --out evals # teacher" in md and "rtdmd-bench report -x" in md
+    assert "/abs" not in md  # no absolute path anywhere in the report
     assert "Eval code commit(s):" in md and "geneval: fake-det" in md and "preference: oracle=fake" in md
-    assert "3 eval runs, 3 configurations" in md
+    assert "3 eval runs, 3 configurations." in md
 
 
 def test_report_errors(fake_experiment, tmp_path):
