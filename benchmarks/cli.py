@@ -5,6 +5,7 @@ Command bodies import what they run when they run, so that `rtdmd-bench --help` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -67,14 +68,17 @@ def default_experiment(experiment: str | None, tracking_uri: str | None, command
             names = experiment_names(uri)
             raise UserError(f"no runs in the MLflow store {uri} (experiments: {', '.join(names) or 'none'}); run "
                             "'rtdmd-bench eval' first, or pass --experiment / --tracking-uri.")
-        found = "rtdmd-bench"
-        click.echo(f"{command}: no runs in the MLflow store {uri} yet; logging to experiment '{found}' "
-                   "(choose with --experiment)", err=True)
-        return found
+        _say(f"{command}: no runs in the MLflow store {uri} yet; logging to experiment 'rtdmd-bench' "
+             "(choose with --experiment)")
+        return "rtdmd-bench"
     what = "eval run" if command == "report" else "run"
-    click.echo(f"{command}: using MLflow experiment '{found}' (the newest {what} in {uri}; choose with --experiment)",
-               err=True)
+    _say(f"{command}: using MLflow experiment '{found}' (the newest {what} in {uri}; choose with --experiment)")
     return found
+
+
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun: once
+        click.echo(message, err=True)
 
 
 @click.command("eval")

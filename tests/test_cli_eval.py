@@ -94,3 +94,13 @@ def test_eval_then_report_end_to_end(cli, tmp_path, ckpt, monkeypatch):
     md = (tmp_path / "reports/cli-exp/report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| teacher |"))
     assert row.startswith("| teacher | cps | 2 | 1 | 2 | 2.0 | **") and "](grid_teacher-cps-2-w1_seed0.png)" in md
+
+
+def test_eval_without_experiment_or_runs_logs_to_rtdmd_bench(tmp_path, capsys):
+    from benchmarks.cli import default_experiment
+
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    assert default_experiment("mine", uri, "eval") == "mine" and capsys.readouterr().err == ""
+    assert default_experiment(None, uri, "eval") == "rtdmd-bench"
+    assert "eval: no runs in the MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # looking does not create a store
