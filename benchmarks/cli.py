@@ -116,7 +116,7 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
     """Generate (resumably, sharded under accelerate) and score checkpoints; one MLflow run per checkpoint and sampler."""
     from benchmarks.runner import EvalOptions, run_eval
 
-    if not no_tracking or not checkpoints:  # without --checkpoint the experiment's training runs name the models
+    if not no_tracking or not (checkpoints or images_dir):  # else the experiment's training runs name the models
         experiment = default_experiment(experiment, tracking_uri, "eval")
 
     opts = EvalOptions(suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
