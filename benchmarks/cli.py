@@ -6,6 +6,7 @@ Command bodies import what they run when they run, so that `rtdmd-bench --help` 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import click
@@ -86,6 +87,35 @@ def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, bat
 
 
 
+def default_experiment(experiment: str | None, tracking_uri: str | None, command: str) -> str:
+    """--experiment, or the experiment of the store's newest run (report: newest eval run), said on stderr; with
+    no run in the store, eval logs to a new experiment 'rtdmd-bench' and report fails naming the experiments."""
+    if experiment is not None:
+        return experiment
+    from benchmarks.eval_models import tracking_uri as resolve_uri
+    from rtdmd.tracking import experiment_names, latest_experiment
+
+    uri = resolve_uri(tracking_uri)
+    found = latest_experiment(uri, "tags.kind = 'eval'") if command == "report" else None
+    found = found or latest_experiment(uri)
+    if found is None:
+        if command == "report":
+            names = experiment_names(uri)
+            raise UserError(f"no runs in the MLflow store {uri} (experiments: {', '.join(names) or 'none'}); run "
+                            "'rtdmd-bench eval' first, or pass --experiment / --tracking-uri.")
+        _say(f"{command}: no runs in the MLflow store {uri} yet; logging to experiment 'rtdmd-bench' "
+             "(choose with --experiment)")
+        return "rtdmd-bench"
+    what = "eval run" if command == "report" else "run"
+    _say(f"{command}: using MLflow experiment '{found}' (the newest {what} in {uri}; choose with --experiment)")
+    return found
+
+
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun: once
+        click.echo(message, err=True)
+
+
 @click.command("eval")
 @click.option("--suite", "suites", multiple=True, default=("geneval",), show_default=True,
               help="geneval, preference, aesthetic, fid or all (repeatable or comma-separated).")
@@ -97,14 +127,15 @@ def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, bat
 @click.option("--eta", type=float, default=None, help="CPS stochasticity of few-step generators (default: the checkpoint's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images-per-prompt", type=int, default=4, show_default=True)
-@click.option("--max-prompts", type=int, default=None, help="Evaluate this many evenly spaced prompts (default all).")
+@click.option("--max-prompts", type=int, default=None,
+              help="Evaluate this many prompts, as many per GenEval task as the set allows (default all).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Prompt file: GenEval JSONL, or plain text with one prompt per line (not for the geneval suite).")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help="Score the images already in this folder (GenEval layout) instead of generating.")
 @click.option("--backend", default="shapes", show_default=True, help="With --images and no --checkpoint: the images' backend.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/eval"), show_default=True, help="Folder for images and results.")
-@click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment.")
+@click.option("--experiment", default=None, help="MLflow experiment (default: that of the newest run in the store).")
 @click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (results stay under --out).")
 @click.option("--batch-size", type=int, default=None, help="Images generated per batch (default 128; --pipeline: 4).")
@@ -118,15 +149,17 @@ def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, bat
 def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
              backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
              inception_path, quiet, pipeline, lora, lora_scale, scheduler_kwargs, resolution):
-    """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per suite."""
+    """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per model and sampler."""
     from benchmarks.runner import EvalOptions, run_eval
 
+    if not no_tracking or not (checkpoints or images_dir or pipeline):  # else the experiment's training runs name the models
+        experiment = default_experiment(experiment, tracking_uri, "eval")
     spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
     batch_size = 128 if batch_size is None else batch_size
     opts = EvalOptions(pipeline=spec, suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
                        guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
                        max_prompts=max_prompts, prompts_file=prompts_file, images_dir=images_dir, backend=backend,
-                       out=out, experiment=experiment, tracking_uri=tracking_uri, tracking=not no_tracking,
+                       out=out, experiment=experiment or "rtdmd-bench", tracking_uri=tracking_uri, tracking=not no_tracking,
                        batch_size=batch_size, workers=workers, device=device, threads=threads, fid_reference=fid_reference,
                        inception_path=inception_path, command=_command_line(), progress=not quiet)
     for r in run_eval(list(checkpoints), opts):
@@ -188,7 +221,7 @@ def export(checkpoint, fmt, out):
 
 
 @click.command()
-@click.option("--experiment", default="rtdmd-bench", show_default=True, help="MLflow experiment to report.")
+@click.option("--experiment", default=None, help="MLflow experiment to report (default: that of the newest eval run).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<experiment>/report.md).")
 @click.option("--tracking-uri", default=None, help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the 95% CIs.")
@@ -196,6 +229,7 @@ def report(experiment, out, tracking_uri, bootstrap):
     """Markdown report (table, CIs, plots) of the eval runs of an MLflow experiment."""
     from benchmarks.report import write_report
 
+    experiment = default_experiment(experiment, tracking_uri, "report")
     path = write_report(experiment, out=out, uri=tracking_uri, n_boot=bootstrap, command=_command_line())
     click.echo(f"wrote {path}")
 

@@ -1,5 +1,5 @@
 """The prompts an evaluation scores: prompt files (GenEval JSONL or plain text), a suite's default
-prompts, the evenly spaced selection of --max-prompts, image folders in the GenEval layout, and the
+prompts, the task-stratified selection of --max-prompts, image folders in the GenEval layout, and the
 images to score in them.
 """
 
@@ -46,7 +46,7 @@ def prompt_set_id(entries: Sequence[dict]) -> str:
 
 
 def select_indices(n: int, max_prompts: int | None) -> list[int]:
-    """All prompts, or ``max_prompts`` evenly spaced ones (every task of a GenEval file stays represented)."""
+    """All of ``n`` indices, or ``max_prompts`` evenly spaced ones (the first and the last included)."""
     if max_prompts is None or max_prompts >= n:
         return list(range(n))
     if max_prompts <= 0:
@@ -54,6 +54,43 @@ def select_indices(n: int, max_prompts: int | None) -> list[int]:
     if max_prompts == 1:
         return [0]
     return sorted({round(j * (n - 1) / (max_prompts - 1)) for j in range(max_prompts)})
+
+
+def task_quotas(sizes: Sequence[int], total: int) -> list[int]:
+    """Prompts per task, as equal as the tasks' sizes allow: each task gets ``total // tasks`` (or all it has),
+    what small tasks cannot take is shared out among the others the same way, and a remainder goes to the
+    tasks in order. With fewer prompts than tasks, ``total`` evenly spaced tasks get one each."""
+    quotas = [0] * len(sizes)
+    if total < len(sizes):
+        for t in select_indices(len(sizes), total):
+            quotas[t] = 1
+        return quotas
+    left, open_ = total, [t for t in range(len(sizes)) if sizes[t] > 0]
+    while left > 0 and open_:
+        share, extra = divmod(left, len(open_))
+        for j, t in enumerate(open_):
+            take = min(sizes[t] - quotas[t], share + (1 if j < extra else 0))
+            quotas[t] += take
+            left -= take
+        open_ = [t for t in open_ if quotas[t] < sizes[t]]
+    return quotas
+
+
+def stratified_indices(entries: Sequence[dict | None], max_prompts: int | None) -> list[int]:
+    """The prompts --max-prompts selects: all present entries (None marks an absent one), or ``max_prompts`` of
+    them stratified by GenEval task (``tag``; plain prompts form one task): quotas as equal per task as the
+    tasks' sizes allow (task_quotas), evenly spaced within each task, in prompt order. Deterministic."""
+    present = [i for i, e in enumerate(entries) if e is not None]
+    if max_prompts is not None and max_prompts <= 0:
+        raise UserError(f"--max-prompts must be positive, got {max_prompts}.")
+    if max_prompts is None or max_prompts >= len(present):
+        return present
+    tasks: dict[str, list[int]] = {}
+    for i in present:
+        tasks.setdefault(str(entries[i].get("tag", "")), []).append(i)
+    groups = list(tasks.values())
+    quotas = task_quotas([len(g) for g in groups], max_prompts)
+    return sorted(g[j] for g, q in zip(groups, quotas) if q for j in select_indices(len(g), q))
 
 
 @dataclass
@@ -75,8 +112,8 @@ def prompt_sets(model: Model, suites: dict, opts) -> dict[str, PromptSet]:
     out: dict[str, PromptSet] = {}
     if opts.images_dir is not None:
         entries = _folder_metadata(Path(opts.images_dir))
-        ps = PromptSet(str(opts.images_dir), entries, [], all("tag" in e and "include" in e for e in entries if e is not None))
-        ps.indices = [i for i in select_indices(len(entries), opts.max_prompts) if entries[i] is not None]
+        ps = PromptSet(str(opts.images_dir), entries, stratified_indices(entries, opts.max_prompts),
+                       all("tag" in e and "include" in e for e in entries if e is not None))
         for name, suite in suites.items():
             out[name] = ps
     else:
@@ -85,10 +122,11 @@ def prompt_sets(model: Model, suites: dict, opts) -> dict[str, PromptSet]:
             file_entries, is_geneval = read_prompt_file(opts.prompts_file)
         for name, suite in suites.items():
             if file_entries is not None:
-                ps = PromptSet(str(opts.prompts_file), file_entries, select_indices(len(file_entries), opts.max_prompts), is_geneval)
+                ps = PromptSet(str(opts.prompts_file), file_entries, stratified_indices(file_entries, opts.max_prompts),
+                               is_geneval)
             else:
                 entries = suite.default_prompts(model.info)
-                ps = PromptSet(f"default:{model.info.name}", entries, select_indices(len(entries), opts.max_prompts), True)
+                ps = PromptSet(f"default:{model.info.name}", entries, stratified_indices(entries, opts.max_prompts), True)
             ps = by_id.setdefault(ps.id + str(ps.indices), ps)
             out[name] = ps
     for name, suite in suites.items():

@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.eval_models import tracking_uri
+from benchmarks.metric_legend import legend
 from rtdmd.errors import UserError
 from rtdmd.plots import pyplot
-from rtdmd.tracking import download_artifact, git_commit, metric_history, search_runs
+from rtdmd.tracking import download_artifact, experiment_names, git_commit, metric_history, portable_text, search_runs
 
 CONFIG_KEYS = ("checkpoint", "method", "backend", "sampler", "steps", "guidance", "eta", "seed", "images_per_prompt")
 #: metrics where lower is better (distribution distances); every other metric: higher is better
@@ -85,13 +86,24 @@ def best_index(values: Sequence[float], lower_is_better: bool) -> set[int]:
 # ---------------------------------------------------------------------------- MLflow
 
 
+#: metrics an eval run logs that are not scores (cost and bookkeeping): left out of the tables
+NOT_SCORES = ("nfe", "generate_seconds", "score_seconds")
+
+
+def missing_experiment(experiment: str, uri: str) -> UserError:
+    """The error for an experiment the store does not hold, naming the ones it does."""
+    names = experiment_names(uri)
+    there = f"experiments there: {', '.join(names)}" if names else "it holds no experiments yet"
+    return UserError(f"MLflow experiment '{experiment}' does not exist in {uri} ({there}); pass one with --experiment, "
+                     "or run 'rtdmd-bench eval --experiment NAME' first.")
+
+
 def load_runs(experiment: str, uri: str | None = None, kind: str = "eval") -> pd.DataFrame:
     """Finished runs of ``experiment`` tagged kind=<kind>, newest first (pandas, via mlflow.search_runs)."""
     uri = tracking_uri(uri)
     df = search_runs(uri, experiment, f"tags.kind = '{kind}' and attributes.status = 'FINISHED'", must_exist=True)
     if df is None:
-        raise UserError(f"MLflow experiment '{experiment}' does not exist in {uri}; "
-                        "run 'rtdmd-bench eval --experiment NAME' first or pass --tracking-uri.")
+        raise missing_experiment(experiment, uri)
     return df
 
 
@@ -104,37 +116,68 @@ def _param(row, key):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+def _tag(run, key) -> str:
+    v = run.get(f"tags.{key}")
+    return v if isinstance(v, str) else ""
+
+
+def run_suites(run) -> list[str]:
+    """The suites a run holds: its ``suites`` tag (one run per configuration, artifacts under <suite>/), or
+    the one ``suite`` of a run of the older one-run-per-suite layout (artifacts at the top)."""
+    if _tag(run, "suites"):
+        return _tag(run, "suites").split(",")
+    return [_tag(run, "suite") or str(_param(run, "suite") or "")]
+
+
+def _per_prompt_tables(run, uri: str | None, work: Path) -> list[pd.DataFrame]:
+    tables = []
+    for suite in run_suites(run):
+        name = f"{suite}/per_prompt.csv" if _tag(run, "suites") else "per_prompt.csv"
+        f = _download(run["run_id"], name, work / run["run_id"], uri)
+        if f is not None and f.is_file():
+            tables.append(pd.read_csv(f, keep_default_na=False))
+    return tables
+
+
+def _identities(run) -> dict[str, str]:
+    """Detector / scorer identities and references of a run (either layout), paths made portable."""
+    out = {}
+    for c in run.index:
+        if isinstance(c, str) and c.startswith("tags.") and c.rsplit(".", 1)[-1] in ("detector", "scorers"):
+            if isinstance(run[c], str) and run[c]:
+                out[c[len("tags."):]] = portable_text(run[c])
+    return out
+
+
 def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple[list[dict], list[str]]:
-    """Group runs into configurations: [{config..., metrics: {m: value}, ci: {m: (lo, hi)}, runs: {suite: run_id}}]."""
+    """Group runs into configurations: [{config..., metrics: {m: value}, ci: {m: (lo, hi)}, runs: {suite: run_id}}].
+    Runs come newest first; a metric is taken from the newest run of the configuration that holds it."""
     rows: dict[tuple, dict] = {}
     metrics_seen: list[str] = []
     for _, run in df.iterrows():
         key = tuple(_param(run, k) for k in CONFIG_KEYS)
-        suite = run.get("tags.suite") or _param(run, "suite")
         row = rows.setdefault(key, {**dict(zip(CONFIG_KEYS, key)), "metrics": {}, "ci": {}, "runs": {},
-                                    "nfe": None, "train_seconds": None, "tags": {}, "name": key[1],
-                                    "sha": str(run.get("tags.checkpoint_sha256") or "")})
-        if suite in row["runs"]:
-            continue  # an older run of the same configuration and suite: the newest wins
-        row["runs"][suite] = run["run_id"]
-        nfe = run.get("tags.nfe")
-        row["nfe"] = int(float(nfe)) if nfe not in (None, "") and not (isinstance(nfe, float) and math.isnan(nfe)) else row["nfe"]
-        ts = run.get("tags.train_seconds")
-        if isinstance(ts, str) and ts:
-            row["train_seconds"] = float(ts)
-        for t in ("git_commit", "command", "detector", "scorers"):
-            v = run.get(f"tags.{t}")
-            if isinstance(v, str) and v:
+                                    "nfe": None, "train_seconds": None, "tags": {}, "name": _tag(run, "arm") or key[1],
+                                    "sha": _tag(run, "checkpoint_sha256")})
+        names = [c[len("metrics."):] for c in df.columns if c.startswith("metrics.") and not pd.isna(run[c])
+                 and c[len("metrics."):].split("/", 1)[0] not in NOT_SCORES and c[len("metrics."):] not in row["metrics"]]
+        fresh = [s for s in run_suites(run) if s not in row["runs"]]
+        if not names and not fresh:
+            continue  # an older run of a configuration whose metrics newer runs already gave
+        for suite in fresh:
+            row["runs"][suite] = run["run_id"]
+        nfe = _tag(run, "nfe")
+        row["nfe"] = row["nfe"] if row["nfe"] is not None or not nfe else int(float(nfe))
+        if _tag(run, "train_seconds") and row["train_seconds"] is None:
+            row["train_seconds"] = float(_tag(run, "train_seconds"))
+        for t, v in [("git_commit", _tag(run, "git_commit")), ("command", _tag(run, "command")),
+                     *[("identity", f"{k.split('.', 1)[0]}: {v}" if "." in k else v) for k, v in _identities(run).items()]]:
+            if v:
                 row["tags"].setdefault(t, set()).add(v)
-        names = [c[len("metrics."):] for c in df.columns if c.startswith("metrics.") and c != "metrics.nfe"
-                 and not pd.isna(run[c])]
-        per_prompt = None
-        f = _download(run["run_id"], "per_prompt.csv", work / run["run_id"], uri)
-        if f is not None and f.is_file():
-            per_prompt = pd.read_csv(f, keep_default_na=False)
+        tables = _per_prompt_tables(run, uri, work) if names else []
         for m in names:
             row["metrics"][m] = float(run[f"metrics.{m}"])
-            ci = metric_ci(m, per_prompt, n_boot)
+            ci = next((c for c in (metric_ci(m, t, n_boot) for t in tables) if c is not None), None)
             if ci is not None:
                 row["ci"][m] = ci
             if m not in metrics_seen:
@@ -147,7 +190,7 @@ def collect(df: pd.DataFrame, uri: str | None, n_boot: int, work: Path) -> tuple
 def _run_label(checkpoint: str) -> str:
     """'runs/x/rtdmd-no-dm/checkpoints/step_000120' -> 'rtdmd-no-dm@120'; a two-stage run's stage keeps its parent
     ('runs/x/rtdmd/stage1/checkpoints/step_000600' -> 'rtdmd/stage1@600'); a bare checkpoint folder -> its name."""
-    p = Path(str(checkpoint))
+    p = Path(str(checkpoint).split("@", 1)[0])
     run, step = (p.parent.parent, p.name) if p.parent.name == "checkpoints" else (p, "")
     name = f"{run.parent.name}/{run.name}" if run.name in ("stage1", "stage2") else run.name
     digits = step.rsplit("_", 1)[-1]
@@ -155,18 +198,18 @@ def _run_label(checkpoint: str) -> str:
 
 
 def _name_checkpoints(rows: list[dict]) -> None:
-    """Row names: the method, plus which run (and step) where one method has several checkpoints; the
+    """Row names: the arm (a study's tag) or the method, plus which run (and step) where one method has several checkpoints; the
     checkpoint's sha prefix where the run labels do not tell them apart."""
     by_method: dict[str, set] = {}
     for r in rows:
-        by_method.setdefault(str(r["method"]), set()).add(r["checkpoint"])
+        by_method.setdefault(str(r["name"]), set()).add(r["checkpoint"])
     for method, checkpoints in by_method.items():
         if len(checkpoints) < 2:
             continue
         labels = {c: _run_label(c) for c in checkpoints}
         distinct = len(set(labels.values())) == len(labels) and all(labels.values())
         for r in rows:
-            if str(r["method"]) == method:
+            if str(r["name"]) == method:
                 tail = labels[r["checkpoint"]] if distinct else (r["sha"] or str(abs(hash(r["checkpoint"]))))[:6]
                 r["name"] = f"{method} [{tail}]" if distinct else f"{method}@{tail}"
 
@@ -312,6 +355,10 @@ def plot_training(experiment: str, uri: str | None, path: Path) -> Path | None:
     return path
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -337,13 +384,14 @@ def write_report(experiment: str, out: Path | None = None, uri: str | None = Non
         main = [m for m in metrics if not (m.startswith("geneval/") and m != "geneval/overall")]
         tasks = [m for m in metrics if m.startswith("geneval/") and m != "geneval/overall"]
         md = [f"# Evaluation report: {experiment}", ""]
-        md.append(f"{len(df)} eval runs in {len(rows)} configurations. Values are means over images; brackets give a "
+        md.append(f"{_count(len(df), 'eval run')}, {_count(len(rows), 'configuration')}. Values are means over images; brackets give a "
                   f"bootstrap 95% confidence interval over prompts ({n_boot} resamples; GenEval overall resamples within "
                   "each task). Best per column in bold (highest, except FD/FID: lowest). NFE = network evaluations per "
                   "image (steps, x2 with CFG). Training cost: the checkpoint's train_seconds in minutes (- where unknown).")
         md += ["", "## Results", "", markdown_table(rows, main), ""]
         if tasks:
             md += ["## GenEval per task", "", markdown_table(rows, tasks), ""]
+        md += legend(metrics)
         md += _plots_section(rows, metrics, folder, experiment, uri, work)
         md += _provenance(df, rows, command, git_commit())
         out.write_text("\n".join(md) + "\n")
@@ -366,7 +414,9 @@ def _plots_section(rows, metrics, folder: Path, experiment: str, uri, work: Path
         md += ["Training losses of the experiment's training runs.", "", f"![training curves]({p.name})", ""]
     grids = []
     for r in rows:
-        run_id = r["runs"].get("geneval") or next(iter(r["runs"].values()))
+        run_id = r["runs"].get("geneval") or next(iter(r["runs"].values()), None)
+        if run_id is None:
+            continue
         g = _download(run_id, "grid.png", work / f"grid-{run_id}", uri)
         if g is None:
             continue
@@ -388,12 +438,13 @@ def _plots_section(rows, metrics, folder: Path, experiment: str, uri, work: Path
 
 
 def _provenance(df: pd.DataFrame, rows: list[dict], command: str, commit: str) -> list[str]:
-    cmds = list(dict.fromkeys(c for c in df.get("tags.command", pd.Series(dtype=str)).dropna() if c))
+    cmds = list(dict.fromkeys(portable_text(c) for c in df.get("tags.command", pd.Series(dtype=str)).dropna() if c))
     commits = sorted({c for c in df.get("tags.git_commit", pd.Series(dtype=str)).dropna() if c})
-    md = ["## How this was made", "", "Eval commands (one per line, as run):", "", "```"]
+    md = ["## How this was made", "", "Eval commands (one per line, as run; a path is shown relative to the working "
+          "directory, or by its last component when outside it):", "", "```"]
     md += list(reversed(cmds)) or ["(not recorded)"]
     md += ["```", "", f"Eval code commit(s): {', '.join(commits) or 'unknown'}.", ""]
-    ident = sorted({v for r in rows for k in ("detector", "scorers") for v in r["tags"].get(k, ())})
+    ident = sorted({v for r in rows for v in r["tags"].get("identity", ())})
     if ident:
         md += ["Detector / scorer identities: " + "; ".join(ident) + ".", ""]
     md += ["Report:", "", "```", command or "rtdmd-bench report", "```", "", f"Report code commit: {commit}.", ""]

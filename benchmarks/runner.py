@@ -10,10 +10,11 @@ written atomically). Each image is seeded by (seed, prompt index, image index)
 an image. Under ``accelerate launch`` / ``torchrun`` every rank generates its share of
 the missing images; rank 0 scores after a barrier and logs to MLflow.
 
-One MLflow run per (checkpoint, suite, sampler settings, seed, images per prompt, prompt
-set): a rerun with the same settings reuses its run (found by the ``eval_key`` tag).
-Artifacts: ``results.jsonl`` (per image), ``per_prompt.csv`` (per prompt, for bootstrap
-CIs in the report), ``summary.json``, ``grid.png``.
+One MLflow run per (checkpoint, sampler settings, seed, images per prompt, prompt set)
+holding every suite's metrics: a rerun with the same settings reuses its run (found by the
+``eval_key`` tag). Artifacts: per suite ``<suite>/results.jsonl`` (per image),
+``<suite>/per_prompt.csv`` (per prompt, for bootstrap CIs in the report),
+``<suite>/summary.json``; ``grid.png`` with ``grid_prompts.txt``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from benchmarks import pipelines
 from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoint, images_only_model, tracking_uri
 from benchmarks.generation_record import make_record, recorded_model, write_record
-from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, select_indices
+from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, stratified_indices
 from benchmarks.geneval import suite as gsuite
 from benchmarks.processes import Processes
 from benchmarks.suites.registry import expand_suites, make_suite
@@ -41,7 +42,7 @@ from rtdmd.checkpoint import load_for_inference
 from rtdmd.errors import UserError
 from rtdmd.generate import SamplingConfig
 from rtdmd.images import load_png, make_grid, save_png
-from rtdmd.tracking import Tracker, git_commit, search_runs
+from rtdmd.tracking import close_keyed_run, git_commit, open_keyed_run, portable_path, portable_text
 from rtdmd.validate import check_device, check_guidance, check_image_sizes, refuse_non_finite
 
 DEFAULT_EXPERIMENT = "rtdmd-bench"
@@ -81,7 +82,7 @@ class EvalOptions:
     pipeline: pipelines.PipelineSpec | None = None  # a diffusers pipeline evaluated beside the checkpoints
     command: str = ""
     progress: bool = True
-    tags: dict = field(default_factory=dict)  # extra MLflow tags of every eval run (a study's arm, seed, study)
+    tags: dict = field(default_factory=dict)  # extra tags of the eval runs (a study runner sets arm, seed)
 
     def validate(self) -> None:
         self.suites = expand_suites(self.suites)
@@ -137,8 +138,8 @@ def _default_workers(n_images: int) -> int:
     return (os.cpu_count() or 1) if n_images >= 400 and (os.cpu_count() or 1) > 1 else 0
 
 
-def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem], images_per_prompt: int,
-                     summary: dict) -> list[Path]:
+def _write_artifacts(eval_dir: Path, result: SuiteResult, summary: dict) -> list[Path]:
+    """One suite's artifacts: results.jsonl (per image), per_prompt.csv (per prompt), summary.json."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     p = eval_dir / "results.jsonl"
@@ -157,62 +158,110 @@ def _write_artifacts(eval_dir: Path, result: SuiteResult, items: list[ImageItem]
     p = eval_dir / "summary.json"
     p.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     paths.append(p)
-    ncols = min(images_per_prompt, 4)
-    prompts = sorted({it.index for it in items})
-    shown = [prompts[j] for j in select_indices(len(prompts), GRID_PROMPTS)]  # spread over the tasks
-    grid_items = [it for it in items if it.index in shown and it.k < ncols]
-    if grid_items:
-        arrays = [load_png(it.path) for it in grid_items]
-        upscale = max(1, 128 // arrays[0].shape[0])
-        p = eval_dir / "grid.png"
-        save_png(p, make_grid(arrays, ncols=ncols, upscale=upscale))
-        (eval_dir / "grid_prompts.txt").write_text("\n".join(
-            next(it.metadata["prompt"] for it in grid_items if it.index == i) for i in shown) + "\n")
-        paths += [p, eval_dir / "grid_prompts.txt"]
     return paths
 
 
-def _find_run(uri: str, experiment: str, key: str) -> str | None:
-    df = search_runs(uri, experiment, f"tags.eval_key = '{key}'")
-    return None if df is None or df.empty else str(df.iloc[0]["run_id"])
+def _write_grid(folder: Path, items: list[ImageItem], images_per_prompt: int) -> list[Path]:
+    """grid.png (the first images of GRID_PROMPTS prompts spread over the tasks) and grid_prompts.txt."""
+    ncols = min(images_per_prompt, 4)
+    entries = {it.index: it.metadata for it in items}
+    shown = [sorted(entries)[j] for j in stratified_indices([entries[i] for i in sorted(entries)], GRID_PROMPTS)]
+    grid_items = [it for it in items if it.index in shown and it.k < ncols]
+    if not grid_items:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = [load_png(it.path) for it in grid_items]
+    upscale = max(1, 128 // arrays[0].shape[0])
+    save_png(folder / "grid.png", make_grid(arrays, ncols=ncols, upscale=upscale))
+    (folder / "grid_prompts.txt").write_text("\n".join(entries[i]["prompt"] for i in sorted(shown)) + "\n")
+    return [folder / "grid.png", folder / "grid_prompts.txt"]
 
 
-def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet, result: SuiteResult,
-                 artifacts: list[Path], image_dir: Path) -> str | None:
-    """One MLflow run per (checkpoint, suite, sampler settings, seed, images per prompt, prompt set)."""
-    if not opts.tracking:
-        return None
-    ident = {"checkpoint": str(model.checkpoint), "sha": model.meta.get("model_sha256"), "suite": suite,
+@dataclass
+class SuiteScore:
+    """One suite's scores of one image folder, ready to log."""
+
+    name: str
+    result: SuiteResult
+    artifacts: list[Path]
+    seconds: float  # scoring time
+
+
+def checkpoint_label(model: Model) -> str:
+    """The checkpoint as logged: its path relative to the working directory when inside it, else the run
+    folder's name, the path below it and the weights' sha256 prefix ('rtdmd/stage2/checkpoints/step_000016@1a2b3c4d')."""
+    if model.checkpoint is None:
+        return ""
+    p = Path(model.checkpoint)
+    run = p.parent.parent if p.parent.name == "checkpoints" else p
+    run = run.parent if run.name in ("stage1", "stage2") else run
+    tail = p.relative_to(run.parent).as_posix() if run.parent in p.parents else p.name
+    sha = str(model.meta.get("model_sha256") or "")[:8]
+    return portable_path(p, f"{tail}@{sha}" if sha else tail)
+
+
+def eval_key(model: Model, sc, opts: EvalOptions, ps: PromptSet) -> str:
+    """The identity of an evaluation run: checkpoint weights, sampling config, prompt set, seed, images per prompt."""
+    ident = {"sha": model.meta.get("model_sha256") or checkpoint_label(model), "method": model.method,
              "sampler": sampler_slug(sc, opts.seed), "ipp": opts.images_per_prompt, "prompts": ps.id,
              "indices": hashlib.sha256(str(ps.indices).encode()).hexdigest()[:10],
-             "images": str(Path(opts.images_dir).resolve()) if opts.images_dir else None}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    params = {"checkpoint": str(model.checkpoint or ""), "method": model.method, "backend": model.info.name,
-              "sampler": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta, "seed": opts.seed,
-              "images_per_prompt": opts.images_per_prompt, "prompt_count": len(ps.indices), "prompt_set": ps.name,
-              "suite": suite}
-    tags = {"kind": "eval", "suite": suite, "method": model.method, "backend": model.info.name,
+             "images": portable_path(opts.images_dir, str(Path(opts.images_dir).resolve())) if opts.images_dir else None}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_tags(opts: EvalOptions, model: Model, sc, scores: list[SuiteScore], image_dir: Path, old_tags: dict) -> dict:
+    suites = sorted({*filter(None, old_tags.get("suites", "").split(",")), *(s.name for s in scores)})
+    tags = {"kind": "eval", "method": model.method, "backend": model.info.name, "suites": ",".join(suites),
             "git_commit": git_commit(), "nfe": str(nfe(sc.steps, sc.guidance)),
             "train_seconds": "" if model.train_seconds is None else f"{model.train_seconds:g}",
-            "checkpoint_sha256": str(model.meta.get("model_sha256", "")), "eval_key": key,
-            "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **model.tags, **result.tags,
-            **opts.tags}
+            "checkpoint_sha256": str(model.meta.get("model_sha256", "")),
+            "train_run_id": str(model.meta.get("mlflow_run_id") or ""),
+            "image_dir": portable_path(image_dir, str(image_dir)), "command": opts.command[:5000]}
+    for s in scores:  # per suite: detector / scorer identities, FD references
+        tags.update({f"{s.name}.{k}": portable_text(str(v)) for k, v in s.result.tags.items()})
+    tags.update({k: str(v) for k, v in model.tags.items()})  # a diffusers pipeline's identity (benchmarks.pipelines)
+    tags.update({k: str(v) for k, v in opts.tags.items()})  # e.g. arm, seed (of training) from a study runner
+    return tags
+
+
+def log_eval_run(opts: EvalOptions, model: Model, sc, ps: PromptSet, scores: list[SuiteScore], artifacts: list[Path],
+                 image_dir: Path, generated: int, gen_start: float, gen_seconds: float) -> str | None:
+    """One MLflow run per (checkpoint, sampling config, prompt set, seed, images per prompt) holding every suite's
+    metrics; a rerun reuses it (found by its eval_key tag) and adds or updates the suites it scores.
+
+    Each suite's artifacts go under ``<suite>/``, ``artifacts`` (the sample grid) at the top. The run starts when
+    generation started (``gen_start``, epoch seconds) and lasts generate_seconds + score_seconds: the time spent
+    generating its images (summed over the evals that generated some) and scoring its suites (each suite's latest).
+    """
+    if not opts.tracking:
+        return None
     uri = tracking_uri(opts.tracking_uri)
-    run_id = _find_run(uri, opts.experiment, key)
-    tracker = Tracker(True, uri, opts.experiment)
-    name = f"{suite}-{model.method}-{sc.kind}{sc.steps}-w{sc.guidance:g}-seed{opts.seed}"
-    tracker.start(name, tags, params, run_id=run_id)
-    status = "FAILED"
+    params = {"checkpoint": checkpoint_label(model), "method": model.method, "backend": model.info.name,
+              "sampler": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta, "seed": opts.seed,
+              "images_per_prompt": opts.images_per_prompt, "prompt_count": len(ps.indices),
+              "prompt_set": portable_text(ps.name)}
+    who = opts.tags.get("arm") or model.method
+    name = f"{who}-{sc.kind}{sc.steps}-w{sc.guidance:g}-seed{opts.seed}"
+    run = open_keyed_run(uri, opts.experiment, "eval_key", eval_key(model, sc, opts, ps), name,
+                         {"kind": "eval"}, params, int(gen_start * 1000))
     try:
-        if run_id is not None:
-            tracker.set_tags(tags)
-        tracker.log_metrics({**result.metrics, "nfe": nfe(sc.steps, sc.guidance)}, step=0)
-        for p in artifacts:
-            tracker.log_artifact(p)
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
-    return tracker.run_id
+        old = run["metrics"]
+        spent = gen_seconds + (old.get("generate_seconds", 0.0) if generated else 0.0)
+        gen = spent if run["created"] or generated else old.get("generate_seconds", 0.0)
+        per_suite = {**{k: v for k, v in old.items() if k.startswith("score_seconds/")},
+                     **{f"score_seconds/{s.name}": s.seconds for s in scores}}
+        metrics = {m: v for s in scores for m, v in s.result.metrics.items()}
+        metrics.update(per_suite, nfe=nfe(sc.steps, sc.guidance), generate_seconds=gen,
+                       score_seconds=sum(per_suite.values()))
+        files = [(p, s.name) for s in scores for p in s.artifacts] + [(p, None) for p in artifacts]
+        end_ms = run["start_ms"] + int(1000 * (gen + metrics["score_seconds"]))
+        close_keyed_run(uri, run["run_id"], _run_tags(opts, model, sc, scores, image_dir, run["tags"]), metrics,
+                        files, end_ms)
+    except BaseException:
+        if run["created"]:
+            close_keyed_run(uri, run["run_id"], {}, {}, [], int(time.time() * 1000), "FAILED")
+        raise
+    return run["run_id"]
 
 
 def _load_network(model: Model, device: str, cache: dict):
@@ -260,32 +309,32 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
         procs.agree(error)
         net_cache: dict = {}
         generated: dict[int, int] = {}
-        gen_seconds: dict[int, float] = {}
+        gen_times: dict[int, tuple[float, float]] = {}  # (start, epoch seconds; duration)
         dirs: dict[int, Path] = {}
         for ps in {id(p): p for p in sets.values()}.values():
             if opts.images_dir is not None:
-                dirs[id(ps)], generated[id(ps)], gen_seconds[id(ps)] = Path(opts.images_dir), 0, 0.0
+                dirs[id(ps)], generated[id(ps)], gen_times[id(ps)] = Path(opts.images_dir), 0, (time.time(), 0.0)
                 continue
             image_dir = Path(opts.out) / model.slug / f"prompts-{ps.id}" / sampler_slug(sc, opts.seed)
             dirs[id(ps)] = image_dir
-            t0 = time.perf_counter()
+            t0, start = time.perf_counter(), time.time()
             generated[id(ps)] = _generate(model, sc, ps, image_dir, opts, procs, device, net_cache)
-            gen_seconds[id(ps)] = time.perf_counter() - t0
+            gen_times[id(ps)] = (start, time.perf_counter() - t0)
         net_cache.clear()
         error = None
         if procs.main:  # rank 0 scores; a failure is broadcast so the other ranks stop too
             try:
-                results += _score_all(model, sc, suites, sets, dirs, generated, gen_seconds, opts)
+                results += _score_all(model, sc, suites, sets, dirs, generated, gen_times, opts)
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank by agree()
                 error = e
         procs.agree(error)
     return results
 
 
-def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated: dict, gen_seconds: dict,
+def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated: dict, gen_times: dict,
                opts: EvalOptions) -> list[EvalResult]:
-    """Score every suite on its images, write the artifacts, log one MLflow run per suite."""
-    results = []
+    """Score every suite on its images and write its artifacts; log one MLflow run per image folder (every suite)."""
+    results, scored = [], {}
     for name, suite in suites.items():
         ps = sets[name]
         image_dir = dirs[id(ps)]
@@ -296,16 +345,23 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
         t_score = time.perf_counter() - t0
         summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
-                   "checkpoint": str(model.checkpoint), "method": model.method, "suite": name,
+                   "checkpoint": checkpoint_label(model), "method": model.method, "suite": name,
                    "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
                    "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
-                   "prompt_count": len(ps.indices), "prompt_set": ps.name, "nfe": nfe(sc.steps, sc.guidance)}
-        t0 = time.perf_counter()
-        artifacts = _write_artifacts(eval_dir, res, items, opts.images_per_prompt, summary)
-        run_id = log_eval_run(opts, model, sc, name, ps, res, artifacts, image_dir)
-        seconds = {"generate": gen_seconds[id(ps)], "score": t_score, "log": time.perf_counter() - t0}
+                   "prompt_count": len(ps.indices), "prompt_set": portable_text(ps.name), "nfe": nfe(sc.steps, sc.guidance)}
+        score = SuiteScore(name, res, _write_artifacts(eval_dir, res, summary), t_score)
+        scored.setdefault(id(ps), (ps, items, []))[2].append(score)
         results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
-                                  res.metrics, image_dir, eval_dir, generated[id(ps)], run_id, seconds))
+                                  res.metrics, image_dir, eval_dir, generated[id(ps)], None,
+                                  {"generate": gen_times[id(ps)][1], "score": t_score}))
+    for key, (ps, items, scores) in scored.items():
+        t0 = time.perf_counter()
+        image_dir = dirs[key]
+        grid = _write_grid(image_dir / "eval", items, opts.images_per_prompt)
+        run_id = log_eval_run(opts, model, sc, ps, scores, grid, image_dir, generated[key], *gen_times[key])
+        for r in results:
+            if r.image_dir == image_dir:
+                r.run_id, r.seconds["log"] = run_id, time.perf_counter() - t0
     return results
 
 

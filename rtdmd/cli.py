@@ -107,7 +107,9 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, re
         main_rank = distributed.rank() == 0
         distributed.shutdown()  # inside a launch, every rank leaves its process group before exiting
     if main_rank:
-        click.echo(f"trained {method} for {result.steps} steps in {result.seconds / 60:.1f} min")
+        per_stage = getattr(result, "stage_steps", {})
+        parts = f" ({' + '.join(f'{name} {n}' for name, n in per_stage.items())})" if len(per_stage) > 1 else ""
+        click.echo(f"trained {method} for {result.steps} steps{parts} in {result.seconds / 60:.1f} min")
         click.echo(f"checkpoint: {result.checkpoint}")
 
 
@@ -128,8 +130,11 @@ def _slug(text: str, limit: int = 60) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-images", type=int, default=4, show_default=True, help="Images per prompt.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
-def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out, quiet):
     """Generate images for prompts; writes PNGs and a grid."""
+    from tqdm import tqdm
+
     from rtdmd.checkpoint import load_for_inference
     from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
     from rtdmd.images import make_grid, save_png, to_uint8
@@ -148,7 +153,14 @@ def sample(checkpoint, prompts, steps, guidance, eta, seed, num_images, out):
     refuse_non_finite(net, checkpoint)
     sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, guidance=guidance, eta=eta)
     items = [(p, sample_seed(seed, i, k)) for i, p in enumerate(prompts) for k in range(num_images)]
-    images = generate_batched(backend, net, items, sc)
+    # shown from 1 s on (a mistake in a prompt, found at once, stays a one-line error); moves every sampling step
+    bar = None if quiet else tqdm(total=len(items), desc=f"sample ({sc.kind}, {sc.steps} steps)", unit="img",
+                                  dynamic_ncols=True, delay=1.0)
+    try:
+        images = generate_batched(backend, net, items, sc, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     out.mkdir(parents=True, exist_ok=True)
     if backend.has_images:
         arrays = to_uint8(images)

@@ -52,16 +52,42 @@ def _noises(backend: Backend, keys: Sequence[tuple], n_steps: int) -> tuple[torc
     return torch.stack(x1).to(dev), [torch.stack(s).to(dev) for s in steps]
 
 
+class StepProgress:
+    """Moves a progress bar (counted in images) during a batch: after each of its ``steps`` network steps the bar
+    shows the batch's images in proportion, so a long batch never looks stalled; ``done()`` completes it."""
+
+    def __init__(self, bar, images: int, steps: int):
+        self.bar, self.images, self.steps = bar, int(images), max(int(steps), 1)
+        self.calls = self.shown = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self._show(self.images * min(self.calls, self.steps) // self.steps)
+
+    def done(self) -> None:
+        self._show(self.images)
+
+    def _show(self, n: int) -> None:
+        if n > self.shown:
+            self.bar.update(n - self.shown)
+            self.shown = n
+
+
 @torch.no_grad()
-def generate(backend: Backend, net, prompts: Sequence[str], keys: Sequence[tuple], sc: SamplingConfig) -> torch.Tensor:
-    """One batch: prompts[i] with noise from keys[i] -> decoded images in [0, 1] (or states for toy2d)."""
+def generate(backend: Backend, net, prompts: Sequence[str], keys: Sequence[tuple], sc: SamplingConfig,
+             on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """One batch: prompts[i] with noise from keys[i] -> decoded images in [0, 1] (or states for toy2d);
+    ``on_step()`` is called after each sampling step (for progress bars)."""
     sigmas = sigmas_for(backend, sc)
     x, step_noise = _noises(backend, keys, len(sigmas) - 1)
     cond = backend.encode_prompts(list(prompts))
     uncond = backend.uncond(len(prompts)) if sc.guidance != 1.0 else None
 
     def v_fn(xx, ss):
-        return flow.guided_velocity(lambda a, b, c: backend.velocity(net, a, b, c), xx, ss, cond, sc.guidance, uncond)
+        v = flow.guided_velocity(lambda a, b, c: backend.velocity(net, a, b, c), xx, ss, cond, sc.guidance, uncond)
+        if on_step is not None:
+            on_step()
+        return v
 
     if sc.kind == "euler":
         out = samplers.euler_sample(v_fn, x, sigmas)
@@ -71,12 +97,16 @@ def generate(backend: Backend, net, prompts: Sequence[str], keys: Sequence[tuple
 
 
 def generate_batched(backend: Backend, net, items: Sequence[tuple[str, tuple]], sc: SamplingConfig,
-                     batch_size: int = 64, on_batch: Callable | None = None) -> torch.Tensor:
-    """Generate for (prompt, key) items in batches; ``on_batch(start, images)`` lets callers save as they go."""
+                     batch_size: int = 64, on_batch: Callable | None = None, bar=None) -> torch.Tensor:
+    """Generate for (prompt, key) items in batches; ``on_batch(start, images)`` lets callers save as they go;
+    ``bar`` (a tqdm counted in images) moves after every sampling step."""
     outs = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        imgs = generate(backend, net, [p for p, _ in chunk], [k for _, k in chunk], sc)
+        step = StepProgress(bar, len(chunk), sc.steps) if bar is not None else None
+        imgs = generate(backend, net, [p for p, _ in chunk], [k for _, k in chunk], sc, on_step=step)
+        if step is not None:
+            step.done()
         if on_batch is not None:
             on_batch(i, imgs)
         else:

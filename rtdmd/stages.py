@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtdmd import checkpoint as ckpt
@@ -26,6 +27,21 @@ from rtdmd.trainer import TrainResult, default_run_dir, train
 class Stage:
     name: str
     cfg: RunConfig
+
+
+@dataclass
+class StagesResult(TrainResult):
+    """A multi-stage run's result: ``steps`` and ``seconds`` add up every stage; ``stage_steps`` gives each one's."""
+
+    stage_steps: dict = field(default_factory=dict)
+
+
+def announce(message: str) -> None:
+    """A line on stderr between stages (main process only)."""
+    from rtdmd import distributed
+
+    if distributed.rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
@@ -59,29 +75,39 @@ def run_stages(cfg: RunConfig, out: Path | None = None, resume: bool = False, co
         ckpt.require_checkpoint(out / stages[0].name, shown=out)
     out.mkdir(parents=True, exist_ok=True)
     parent = _open_parent(cfg, out, command, [st.name for st in stages])
-    seconds, init, result = 0.0, None, None
+    seconds, init, result, steps = 0.0, None, None, {}
     try:
-        for st in stages:
+        for i, st in enumerate(stages, start=1):
             run_dir = out / st.name
+            head = f"stage {i} of {len(stages)} ({st.cfg.method_name})"
             if init is not None:
                 st.cfg.method.init = str(init)
             if resume and _finished(run_dir, st.cfg.train.max_steps):
                 init = ckpt.find_checkpoint(run_dir)
+                meta = ckpt.read_meta(init)
+                steps[st.name] = int(meta.get("step", 0))
+                seconds += float(meta.get("run_train_seconds") or 0.0)
+                announce(f"{head}: finished earlier ({steps[st.name]} steps in {run_dir}), skipped")
                 continue
+            announce(f"{head}: {st.cfg.train.max_steps} steps into {run_dir}"
+                     + (f", starting from {init}" if init is not None else ""))
             result = train(st.cfg, out=run_dir, resume=resume and (run_dir / "checkpoints" / "latest").is_file(),
                            command=command, show_progress=show_progress)
             seconds += result.seconds
+            steps[st.name] = result.steps
             _adopt(cfg, parent, result, st.name)
             if st is not stages[-1] and result.steps < st.cfg.train.max_steps:  # stopped by train.max_minutes
                 _end(cfg, parent, "KILLED")
-                return result
+                return StagesResult(result.run_dir, result.checkpoint, sum(steps.values()), seconds, result.last_logs, steps)
             init = ckpt.find_checkpoint(run_dir)
     except BaseException:
         _end(cfg, parent, "FAILED")
         raise
+    if result is None:  # every stage had finished before this --resume
+        result = TrainResult(out, init, 0, 0.0, {})
     _point_latest(out, result.checkpoint)
     _end(cfg, parent, "FINISHED", result.checkpoint)
-    return TrainResult(out, result.checkpoint, result.steps, seconds, result.last_logs)
+    return StagesResult(out, result.checkpoint, sum(steps.values()), seconds, result.last_logs, steps)
 
 
 def _finished(run_dir: Path, max_steps: int) -> bool:

@@ -7,6 +7,7 @@ Compare runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 from __future__ import annotations
 
 import logging
+import re
 import os
 import json
 import subprocess
@@ -203,3 +204,92 @@ def end_parent_run(uri: str, parent_id: str, status: str, checkpoint: Path | Non
     if checkpoint is not None:
         client.set_tag(parent_id, "checkpoint", str(checkpoint))
     client.set_terminated(parent_id, status=status)
+
+
+# ---------------------------------------------------------------------------- paths in params, tags and reports
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s\[\]@;,=()'\"]+")
+
+
+def portable_path(path: str | Path, outside: str | None = None) -> str:
+    """``path`` relative to the working directory when inside it, else ``outside`` (default: its last component)."""
+    p = Path(path)
+    fallback = outside if outside is not None else p.name
+    try:
+        full, cwd = p.resolve(), Path.cwd().resolve()
+    except OSError:
+        return fallback
+    return full.relative_to(cwd).as_posix() if full.is_relative_to(cwd) else fallback
+
+
+def portable_text(text: str) -> str:
+    """``text`` (e.g. a scorer identity 'shapes_pref[/abs/bundle@sha256:...]') with every absolute path in it made
+    portable (relative to the working directory when inside it, else its last component)."""
+    return _ABS_PATH.sub(lambda m: portable_path(m.group(0)), text)
+
+
+# ---------------------------------------------------------------------------- finding experiments and keyed runs
+
+
+def experiment_names(uri: str) -> list[str]:
+    """The names of the store's active experiments, oldest first (empty when a sqlite store does not exist yet)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []
+    mlflow = mlflow_at(uri)
+    return [e.name for e in sorted(mlflow.search_experiments(), key=lambda e: int(e.experiment_id)
+                                   if str(e.experiment_id).isdigit() else 0)]
+
+
+def latest_experiment(uri: str, filter_string: str = "") -> str | None:
+    """The experiment of the newest run (by start time) matching ``filter_string`` in the store, or None."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    mlflow = mlflow_at(uri)
+    client = mlflow.tracking.MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=filter_string, max_results=1, order_by=["attributes.start_time DESC"])
+    return client.get_experiment(runs[0].info.experiment_id).name if runs else None
+
+
+def open_keyed_run(uri: str, experiment: str, key_tag: str, key: str, run_name: str, tags: dict[str, str],
+                   params: dict[str, Any], start_ms: int) -> dict:
+    """The run of ``experiment`` whose tag ``key_tag`` is ``key``, or a new one started at ``start_ms`` (epoch ms)
+    with ``tags`` and ``params``: {"run_id", "created", "start_ms", "metrics", "tags"} (the metrics and tags it
+    already holds)."""
+    mlflow = mlflow_at(uri)
+    open_store(mlflow, uri, experiment)
+    client = mlflow.tracking.MlflowClient()
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.{key_tag} = '{key}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if found:
+        run = found[0]
+        return {"run_id": run.info.run_id, "created": False, "start_ms": int(run.info.start_time),
+                "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+    run = client.create_run(exp_id, start_time=int(start_ms), tags={**tags, key_tag: key}, run_name=run_name)
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for i in range(0, len(items), 90):  # MLflow caps params per batch at 100
+        client.log_batch(run.info.run_id, params=[Param(k, "" if v is None else str(v)[:6000]) for k, v in items[i:i + 90]])
+    return {"run_id": run.info.run_id, "created": True, "start_ms": int(start_ms), "metrics": {}, "tags": {}}
+
+
+def close_keyed_run(uri: str, run_id: str, tags: dict[str, str], metrics: dict[str, float],
+                    artifacts: list[tuple[Path, str | None]], end_ms: int, status: str = "FINISHED") -> None:
+    """Log ``tags``, ``metrics`` (step 0) and ``artifacts`` ((local path, artifact folder or None)) to ``run_id`` and
+    end it with ``status`` at ``end_ms`` (epoch ms)."""
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow_at(uri).tracking.MlflowClient()
+    ts = int(time.time() * 1000)
+    tag_items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    for i in range(0, len(tag_items), 90):
+        client.log_batch(run_id, tags=tag_items[i:i + 90])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+    for path, folder in artifacts:
+        client.log_artifact(run_id, str(path), folder)
+    client.set_terminated(run_id, status=status, end_time=int(end_ms))

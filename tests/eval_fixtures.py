@@ -1,6 +1,7 @@
 """Helpers for the eval / report tests: a tiny shapes checkpoint (16 px, ~20k parameters) and fixtures.
 
-A test module uses the fixtures by importing them: ``from tests.eval_fixtures import ckpt, one_torch_thread``.
+A test module uses the fixtures by importing them: ``from tests.eval_fixtures import ckpt, one_torch_thread``
+(and ``tiny_bundle``: a random tiny shapes reward bundle in place of the shipped one).
 """
 
 from __future__ import annotations
@@ -54,3 +55,27 @@ def one_torch_thread_per_module():
 def ckpt(tmp_path_factory):
     """One tiny checkpoint per test module."""
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture
+def tiny_bundle(ckpt, monkeypatch):
+    """A random tiny shapes reward bundle in place of the shipped one (the tiny checkpoint's 16 px world)."""
+    import benchmarks.shapes.reward_models as RM
+    import benchmarks.shapes.reward_nets as RN
+    from benchmarks import eval_models as EM
+    from rtdmd.world.shapes import vocabulary
+
+    spec = EM.describe_checkpoint(ckpt).info.spec
+    torch.manual_seed(0)
+    arch = RN.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
+                           encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
+    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
+    bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec,
+                             f"{tmp_bundle_path()}@sha256:0", {})
+    monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
+    return bundle
+
+
+def tmp_bundle_path() -> str:
+    """The tiny bundle's recorded path: absolute and outside the working directory (never written)."""
+    return str(Path("/nonexistent/abs/tiny-bundle"))

@@ -161,6 +161,32 @@ def test_sample_from_a_toy_checkpoint_works(cli, toy_checkpoint, tmp_path):
     assert np.load(tmp_path / "samples" / "samples.npy").shape == (2, 2)
 
 
+def test_sample_shows_a_progress_bar_moving_every_sampling_step(cli, toy_checkpoint, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, **kw):
+            self.total, self.desc, self.updates = total, desc, []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    r = _sample(cli, toy_checkpoint.parent.parent, "--steps", "4")
+    assert r.exit_code == 0, r.output
+    (bar,) = bars
+    assert bar.desc.startswith("sample (") and bar.total == 2 and sum(bar.updates) == 2
+    assert len(bar.updates) == 2  # 2 images over 4 steps: one more image every second step, not one jump at the end
+    bars.clear()
+    assert _sample(cli, toy_checkpoint.parent.parent, "--quiet").exit_code == 0 and not bars
+
+
 def test_missing_checkpoint(cli, tmp_path):
     assert_user_error(_sample(cli, tmp_path / "nowhere"), "nowhere does not exist")
     (tmp_path / "emptydir").mkdir()

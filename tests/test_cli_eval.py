@@ -50,15 +50,18 @@ def test_prompts_errors(cli):
 
 
 def test_eval_user_errors(cli, tmp_path, ckpt):
-    user_error(cli("eval", "--suite", "clip", "--checkpoint", ckpt), "unknown suite 'clip'", "geneval, preference")
+    user_error(cli("eval", "--suite", "clip", "--checkpoint", ckpt, "--no-tracking"), "unknown suite 'clip'", "geneval, preference")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tag": "counting", "include": [{"class": "circle"}], "prompt": "x"}\n')
-    user_error(cli("eval", "--checkpoint", ckpt, "--prompts", bad), f"{bad} line 1", "has no 'count'")
+    user_error(cli("eval", "--checkpoint", ckpt, "--prompts", bad, "--no-tracking"), f"{bad} line 1", "has no 'count'")
     user_error(cli("eval", "--checkpoint", ckpt, "--images", tmp_path / "none", "--no-tracking"),
                f"{tmp_path / 'none'} does not exist")
-    user_error(cli("eval", "--checkpoint", tmp_path / "nothing"), "does not exist")
+    user_error(cli("eval", "--checkpoint", tmp_path / "nothing", "--no-tracking"), "does not exist")
     user_error(cli("report", "--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"),
                f"no MLflow store at {tmp_path / 'm.db'}")
+    assert not (tmp_path / "m.db").exists()
+    user_error(cli("report", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"), "no runs in the MLflow store",
+               "experiments: none", "rtdmd-bench eval")
     assert not (tmp_path / "m.db").exists()
 
 
@@ -79,11 +82,25 @@ def test_eval_then_report_end_to_end(cli, tmp_path, ckpt, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "teacher geneval steps 2 guidance 1 seed 0: geneval/overall" in r.stdout and "[6 generated;" in r.stdout
     assert len(list((tmp_path / "runs/eval").rglob("samples/*.png"))) == 6
-    r = cli("eval", "--checkpoint", ckpt, "--max-prompts", "3", "--images-per-prompt", "2", "--experiment", "cli-exp",
-            "--quiet")
+    # without --experiment: the experiment of the newest run, said on stderr
+    r = cli("eval", "--checkpoint", ckpt, "--max-prompts", "3", "--images-per-prompt", "2", "--quiet")
     assert r.exit_code == 0 and "[0 generated;" in r.stdout  # resumed: nothing regenerated
-    r = cli("report", "--experiment", "cli-exp", "--bootstrap", "50")
+    assert f"eval: using MLflow experiment 'cli-exp' (the newest run in {uri}" in r.stderr
+    r = cli("report", "--bootstrap", "50")
     assert r.exit_code == 0, r.output
+    assert "report: using MLflow experiment 'cli-exp' (the newest eval run" in r.stderr
+    user_error(cli("report", "--experiment", "demo"), "experiment 'demo' does not exist", "experiments there: ",
+               "cli-exp", "--experiment")
     md = (tmp_path / "reports/cli-exp/report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| teacher |"))
     assert row.startswith("| teacher | cps | 2 | 1 | 2 | 2.0 | **") and "](grid_teacher-cps-2-w1_seed0.png)" in md
+
+
+def test_eval_without_experiment_or_runs_logs_to_rtdmd_bench(tmp_path, capsys):
+    from benchmarks.cli import default_experiment
+
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    assert default_experiment("mine", uri, "eval") == "mine" and capsys.readouterr().err == ""
+    assert default_experiment(None, uri, "eval") == "rtdmd-bench"
+    assert "eval: no runs in the MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # looking does not create a store

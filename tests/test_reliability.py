@@ -232,7 +232,7 @@ def test_eval_logs_no_result_from_non_finite_images(cli, tmp_path):
     save_file(state, str(step / "model.safetensors"))
     _rehash(step)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert_user_error(cli("eval", "--checkpoint", step, "--tracking-uri", uri, "--max-prompts", "1",
+    assert_user_error(cli("eval", "--checkpoint", step, "--tracking-uri", uri, "--experiment", "x", "--max-prompts", "1",
                           "--images-per-prompt", "1", "--quiet", "--out", tmp_path / "ev"), "NaN or infinite")
     assert not list((tmp_path / "ev").rglob("*.png")) and not list((tmp_path / "ev").rglob("summary.json"))
     import mlflow
@@ -273,7 +273,8 @@ def test_out_under_a_file_for_every_command(cli, tmp_path, toy_run):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     _ok(cli("eval", "--checkpoint", shapes, "--tracking-uri", uri, "--max-prompts", "1", "--images-per-prompt", "1",
             "--quiet", "--out", tmp_path / "ev"))
-    assert_user_error(cli("report", "--tracking-uri", uri, "--bootstrap", "10", "--out", out / "r.md"), "cannot write")
+    assert_user_error(cli("report", "--tracking-uri", uri, "--experiment", "rtdmd-bench", "--bootstrap", "10",
+                          "--out", out / "r.md"), "cannot write")
 
 
 def test_read_only_out(cli, tmp_path, toy_run, monkeypatch):

@@ -67,33 +67,36 @@ def _geneval_result(values) -> SuiteResult:
     return SuiteResult(metrics, [{"index": r["index"]} for r in per_prompt], per_prompt, {"detector": "fake-det"})
 
 
-def _log(tmp_path, uri, method, steps, guidance, suite, result, train_seconds):
+def _per_prompt_csv(folder: Path, result: SuiteResult) -> list[Path]:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not result.per_prompt:
+        return []
+    p = folder / "per_prompt.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(result.per_prompt[0]))
+        w.writeheader()
+        w.writerows(result.per_prompt)
+    return [p]
+
+
+def _log(tmp_path, uri, method, steps, guidance, results: dict, train_seconds, experiment="report-test"):
+    """One eval run of (method, steps) holding every suite in ``results``, as the runner logs it."""
     ck = tmp_path / method / "step_100"
     model = EM.Model(ck, method, BackendInfo("shapes", None),
-                         {"model_sha256": method * 4, "train_seconds": train_seconds, "step": 100})
+                     {"model_sha256": method * 4, "train_seconds": train_seconds, "step": 100, "mlflow_run_id": "t" + method})
     sc = SamplingConfig(kind="cps", steps=steps, guidance=guidance, eta=0.9)
     ps = EP.PromptSet("default:shapes", [{"prompt": f"p{i}"} for i in range(4)], [0, 1, 2, 3], True)
-    opts = runner.EvalOptions(tracking_uri=uri, experiment="report-test", images_per_prompt=2,
-                              command=f"rtdmd-bench eval --suite {suite} --steps {steps} # {method}")
-    eval_dir = tmp_path / "art" / f"{method}-{steps}-{suite}"
-    eval_dir.mkdir(parents=True)
-    arts = []
-    if result.per_prompt:
-        import csv
+    opts = runner.EvalOptions(tracking_uri=uri, experiment=experiment, images_per_prompt=2,
+                              command=f"rtdmd-bench eval --suite all --steps {steps} --out /abs/evals # {method}")
+    base = tmp_path / "art" / f"{method}-{steps}"
+    scores = [runner.SuiteScore(suite, res, _per_prompt_csv(base / suite, res), 1.5) for suite, res in results.items()]
+    from rtdmd.images import save_png
 
-        p = eval_dir / "per_prompt.csv"
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(result.per_prompt[0]))
-            w.writeheader()
-            w.writerows(result.per_prompt)
-        arts.append(p)
-    if suite == "geneval":
-        from rtdmd.images import save_png
-
-        p = eval_dir / "grid.png"
-        save_png(p, np.full((8, 8, 3), 20 * steps, np.uint8))
-        arts.append(p)
-    return runner.log_eval_run(opts, model, sc, suite, ps, result, arts, eval_dir)
+    grid = base / "grid.png"
+    save_png(grid, np.full((8, 8, 3), 20 * steps, np.uint8))
+    return runner.log_eval_run(opts, model, sc, ps, scores, [grid], base, 8, 1.7e9, 2.0)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +105,12 @@ def fake_experiment(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     for (method, steps), values in TASK_VALUES.items():
         ts = 120.0 if method == "dmd2" else None
-        _log(tmp, uri, method, steps, 1.0, "geneval", _geneval_result(values), ts)
         rv = REWARD[(method, steps)]
         pref = SuiteResult({"reward/oracle": float(np.mean(rv))}, [],
                            [{"index": i, "prompt": f"p{i}", "tag": "", "n_images": 1, "reward/oracle": v}
                             for i, v in enumerate(rv)], {"scorers": "oracle=fake"})
-        _log(tmp, uri, method, steps, 1.0, "preference", pref, ts)
-        _log(tmp, uri, method, steps, 1.0, "fid", SuiteResult({"fd_shapes": FD[(method, steps)]}, [], []), ts)
+        _log(tmp, uri, method, steps, 1.0, {"geneval": _geneval_result(values), "preference": pref,
+                                            "fid": SuiteResult({"fd_shapes": FD[(method, steps)]}, [], [])}, ts)
     return tmp, uri
 
 
@@ -145,14 +147,20 @@ def test_report_tables_best_and_cis(fake_experiment):
         assert (out.parent / name).stat().st_size > 1000 and f"]({name})" in md
     grids = re.findall(r"\]\((grid_[^)]+\.png)\)", md)
     assert len(grids) == 3 and all((out.parent / g).is_file() for g in grids)
+    # the legend says what each metric measures and its range
+    legend = md.split("## What the metrics measure", 1)[1].split("\n## ", 1)[0]
+    assert "`fd_shapes`: FD-shapes" in legend and "lower is better" in legend and "`reward/oracle`" in legend
+    assert "`geneval/<task>`" in legend and "0 to 1" in legend
     # provenance: the eval commands, the commit, the report command
-    assert "rtdmd-bench eval --suite geneval --steps 8 # teacher" in md and "rtdmd-bench report -x" in md
-    assert "Eval code commit(s):" in md and "fake-det" in md
+    assert "rtdmd-bench eval --suite all --steps 8 --out evals # teacher" in md and "rtdmd-bench report -x" in md
+    assert "/abs" not in md  # no absolute path anywhere in the report
+    assert "Eval code commit(s):" in md and "geneval: fake-det" in md and "preference: oracle=fake" in md
+    assert "3 eval runs, 3 configurations." in md
 
 
 def test_report_errors(fake_experiment, tmp_path):
     _, uri = fake_experiment
-    with pytest.raises(UserError, match="experiment 'nope' does not exist"):
+    with pytest.raises(UserError, match=r"experiment 'nope' does not exist .*experiments there: .*report-test"):
         report.write_report("nope", out=tmp_path / "r.md", uri=uri)
     import mlflow
 
@@ -182,3 +190,44 @@ def test_rows_of_one_method_with_several_checkpoints_are_named_apart():
             {"method": "rtdmd", "checkpoint": "runs/s/rtdmd-epoch50", "sha": "c3", "name": "rtdmd"}]
     report._name_checkpoints(rows)
     assert [r["name"] for r in rows] == ["rtdmd [rtdmd/stage2@120]", "rtdmd [rtdmd-no-dm@120]", "rtdmd [rtdmd-epoch50]"]
+
+
+def test_runs_of_the_older_one_run_per_suite_layout_are_still_read(tmp_path):
+    """Stores written before one run held every suite: per-suite runs with their artifacts at the top."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("old-layout")
+    params = {"checkpoint": "/abs/runs/dmd2/checkpoints/step_000100", "method": "dmd2", "backend": "shapes",
+              "sampler": "cps", "steps": 4, "guidance": 1.0, "eta": 0.9, "seed": 0, "images_per_prompt": 2}
+    res = _geneval_result(TASK_VALUES[("dmd2", 4)])
+    art = _per_prompt_csv(tmp_path / "old", res)[0]
+    for suite, metrics, tags in (("geneval", res.metrics, {"detector": "fake-det"}),
+                                 ("fid", {"fd_shapes": 2.5}, {"scorers": "shapes_encoder=/abs/bundle@sha256:1"})):
+        with mlflow.start_run():
+            mlflow.log_params({**params, "suite": suite})
+            mlflow.set_tags({"kind": "eval", "suite": suite, "nfe": "4", **tags})
+            mlflow.log_metrics({**metrics, "nfe": 4})
+            if suite == "geneval":
+                mlflow.log_artifact(str(art))
+    md = report.write_report("old-layout", out=tmp_path / "r" / "report.md", uri=uri, n_boot=100).read_text()
+    (row,) = _table(md, "## Results")
+    lo, hi = report.bootstrap_ci([0.5, 0.5, 0.0, 0.0], ["single_object"] * 2 + ["counting"] * 2, n_boot=100)
+    assert row[:6] == ["dmd2", "cps", "4", "1", "4", "-"] and row[6] == f"**0.250** [{lo:.3f}, {hi:.3f}]"
+    assert row[7] == "**2.500**" and "shapes_encoder=bundle@sha256:1" in md and "/abs/" not in md
+
+
+def test_logged_run_spans_generation_and_scoring(fake_experiment):
+    import mlflow
+
+    _, uri = fake_experiment
+    mlflow.set_tracking_uri(uri)
+    df = mlflow.search_runs(experiment_names=["report-test"], filter_string="params.method = 'dmd2'")
+    (run_id,) = df["run_id"]
+    run = mlflow.get_run(run_id)
+    m, t = run.data.metrics, run.data.tags
+    assert (m["generate_seconds"], m["score_seconds"]) == (2.0, 4.5)  # 3 suites of 1.5 s
+    assert (run.info.start_time, run.info.end_time) == (1_700_000_000_000, 1_700_000_006_500)
+    assert t["train_run_id"] == "tdmd2" and t["suites"] == "fid,geneval,preference" and run.data.params["checkpoint"] == (
+        "step_100@dmd2dmd2")  # outside the working directory: the folder name + the sha prefix

@@ -17,7 +17,7 @@ from benchmarks.geneval import suite as gsuite
 from benchmarks.suites.registry import expand_suites, make_suite
 from benchmarks.suites.base import BackendInfo, ImageItem
 from rtdmd.errors import UserError
-from tests.eval_fixtures import ckpt, one_torch_thread  # noqa: F401 (fixtures)
+from tests.eval_fixtures import ckpt, one_torch_thread, tiny_bundle, tmp_bundle_path  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,37 @@ def test_select_indices_evenly_spaced_and_bounds():
     assert EP.select_indices(10, 1) == [0]
     with pytest.raises(UserError, match="--max-prompts"):
         EP.select_indices(10, 0)
+
+
+def test_task_quotas_as_equal_as_the_sizes_allow():
+    assert EP.task_quotas([4, 12, 12, 38, 45, 98], 48) == [4, 9, 9, 9, 9, 8]  # 44 left after single_object: 9,9,9,9,8
+    assert EP.task_quotas([4, 12, 12, 38, 45, 98], 200) == [4, 12, 12, 38, 45, 89]
+    assert EP.task_quotas([4, 12, 12, 38, 45, 98], 8) == [2, 2, 1, 1, 1, 1]
+    assert EP.task_quotas([5, 5, 5, 5, 5, 5], 3) == [1, 0, 1, 0, 0, 1]  # fewer prompts than tasks: spread tasks
+    assert sum(EP.task_quotas([3, 0, 7], 6)) == 6 and EP.task_quotas([3, 0, 7], 6)[1] == 0
+
+
+def test_max_prompts_is_stratified_by_task_and_deterministic():
+    from collections import Counter
+
+    from benchmarks.geneval.prompts import generate_metadata
+
+    entries = generate_metadata(["circle", "square", "triangle", "cross"], exclude_color_class=None)
+    sizes = Counter(e["tag"] for e in entries)
+    for n in (6, 8, 48, 200):
+        idx = EP.stratified_indices(entries, n)
+        got = Counter(entries[i]["tag"] for i in idx)
+        assert len(idx) == n and idx == sorted(set(idx)) and set(got) == set(sizes)  # every task kept
+        big = [t for t in got if got[t] < sizes[t]]  # tasks not taken whole differ by at most one
+        assert not big or max(got[t] for t in big) - min(got[t] for t in big) <= 1
+        assert all(got[t] <= max(got[u] for u in big) for t in got if t not in big) if big else True  # whole: small
+        assert EP.stratified_indices(entries, n) == idx
+    assert EP.stratified_indices(entries, None) == list(range(len(entries)))
+    # plain prompts are one task: evenly spaced; absent entries (None) are never chosen
+    assert EP.stratified_indices([{"prompt": str(i)} for i in range(209)], 5) == [0, 52, 104, 156, 208]
+    assert EP.stratified_indices([None, {"prompt": "a"}, None, {"prompt": "b"}], 5) == [1, 3]
+    with pytest.raises(UserError, match="--max-prompts"):
+        EP.stratified_indices(entries, 0)
 
 
 def test_unknown_suite_and_all():
@@ -116,7 +147,7 @@ def test_eval_generates_scores_and_writes_artifacts(tmp_path, ckpt):
     assert len(rows) == 10 and {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(rows[0])
     per_prompt = (r.eval_dir / "per_prompt.csv").read_text().splitlines()
     assert per_prompt[0] == "index,prompt,tag,n_images,geneval" and len(per_prompt) == 6
-    assert (r.eval_dir / "grid.png").is_file()
+    assert (r.image_dir / "eval" / "grid.png").is_file() and len((r.image_dir / "eval" / "grid_prompts.txt").read_text().split("\n")) == 6
     # the per-prompt fractions reproduce the logged task accuracies
     import pandas as pd
 
@@ -176,6 +207,32 @@ class _FakeProcs:
     def agree(self, error):
         if error is not None:
             raise error
+
+
+def test_generation_bar_moves_every_sampling_step(tmp_path, ckpt, monkeypatch):
+    from rtdmd.checkpoint import load_for_inference
+    from rtdmd.generate import SamplingConfig
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(gsuite, "tqdm", Bar)
+    _, backend, net, _ = load_for_inference(ckpt)
+    meta = [{"prompt": "a photo of a circle"}, {"prompt": "a photo of a square"}]
+    for kind, steps, want in (("cps", 2, [2, 2, 1, 1]), ("euler", 4, [1, 1, 1, 1, 1, 1])):
+        updates.clear()
+        n = gsuite.generate_images(backend, net, meta, tmp_path / kind, SamplingConfig(kind, steps, 1.0, 0.9),
+                                   images_per_prompt=3, batch_size=4, progress=True)
+        assert n == 6 and sum(updates) == 6 and updates == want, (kind, updates)  # 4 + 2 images, in steps
 
 
 def test_sharded_generation_equals_one_process(tmp_path, ckpt):
@@ -277,29 +334,45 @@ def test_fid_suite_on_real_backend_needs_reference_and_inception(tmp_path, monke
 # ---------------------------------------------------------------------------- MLflow
 
 
-def test_one_mlflow_run_per_checkpoint_suite_steps_seed(tmp_path, ckpt, store):
+def test_one_mlflow_run_per_checkpoint_and_sampler_holds_every_suite(tmp_path, ckpt, store, tiny_bundle):
+    import time
+
     import mlflow
 
-    opts = dict(tracking=True, tracking_uri=store, experiment="runner-test", command="rtdmd-bench eval --test")
+    opts = dict(tracking=True, tracking_uri=store, experiment="runner-test", command="rtdmd-bench eval --test",
+                tags={"arm": "teacher-a", "seed": "7"})
+    t0 = time.time()
     (a,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, **opts))
+    (aes,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, suites=["aesthetic"], **opts))  # same images: same run
     (b,) = runner.run_eval([ckpt], _opts(tmp_path, steps=3, **opts))
     (c,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, seed=1, **opts))
     (a2,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, **opts))  # a rerun reuses its run
-    assert len({a.run_id, b.run_id, c.run_id}) == 3 and a2.run_id == a.run_id
+    assert aes.run_id == a.run_id == a2.run_id and aes.generated == 0 and len({a.run_id, b.run_id, c.run_id}) == 3
     mlflow.set_tracking_uri(store)
     df = mlflow.search_runs(experiment_names=["runner-test"], filter_string="tags.kind = 'eval'")
     assert len(df) == 3
     run = mlflow.get_run(a.run_id)
     p, t, m = run.data.params, run.data.tags, run.data.metrics
-    assert p["checkpoint"] == str(ckpt.resolve()) and p["method"] == "teacher" and p["backend"] == "shapes"
+    sha = EM.describe_checkpoint(ckpt).meta["model_sha256"]
+    assert p["checkpoint"] == f"run/checkpoints/step_000003@{sha[:8]}" and not any(v.startswith("/") for v in p.values())
+    assert p["method"] == "teacher" and p["backend"] == "shapes" and p["prompt_set"] == "default:shapes"
     assert (p["sampler"], p["steps"], p["guidance"], p["eta"], p["seed"]) == ("cps", "2", "1.0", "0.9", "0")
-    assert p["images_per_prompt"] == "2" and p["prompt_count"] == "5" and p["suite"] == "geneval"
-    assert t["kind"] == "eval" and t["suite"] == "geneval" and t["detector"].startswith("shapes-detector")
-    assert t["method"] == "teacher" and t["backend"] == "shapes" and t["train_seconds"] == "120"
-    assert t["nfe"] == "2" and t["git_commit"] and t["command"] == "rtdmd-bench eval --test"
-    assert m["geneval/overall"] == pytest.approx(a.metrics["geneval/overall"]) and m["nfe"] == 2
+    assert p["images_per_prompt"] == "2" and p["prompt_count"] == "5"
+    assert t["kind"] == "eval" and t["suites"] == "aesthetic,geneval" and t["geneval.detector"].startswith("shapes-detector")
+    assert t["aesthetic.scorers"] == "shapes_aes=shapes_aes[tiny-bundle@sha256:0]"  # no absolute path
+    assert (t["method"], t["arm"], t["seed"], t["backend"], t["train_seconds"]) == ("teacher", "teacher-a", "7", "shapes", "120")
+    assert t["nfe"] == "2" and t["git_commit"] and t["command"] == "rtdmd-bench eval --test" and "train_run_id" in t
+    assert m["geneval/overall"] == pytest.approx(a2.metrics["geneval/overall"]) and m["nfe"] == 2
+    assert m["reward/shapes_aes"] == pytest.approx(aes.metrics["reward/shapes_aes"])
+    # the run's span is the time spent generating and scoring its images, logged as metrics too
+    assert m["generate_seconds"] > 0 and m["score_seconds"] == pytest.approx(
+        m["score_seconds/geneval"] + m["score_seconds/aesthetic"])
+    assert abs(run.info.end_time - run.info.start_time - 1000 * (m["generate_seconds"] + m["score_seconds"])) <= 2
+    assert t0 * 1000 <= run.info.start_time <= t0 * 1000 + 1000 * a.seconds["generate"] + 60_000
     arts = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(a.run_id)}
-    assert {"results.jsonl", "per_prompt.csv", "summary.json", "grid.png"} <= arts
+    assert {"geneval", "aesthetic", "grid.png", "grid_prompts.txt"} <= arts
+    inner = {f.path for f in mlflow.tracking.MlflowClient().list_artifacts(a.run_id, "geneval")}
+    assert inner == {"geneval/results.jsonl", "geneval/per_prompt.csv", "geneval/summary.json"}
     (g,) = runner.run_eval([ckpt], _opts(tmp_path, steps=2, guidance=3.0, **opts))
     assert mlflow.get_run(g.run_id).data.tags["nfe"] == "4"
 
@@ -392,21 +465,8 @@ def test_missing_real_scorer_weights_name_path_and_fix(suite, fragments, monkeyp
     assert all(f in str(e.value) for f in fragments), str(e.value)
 
 
-def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, ckpt, monkeypatch):
+def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, ckpt, tiny_bundle):
     """--suite all: one image folder, then GenEval, oracle + learned rewards, FD-shapes (a random tiny reward bundle)."""
-    import torch
-
-    import benchmarks.shapes.reward_models as RM
-    import benchmarks.shapes.reward_nets as RN
-    from rtdmd.world.shapes import vocabulary
-
-    spec = EM.describe_checkpoint(ckpt).info.spec
-    torch.manual_seed(0)
-    arch = RN.Architecture(vocab=vocabulary(spec), n_classes=len(spec.classes), width=8, aesthetic_width=8,
-                           encoder_width=8, embed_dim=8, text_hidden=8, feature_dim=16)
-    nets = {n: arch.build(n).eval() for n in RN.NETWORKS}
-    bundle = RM.RewardBundle(nets["preference"], nets["aesthetic"], nets["encoder"], arch, spec, "tiny@sha256:0", {})
-    monkeypatch.setattr(RM, "load_bundle", lambda path=None, device="cpu": bundle)
     res = {r.suite: r for r in runner.run_eval([ckpt], _opts(tmp_path, suites=["all"], max_prompts=4))}
     assert list(res) == ["geneval", "preference", "aesthetic", "fid"]
     assert len({r.image_dir for r in res.values()}) == 1 and res["geneval"].generated == 8
@@ -414,4 +474,4 @@ def test_suite_all_on_shapes_generates_once_and_reports_every_metric(tmp_path, c
     assert set(res["aesthetic"].metrics) == {"reward/shapes_aes"}
     assert set(res["fid"].metrics) == {"fd_shapes"} and res["fid"].metrics["fd_shapes"] >= 0
     assert all(np.isfinite(v) for r in res.values() for v in r.metrics.values())
-    assert json.loads((res["fid"].eval_dir / "summary.json").read_text())["tags"]["scorers"] == "shapes_encoder=tiny@sha256:0"
+    assert json.loads((res["fid"].eval_dir / "summary.json").read_text())["tags"]["scorers"] == f"shapes_encoder={tmp_bundle_path()}@sha256:0"

@@ -51,3 +51,39 @@ def test_one_stage_of_rtdmd_trains_straight_into_out():
 def test_unknown_rewards_are_refused_before_any_stage_trains():
     with pytest.raises(UserError, match="unknown reward 'nope'"):
         stages.plan(_rtdmd(rewards={"nope": 1.0}))
+
+
+def test_stages_are_announced_and_the_result_counts_every_stage(tmp_path, capsys):
+    over = {"backend": {"hidden": 16, "depth": 2}, "tracking": {"enabled": False},
+            "method": {"rewards": {"test_stage_right": 1.0}, "group_size": 4, "guidance": 1.0,
+                       "stage1": {"guidance": 1.0, "ttur": 1, "init": ""},
+                       "stage1_train": {"max_steps": 3, "batch_size": 16, "checkpoint_every": 3}},
+            "train": {"max_steps": 2, "batch_size": 16, "device": "cpu", "num_threads": 1, "checkpoint_every": 2}}
+    cfg = make_config("rtdmd", backend="toy2d", overrides=over)
+    r = stages.run_stages(cfg, out=tmp_path / "run", show_progress=False)
+    err = capsys.readouterr().err
+    assert f"stage 1 of 2 (ac-dmd): 3 steps into {tmp_path / 'run' / 'stage1'}\n" in err
+    assert f"stage 2 of 2 (rtdmd): 2 steps into {tmp_path / 'run' / 'stage2'}, starting from " in err
+    assert err.index("stage 1 of 2") < err.index("stage 2 of 2")
+    assert r.steps == 5 and r.stage_steps == {"stage1": 3, "stage2": 2}
+    # a --resume of the finished run skips both stages, says so, and still counts every stage
+    again = stages.run_stages(make_config("rtdmd", backend="toy2d", overrides=over), out=tmp_path / "run", resume=True,
+                              show_progress=False)
+    err = capsys.readouterr().err
+    assert "stage 1 of 2 (ac-dmd): finished earlier (3 steps in" in err and "stage 2 of 2 (rtdmd): finished earlier" in err
+    assert again.steps == 5 and again.checkpoint.resolve() == r.checkpoint.resolve()
+
+
+def test_train_summary_line_counts_every_stage(cli, tmp_path):
+    import yaml
+
+    cfg = {"backend": {"hidden": 16, "depth": 2}, "tracking": {"enabled": False},
+           "method": {"rewards": {"test_stage_right": 1.0}, "group_size": 4, "guidance": 1.0,
+                      "stage1": {"guidance": 1.0, "ttur": 1, "init": ""},
+                      "stage1_train": {"max_steps": 3, "batch_size": 16, "checkpoint_every": 3}},
+           "train": {"max_steps": 2, "batch_size": 16, "device": "cpu", "num_threads": 1, "checkpoint_every": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", "rtdmd", "--backend", "toy2d", "--config", "c.yaml", "--out", "run", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "trained rtdmd for 5 steps (stage1 3 + stage2 2) in " in r.stdout
+    assert "stage 1 of 2 (ac-dmd)" in r.stderr and "stage 2 of 2 (rtdmd)" in r.stderr

@@ -73,12 +73,14 @@ def generate_images(backend, net, metadata: Sequence[dict], out: Path, sampling,
         bar = tqdm(total=len(todo), desc="generate", unit="img", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
+        step = gen.StepProgress(bar, len(chunk), sampling.steps) if bar is not None else None
+        extra = {} if step is None else {"on_step": step}  # the bar moves after every sampling step of a batch
         images = gen.generate(backend, net, [metadata[i]["prompt"] for i, _ in chunk],
-                              [gen.sample_seed(seed, i, k) for i, k in chunk], sampling)
+                              [gen.sample_seed(seed, i, k) for i, k in chunk], sampling, **extra)
         for (i, k), arr in zip(chunk, to_uint8(images)):
             layout.save_image(out, i, k, arr)
-        if bar is not None:
-            bar.update(len(chunk))
+        if step is not None:
+            step.done()
     if bar is not None:
         bar.close()
     return len(todo)

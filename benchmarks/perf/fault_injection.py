@@ -54,7 +54,7 @@ def _env() -> dict:
 
 
 def cli_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rtdmd.cli", *args]
+    return [sys.executable, "-m", "rtdmd_bench.cli", *args]
 
 
 def train_cmd(out: Path, steps: int, *sets: str, tracking: str | None = None) -> list[str]:
@@ -240,8 +240,10 @@ def _concurrent_evals(work: Path, uri: str, evals: int) -> int:
     lost = sum(p.returncode != 0 for p in ps)
     runs = _mlflow_runs(uri)
     evals_logged = runs[runs.get("tags.kind") == "eval"] if "tags.kind" in runs else runs.iloc[0:0]
-    for c in ckpts:
-        mine = evals_logged[evals_logged["params.checkpoint"] == str(c)]
+    from rtdmd.checkpoint import read_meta
+
+    for c in ckpts:  # eval runs name their checkpoint by its weights' sha256 (params hold no absolute paths)
+        mine = evals_logged[evals_logged["tags.checkpoint_sha256"] == read_meta(c)["model_sha256"]]
         lost += len(mine) != 1 or mine.iloc[0]["status"] != "FINISHED" or "metrics.geneval/overall" not in mine
     summaries = list((work / "shared_eval").rglob("summary.json"))
     lost += len({json.loads(p.read_text())["checkpoint"] for p in summaries}) != evals
