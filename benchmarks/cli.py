@@ -87,11 +87,12 @@ def _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, bat
 
 
 
-def default_experiment(experiment: str | None, tracking_uri: str | None, command: str) -> str:
-    """--experiment, or the experiment of the store's newest run (report: newest eval run), said on stderr; with
-    no run in the store, eval logs to a new experiment 'rtdmd-bench' and report fails naming the experiments."""
+def default_experiment(experiment: str | None, tracking_uri: str | None, command: str) -> tuple[str, str]:
+    """--experiment, or the experiment of the store's newest run (report: newest eval run), with the note that says
+    so (the command prints it once it has succeeded, so that an error stays one line); with no run in the store,
+    eval logs to a new experiment 'rtdmd-bench' and report fails naming the experiments."""
     if experiment is not None:
-        return experiment
+        return experiment, ""
     from benchmarks.eval_models import tracking_uri as resolve_uri
     from rtdmd.tracking import experiment_names, latest_experiment
 
@@ -103,16 +104,14 @@ def default_experiment(experiment: str | None, tracking_uri: str | None, command
             names = experiment_names(uri)
             raise UserError(f"no runs in the MLflow store {uri} (experiments: {', '.join(names) or 'none'}); run "
                             "'rtdmd-bench eval' first, or pass --experiment / --tracking-uri.")
-        _say(f"{command}: no runs in the MLflow store {uri} yet; logging to experiment 'rtdmd-bench' "
-             "(choose with --experiment)")
-        return "rtdmd-bench"
+        return "rtdmd-bench", (f"{command}: no runs were in the MLflow store {uri}; logged to experiment "
+                               "'rtdmd-bench' (choose with --experiment)")
     what = "eval run" if command == "report" else "run"
-    _say(f"{command}: using MLflow experiment '{found}' (the newest {what} in {uri}; choose with --experiment)")
-    return found
+    return found, f"{command}: used MLflow experiment '{found}' (the newest {what} in {uri}; choose with --experiment)"
 
 
 def _say(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun: once
+    if message and os.environ.get("RANK", "0") == "0":  # under accelerate / torchrun: once
         click.echo(message, err=True)
 
 
@@ -152,8 +151,9 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
     """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per model and sampler."""
     from benchmarks.runner import EvalOptions, run_eval
 
+    note = ""
     if not no_tracking or not (checkpoints or images_dir or pipeline):  # else the experiment's training runs name the models
-        experiment = default_experiment(experiment, tracking_uri, "eval")
+        experiment, note = default_experiment(experiment, tracking_uri, "eval")
     spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
     batch_size = 128 if batch_size is None else batch_size
     opts = EvalOptions(pipeline=spec, suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
@@ -166,6 +166,7 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
         shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
         click.echo(f"{r.method} {r.suite} steps {r.steps} guidance {r.guidance:g} seed {r.seed}: {shown}  "
                    f"[{r.generated} generated; {r.eval_dir}]")
+    _say(note)
 
 
 @click.command()
@@ -229,8 +230,9 @@ def report(experiment, out, tracking_uri, bootstrap):
     """Markdown report (table, CIs, plots) of the eval runs of an MLflow experiment."""
     from benchmarks.report import write_report
 
-    experiment = default_experiment(experiment, tracking_uri, "report")
+    experiment, note = default_experiment(experiment, tracking_uri, "report")
     path = write_report(experiment, out=out, uri=tracking_uri, n_boot=bootstrap, command=_command_line())
+    _say(note)
     click.echo(f"wrote {path}")
 
 
