@@ -96,8 +96,9 @@ class RtdmdOptions:
 
 
     def stage1_train_config(self, train: TrainConfig) -> TrainConfig:
-        """The stage-1 training loop: ``train`` with ``stage1_train`` merged over it."""
-        merged = {**dataclasses.asdict(train), **self.stage1_train}
+        """The stage-1 training loop: ``train`` with ``stage1_train`` merged over it; stage 2's micro-batching
+        (``accumulate``, ``ema_per_micro_batch``) is not inherited: stage 1 sets its own or runs without."""
+        merged = {**dataclasses.asdict(train), "accumulate": 1, "ema_per_micro_batch": False, **self.stage1_train}
         return build_dataclass(TrainConfig, merged, "method.stage1_train")
 
     def stages(self, cfg: RunConfig) -> list[tuple[str, RunConfig]]:
