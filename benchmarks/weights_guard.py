@@ -40,6 +40,8 @@ SHAPES = {"backend": SHAPES_BACKEND,
 LEGACY_TRAIN = {"ema_on": "update", "ema_warmup": False, "accumulate": 1, "ema_per_micro_batch": False}
 LEGACY_METHOD = {"ac-dmd": {"fake_first": False}, "dmd2": {"fake_first": False},
                  "rtdmd": {"step_average": False, "stage1": {"fake_first": False}, "stage1_train": LEGACY_TRAIN}}
+#: shipped values that changed with the switches: toy2d DMD2's EMA decay per iteration (0.9996^5 = 0.998 per generator step)
+LEGACY_RUN = {"toy2d/dmd2": {"method": {"ema_decay": 0.998}}}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -96,7 +98,7 @@ def runs(root: Path, legacy: bool = False) -> dict[str, dict[str, str]]:
     def go(key, method, over, **kw):
         out = root / key
         if legacy:
-            over = _merge(over, {"train": LEGACY_TRAIN, "method": LEGACY_METHOD.get(method, {})})
+            over = _merge(_merge(over, {"train": LEGACY_TRAIN, "method": LEGACY_METHOD.get(method, {})}), LEGACY_RUN.get(key, {}))
         run_training(method, overrides=over, out=out, show_progress=False, **kw)
         sub = out / "stage2" if (out / "stage2").is_dir() else out
         res[key] = fingerprint(sub)
