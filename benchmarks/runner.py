@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoint, images_only_model, tracking_uri
+from benchmarks.eval_models import Model, default_models, describe_checkpoint, images_only_model, tracking_uri
 from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, select_indices
 from benchmarks.geneval import suite as gsuite
 from benchmarks.processes import Processes
@@ -66,6 +66,7 @@ class EvalOptions:
     prompts_file: Path | None = None
     images_dir: Path | None = None
     backend: str = "shapes"  # only for --images without --checkpoint
+    weights: str = "ema"  # "ema" (model.safetensors) or "online" (the checkpoint's training weights)
     out: Path = Path("runs/eval")
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
@@ -86,6 +87,8 @@ class EvalOptions:
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be a positive integer, got {v}.")
         check_guidance(self.guidance, self.eta)
+        if self.weights not in ("ema", "online"):
+            raise UserError(f"--weights must be ema or online, got {self.weights!r}.")
         check_device(self.device)
         if self.threads < 0:
             raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
@@ -175,23 +178,24 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
     if not opts.tracking:
         return None
     ident = {"checkpoint": str(model.checkpoint), "sha": model.meta.get("model_sha256"), "suite": suite,
+             **({"weights": model.weights} if model.weights != "ema" else {}),
              "sampler": sampler_slug(sc, opts.seed), "ipp": opts.images_per_prompt, "prompts": ps.id,
              "indices": hashlib.sha256(str(ps.indices).encode()).hexdigest()[:10],
              "images": str(Path(opts.images_dir).resolve()) if opts.images_dir else None}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    params = {"checkpoint": str(model.checkpoint or ""), "method": model.method, "backend": model.info.name,
+    params = {"checkpoint": str(model.checkpoint or ""), "method": model.label, "backend": model.info.name, "weights": model.weights,
               "sampler": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta, "seed": opts.seed,
               "images_per_prompt": opts.images_per_prompt, "prompt_count": len(ps.indices), "prompt_set": ps.name,
               "suite": suite}
-    tags = {"kind": "eval", "suite": suite, "method": model.method, "backend": model.info.name,
+    tags = {"kind": "eval", "suite": suite, "method": model.label, "backend": model.info.name,
             "git_commit": git_commit(), "nfe": str(nfe(sc.steps, sc.guidance)),
             "train_seconds": "" if model.train_seconds is None else f"{model.train_seconds:g}",
-            "checkpoint_sha256": str(model.meta.get("model_sha256", "")), "eval_key": key,
+            "checkpoint_sha256": model.weights_sha256, "eval_key": key,
             "image_dir": str(Path(image_dir).resolve()), "command": opts.command[:5000], **result.tags}
     uri = tracking_uri(opts.tracking_uri)
     run_id = _find_run(uri, opts.experiment, key)
     tracker = Tracker(True, uri, opts.experiment)
-    name = f"{suite}-{model.method}-{sc.kind}{sc.steps}-w{sc.guidance:g}-seed{opts.seed}"
+    name = f"{suite}-{model.label}-{sc.kind}{sc.steps}-w{sc.guidance:g}-seed{opts.seed}"
     tracker.start(name, tags, params, run_id=run_id)
     status = "FAILED"
     try:
@@ -208,7 +212,7 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, suite: str, ps: PromptSet,
 
 def _load_network(model: Model, device: str, cache: dict):
     if "net" not in cache:
-        cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device)
+        cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device, weights=model.weights)
         refuse_non_finite(net, model.checkpoint)
         if not backend.has_images:
             raise UserError(f"checkpoint {model.checkpoint} is a {backend.name} model (no images); evaluation suites need images.")
@@ -224,11 +228,11 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
     procs = Processes(cpu=opts.device == "cpu")
     device = procs.device(opts.device)
     if checkpoints:
-        models = [describe_checkpoint(c) for c in checkpoints]
+        models = [describe_checkpoint(c, opts.weights) for c in checkpoints]
     elif opts.images_dir is not None:
         models = [images_only_model(opts.backend)]
     else:
-        models = [describe_checkpoint(c) for c in default_checkpoints(opts.experiment, opts.tracking_uri)]
+        models = default_models(opts.experiment, opts.tracking_uri, opts.weights)
     if opts.images_dir is not None and len(models) != 1:
         raise UserError("--images scores one model's images; pass at most one --checkpoint with it.")
     results: list[EvalResult] = []
@@ -286,7 +290,7 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
         t_score = time.perf_counter() - t0
         summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
-                   "checkpoint": str(model.checkpoint), "method": model.method, "suite": name,
+                   "checkpoint": str(model.checkpoint), "method": model.label, "weights": model.weights, "suite": name,
                    "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
                    "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
                    "prompt_count": len(ps.indices), "prompt_set": ps.name, "nfe": nfe(sc.steps, sc.guidance)}
@@ -294,7 +298,7 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         artifacts = _write_artifacts(eval_dir, res, items, opts.images_per_prompt, summary)
         run_id = log_eval_run(opts, model, sc, name, ps, res, artifacts, image_dir)
         seconds = {"generate": gen_seconds[id(ps)], "score": t_score, "log": time.perf_counter() - t0}
-        results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
+        results.append(EvalResult(model.checkpoint, model.label, name, sc.steps, sc.guidance, opts.seed,
                                   res.metrics, image_dir, eval_dir, generated[id(ps)], run_id, seconds))
     return results
 

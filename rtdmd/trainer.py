@@ -213,7 +213,8 @@ class Trainer:
             inference_state=self._inference_state(),
             training_state=self._training_state(step, elapsed, run_id),
             keep=self.cfg.train.keep_checkpoints,
-            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed + self._init_seconds, 2),
+            extra_meta={"role": self.method.inference_role(), "inference_network": self.method.inference_network,
+                        "train_seconds": round(elapsed + self._init_seconds, 2),
                         "run_train_seconds": round(elapsed, 2),
                         "git_commit": git_commit(), "mlflow_run_id": run_id},
         )
