@@ -1,7 +1,9 @@
 """One training loop for every method.
 
 Owns: devices and processes (accelerate), one AdamW per trained network with its own update
-ratio, EMA copies, gradient clipping, mixed precision, atomic verified checkpoints every N steps,
+ratio, gradient accumulation over micro-batches (train.accumulate), EMA copies (updated on the network's
+own steps or after every iteration, with an optional warm-up: train.ema_on, ema_warmup,
+ema_per_micro_batch; docs/paper.md s4b), gradient clipping, mixed precision, atomic verified checkpoints every N steps,
 exact resume (from the newest checkpoint or, with --resume-from, an earlier one), MLflow logging
 and the progress bar. Methods (rtdmd.methods.base.Method) only compute losses. A run holds a lock
 on its directory (rtdmd.runlock), so a second run there is refused; Ctrl-C and SIGTERM stop it at

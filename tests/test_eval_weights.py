@@ -79,3 +79,12 @@ def test_online_weights_refused_when_missing_or_modified(tmp_path):
         ckpt.load_for_inference(step, weights="online")
     with pytest.raises(UserError, match="--weights must be ema or online"):
         runner.run_eval([step], _opts(tmp_path, weights="raw"))
+
+
+def test_cli_offers_the_weights_choice():
+    from click.testing import CliRunner
+
+    from benchmarks.cli import eval_cmd
+
+    assert "--weights [ema|online]" in CliRunner().invoke(eval_cmd, ["--help"]).output
+    assert CliRunner().invoke(eval_cmd, ["--weights", "raw"]).exit_code == 2
