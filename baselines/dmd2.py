@@ -36,6 +36,10 @@ class DMD2Options:
     t_min: float = 0.02  # DM loss re-noising t ~ U[t_min, t_max] (baselines.md DMD2)
     t_max: float = 0.98
     ttur: int = 5  # generator updated every ttur-th iteration, fake score every iteration (SDXL 5, SD1.5 10)
+    #: the fake score first, on a backward-simulated sample of its own (own k, prompts and noise), then the
+    #: generator: the order of the RTDMD reference (docs/paper.md s4b), so the baseline trains as AC-DMD does;
+    #: false: the DMD2 code's order, the generator first and the fake score on its (pre-update) sample
+    fake_first: bool = True
     eta: float = 1.0  # CPS re-noising between the sampler's steps: 1 = fresh noise as DMD2 (method.md s2)
     gan: bool = False  # diffusion-GAN head on the fake score's features (needs backend.sample_data: shapes)
     gan_generator_weight: float = 5e-3  # lambda_G in L_G = L_DM + lambda_G L_G_gan (baselines.md DMD2)
@@ -136,16 +140,20 @@ class DMD2Method(Method):
             self.data = StepPrefetcher(lambda i: backend.sample_data(self.n, torch_generator(step_seed(seed, i), "gan-data")),
                                        depth=o.prefetch)
         self.networks = {"generator": backend.make_trainable("generator"), "fake_score": fake}
-        # generator first: the fake score then trains on the same (pre-update) sample, as the DMD2 code
-        self.updates = [Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay),
-                        Update("fake_score", every=1, optim=o.fake_optim)]
+        gen = Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay)
+        fake = Update("fake_score", every=1, optim=o.fake_optim)
+        # fake_first (docs/paper.md s4b); else the DMD2 code's order: the generator first, then the fake
+        # score on the same (pre-update) sample
+        self.updates = [fake, gen] if o.fake_first else [gen, fake]
         rewards = blocks.load_rewards(list(o.refl_margins), backend, differentiable=True) if o.refl_margins else {}
         self.refl = blocks.RewardHinge(rewards, o.refl_margins, o.refl_weight) if rewards else None
         self.backsim = blocks.GeneratorSample(backend, self.n, 1.0, tag="backsim")
+        self.fake_backsim = blocks.GeneratorSample(backend, self.n, 1.0, tag="fake-backsim")  # fake_first's own sample
         # DMD2's DM term at s = 0 with t ~ U[t_min, t_max]; the critic is plain flow matching, t ~ U(0, 1)
         self.dm = blocks.DMLoss(backend, self.n, o.guidance, levels=blocks.NoiseLevels(True, o.t_min, o.t_max))
         self.fake = blocks.FakeScoreLoss(backend, self.n, blocks.NoiseLevels(True, 0.0, 1.0))
         self._cache: dict = {}
+        self._fake_cache: dict = {}
 
     def close(self):
         if self.data is not None:
@@ -158,12 +166,18 @@ class DMD2Method(Method):
         o, b = self.options, self.backend
         k = int(torch.randint(0, o.num_steps, (1,), generator=ctx.generator))
         p = blocks.draw_prompts(b, self.n, ctx, guidance=o.guidance)
-        x_k, s_k = self.backsim(self.networks["generator"], p, ctx, k, grad=False)
-        self._cache = {"k": k, "p": p, "x_k": x_k, "s_k": s_k, "x0": None}
+        self._cache = {"k": k, "p": p, "x0": None}
+        if not o.fake_first or ctx.step % o.ttur == 0:  # fake_first: only the generator uses this sample
+            self._cache["x_k"], self._cache["s_k"] = self.backsim(self.networks["generator"], p, ctx, k, grad=False)
+        if o.fake_first:  # the fake score's own backward-simulated sample, drawn before either update
+            k = int(torch.randint(0, o.num_steps, (1,), generator=ctx.generator))
+            p = blocks.draw_prompts(b, self.n, ctx, guidance=o.guidance, tag="fake-prompts")
+            x_k, s_k = self.fake_backsim(self.networks["generator"], p, ctx, k, grad=False)
+            self._fake_cache = {"k": k, "p": p, "x_k": x_k, "s_k": s_k}
 
-    def _generator_x0(self, grad: bool) -> torch.Tensor:
+    def _generator_x0(self, grad: bool, c: dict | None = None) -> torch.Tensor:
         """The generator's x0 prediction at step k: x0_hat = x_k - s_k v(x_k, s_k) (flow.x0_from_v)."""
-        c, b = self._cache, self.backend
+        c, b = c if c is not None else self._cache, self.backend
         with torch.set_grad_enabled(grad):
             x = c["x_k"]
             v = b.velocity(self.networks["generator"], x, flow.batch_sigma(c["s_k"], x), c["p"].cond)
@@ -195,7 +209,11 @@ class DMD2Method(Method):
                 logs.update(r_logs)
             return loss, logs
         if network == "fake_score":
-            x0 = c["x0"] if c["x0"] is not None else self._generator_x0(grad=False)
+            if o.fake_first:
+                p = self._fake_cache["p"]
+                x0 = self._generator_x0(grad=False, c=self._fake_cache)
+            else:
+                x0 = c["x0"] if c["x0"] is not None else self._generator_x0(grad=False)
             # DMD2's critic: plain flow matching on the detached sample, t ~ U(0, 1) (baselines.md DMD2)
             loss, logs = self.fake(self.networks["fake_score"], x0, 0.0, p, ctx)
             if o.gan:

@@ -124,6 +124,9 @@ def _say(message: str) -> None:
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: each checkpoint's).")
 @click.option("--guidance", type=float, default=None, help="CFG weight, 1 = off (default: each checkpoint's).")
 @click.option("--eta", type=float, default=None, help="CPS stochasticity of few-step generators (default: the checkpoint's).")
+@click.option("--weights", type=click.Choice(["ema", "online"]), default="ema", show_default=True,
+              help="ema: the checkpoint's model.safetensors (the EMA copy where the method keeps one); online: its "
+                   "training weights. Online runs are named <method>-online.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images-per-prompt", type=int, default=4, show_default=True)
 @click.option("--max-prompts", type=int, default=None,
@@ -145,7 +148,7 @@ def _say(message: str) -> None:
 @click.option("--inception", "inception_path", default=None, help="clean-fid Inception file (default: the usual locations).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_pipeline_options
-def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
+def eval_cmd(suites, checkpoints, steps, guidance, eta, weights, seed, images_per_prompt, max_prompts, prompts_file, images_dir,
              backend, out, experiment, tracking_uri, no_tracking, batch_size, workers, device, threads, fid_reference,
              inception_path, quiet, pipeline, lora, lora_scale, scheduler_kwargs, resolution):
     """Generate (resumably, sharded under accelerate) and score checkpoints or a diffusers pipeline; one MLflow run per model and sampler."""
@@ -157,7 +160,7 @@ def eval_cmd(suites, checkpoints, steps, guidance, eta, seed, images_per_prompt,
     spec = _pipeline_spec(pipeline, lora, lora_scale, scheduler_kwargs, resolution, batch_size)
     batch_size = 128 if batch_size is None else batch_size
     opts = EvalOptions(pipeline=spec, suites=[s for item in suites for s in item.replace(",", " ").split()], steps=steps,
-                       guidance=guidance, eta=eta, seed=seed, images_per_prompt=images_per_prompt,
+                       guidance=guidance, eta=eta, weights=weights, seed=seed, images_per_prompt=images_per_prompt,
                        max_prompts=max_prompts, prompts_file=prompts_file, images_dir=images_dir, backend=backend,
                        out=out, experiment=experiment or "rtdmd-bench", tracking_uri=tracking_uri, tracking=not no_tracking,
                        batch_size=batch_size, workers=workers, device=device, threads=threads, fid_reference=fid_reference,

@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.suites.base import BackendInfo
 from rtdmd import registry
 from rtdmd.backends.shapes import SHIPPED_TEACHER
-from rtdmd.checkpoint import find_checkpoint, read_meta
+from rtdmd.checkpoint import find_checkpoint, online_file, read_meta
 from rtdmd.config import load_resolved
 from rtdmd.errors import UserError
 from rtdmd.tracking import search_runs
@@ -35,6 +35,19 @@ class Model:
     info: BackendInfo
     meta: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)  # extra MLflow tags (a pipeline's id, class, LoRA, scheduler options)
+    weights: str = "ema"  # "ema": model.safetensors; "online": the training weights (rtdmd.checkpoint.load_online_state)
+
+    @property
+    def label(self) -> str:
+        """The method as eval runs and report rows name it: ``<method>-online`` for the online weights."""
+        return f"{self.method}-online" if self.weights == "online" else self.method
+
+    @property
+    def weights_sha256(self) -> str:
+        """The sha256 of the evaluated weights file."""
+        if self.weights == "online" and self.checkpoint is not None:
+            return str(self.meta.get("files", {}).get(online_file(self.checkpoint, self.meta), ""))
+        return str(self.meta.get("model_sha256", ""))
 
     @property
     def train_seconds(self) -> float | None:
@@ -46,14 +59,18 @@ class Model:
         if self.checkpoint is None:
             return f"images-{self.info.name}"
         sha = (self.meta.get("model_sha256") or hashlib.sha256(str(self.checkpoint).encode()).hexdigest())[:8]
-        return f"{self.method}-step{self.meta.get('step', 0)}-{sha}"
+        return f"{self.label}-step{self.meta.get('step', 0)}-{sha}"
 
 
-def describe_checkpoint(path: str | Path) -> Model:
+def describe_checkpoint(path: str | Path, weights: str = "ema") -> Model:
+    """``weights``: "ema" or "online" (checked here: the online file exists and the manifest lists it)."""
     step_dir = find_checkpoint(path).resolve()
     meta = read_meta(step_dir)
     cfg = load_resolved(step_dir / "config.yaml")
-    return Model(step_dir, meta.get("method", cfg.method_name), BackendInfo.from_options(cfg.backend_name, cfg.backend), meta)
+    if weights == "online":
+        online_file(step_dir, meta)
+    return Model(step_dir, meta.get("method", cfg.method_name), BackendInfo.from_options(cfg.backend_name, cfg.backend), meta,
+                 weights=weights)
 
 
 def images_only_model(backend: str) -> Model:
@@ -91,3 +108,10 @@ def default_checkpoints(experiment: str, uri: str | None = None, include_teacher
         if teacher not in out:
             out.append(teacher)
     return out
+
+
+def default_models(experiment: str, uri: str | None = None, weights: str = "ema") -> list[Model]:
+    """The models of ``default_checkpoints``, the students with ``weights``; the shipped teacher, the reference,
+    always with its EMA weights."""
+    teacher = find_checkpoint(SHIPPED_TEACHER).resolve()
+    return [describe_checkpoint(c, "ema" if c == teacher else weights) for c in default_checkpoints(experiment, uri)]

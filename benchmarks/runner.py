@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from benchmarks import pipelines
-from benchmarks.eval_models import Model, default_checkpoints, describe_checkpoint, images_only_model, tracking_uri
+from benchmarks.eval_models import Model, default_models, describe_checkpoint, images_only_model, tracking_uri
 from benchmarks.generation_record import make_record, recorded_model, write_record
 from benchmarks.eval_prompts import PromptSet, collect_items, prompt_sets, stratified_indices
 from benchmarks.geneval import suite as gsuite
@@ -69,6 +69,7 @@ class EvalOptions:
     prompts_file: Path | None = None
     images_dir: Path | None = None
     backend: str = "shapes"  # only for --images without --checkpoint
+    weights: str = "ema"  # "ema" (model.safetensors) or "online" (the checkpoint's training weights)
     out: Path = Path("runs/eval")
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
@@ -91,6 +92,8 @@ class EvalOptions:
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be a positive integer, got {v}.")
         check_guidance(self.guidance, self.eta)
+        if self.weights not in ("ema", "online"):
+            raise UserError(f"--weights must be ema or online, got {self.weights!r}.")
         check_device(self.device)
         if self.threads < 0:
             raise UserError(f"--threads must be >= 0 (0: torch's default), got {self.threads}.")
@@ -203,6 +206,7 @@ def checkpoint_label(model: Model) -> str:
 def eval_key(model: Model, sc, opts: EvalOptions, ps: PromptSet) -> str:
     """The identity of an evaluation run: checkpoint weights, sampling config, prompt set, seed, images per prompt."""
     ident = {"sha": model.meta.get("model_sha256") or checkpoint_label(model), "method": model.method,
+             **({"weights": model.weights} if model.weights != "ema" else {}),
              "sampler": sampler_slug(sc, opts.seed), "ipp": opts.images_per_prompt, "prompts": ps.id,
              "indices": hashlib.sha256(str(ps.indices).encode()).hexdigest()[:10],
              "images": portable_path(opts.images_dir, str(Path(opts.images_dir).resolve())) if opts.images_dir else None}
@@ -211,10 +215,10 @@ def eval_key(model: Model, sc, opts: EvalOptions, ps: PromptSet) -> str:
 
 def _run_tags(opts: EvalOptions, model: Model, sc, scores: list[SuiteScore], image_dir: Path, old_tags: dict) -> dict:
     suites = sorted({*filter(None, old_tags.get("suites", "").split(",")), *(s.name for s in scores)})
-    tags = {"kind": "eval", "method": model.method, "backend": model.info.name, "suites": ",".join(suites),
+    tags = {"kind": "eval", "method": model.label, "backend": model.info.name, "suites": ",".join(suites),
             "git_commit": git_commit(), "nfe": str(nfe(sc.steps, sc.guidance)),
             "train_seconds": "" if model.train_seconds is None else f"{model.train_seconds:g}",
-            "checkpoint_sha256": str(model.meta.get("model_sha256", "")),
+            "checkpoint_sha256": model.weights_sha256,
             "train_run_id": str(model.meta.get("mlflow_run_id") or ""),
             "image_dir": portable_path(image_dir, str(image_dir)), "command": opts.command[:5000]}
     for s in scores:  # per suite: detector / scorer identities, FD references
@@ -236,11 +240,12 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, ps: PromptSet, scores: lis
     if not opts.tracking:
         return None
     uri = tracking_uri(opts.tracking_uri)
-    params = {"checkpoint": checkpoint_label(model), "method": model.method, "backend": model.info.name,
+    params = {"checkpoint": checkpoint_label(model), "method": model.label, "backend": model.info.name,
+              "weights": model.weights,
               "sampler": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta, "seed": opts.seed,
               "images_per_prompt": opts.images_per_prompt, "prompt_count": len(ps.indices),
               "prompt_set": portable_text(ps.name)}
-    who = opts.tags.get("arm") or model.method
+    who = opts.tags.get("arm") or model.label
     name = f"{who}-{sc.kind}{sc.steps}-w{sc.guidance:g}-seed{opts.seed}"
     run = open_keyed_run(uri, opts.experiment, "eval_key", eval_key(model, sc, opts, ps), name,
                          {"kind": "eval"}, params, int(gen_start * 1000))
@@ -266,7 +271,7 @@ def log_eval_run(opts: EvalOptions, model: Model, sc, ps: PromptSet, scores: lis
 
 def _load_network(model: Model, device: str, cache: dict):
     if "net" not in cache:
-        cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device)
+        cfg, backend, net, meta = load_for_inference(model.checkpoint, device=device, weights=model.weights)
         refuse_non_finite(net, model.checkpoint)
         if not backend.has_images:
             raise UserError(f"checkpoint {model.checkpoint} is a {backend.name} model (no images); evaluation suites need images.")
@@ -282,12 +287,12 @@ def run_eval(checkpoints: Sequence[str | Path] | None, opts: EvalOptions) -> lis
     procs = Processes(cpu=opts.device == "cpu")
     device = procs.device(opts.device)
     if checkpoints or opts.pipeline is not None:
-        models = [describe_checkpoint(c) for c in checkpoints or []]
+        models = [describe_checkpoint(c, opts.weights) for c in checkpoints or []]
         models += [pipelines.describe_pipeline(opts.pipeline)] if opts.pipeline is not None else []
     elif opts.images_dir is not None:
         models = [recorded_model(opts.images_dir) or images_only_model(opts.backend)]
     else:
-        models = [describe_checkpoint(c) for c in default_checkpoints(opts.experiment, opts.tracking_uri)]
+        models = default_models(opts.experiment, opts.tracking_uri, opts.weights)
     if opts.images_dir is not None and len(models) != 1:
         raise UserError("--images scores one model's images; pass at most one --checkpoint with it.")
     results: list[EvalResult] = []
@@ -345,13 +350,13 @@ def _score_all(model: Model, sc, suites: dict, sets: dict, dirs: dict, generated
         res = suite.score(items, model.info, seed=opts.seed, progress=opts.progress, work_dir=eval_dir)
         t_score = time.perf_counter() - t0
         summary = {"metrics": res.metrics, "tags": res.tags, **res.extra,
-                   "checkpoint": checkpoint_label(model), "method": model.method, "suite": name,
+                   "checkpoint": checkpoint_label(model), "method": model.label, "weights": model.weights, "suite": name,
                    "sampler": {"kind": sc.kind, "steps": sc.steps, "guidance": sc.guidance, "eta": sc.eta},
                    "seed": opts.seed, "images_per_prompt": opts.images_per_prompt,
                    "prompt_count": len(ps.indices), "prompt_set": portable_text(ps.name), "nfe": nfe(sc.steps, sc.guidance)}
         score = SuiteScore(name, res, _write_artifacts(eval_dir, res, summary), t_score)
         scored.setdefault(id(ps), (ps, items, []))[2].append(score)
-        results.append(EvalResult(model.checkpoint, model.method, name, sc.steps, sc.guidance, opts.seed,
+        results.append(EvalResult(model.checkpoint, model.label, name, sc.steps, sc.guidance, opts.seed,
                                   res.metrics, image_dir, eval_dir, generated[id(ps)], None,
                                   {"generate": gen_times[id(ps)][1], "score": t_score}))
     for key, (ps, items, scores) in scored.items():

@@ -4,6 +4,11 @@ copies, optimiser moments).
 
     python -m benchmarks.weights_guard --write FILE     # record the fingerprints of this tree
     python -m benchmarks.weights_guard --check FILE     # exit 1 if any run's tensors differ
+    python -m benchmarks.weights_guard --legacy-semantics --check benchmarks/weights_guard_legacy.json
+
+``--legacy-semantics`` sets every training-semantics switch of docs/paper.md s4b to the behaviour before
+those switches existed (EMA on generator updates without warm-up, the generator before the fake score, PPO and
+BP + DM summed, no accumulation), which weights_guard_legacy.json recorded: the old path stays proven.
 
 Two trees that print the same fingerprints train tensor-identical weights on CPU. The whole guard takes
 about 20 s on one core.
@@ -29,6 +34,14 @@ SHAPES_BACKEND = {"image_size": 16, "size_range": [4.0, 6.0], "max_objects": 2, 
 SHAPES = {"backend": SHAPES_BACKEND,
           "train": {"device": "cpu", "num_threads": 1, "batch_size": 8, "max_steps": 2, "checkpoint_every": 2, "log_every": 1},
           "tracking": {"enabled": False}}
+
+
+#: the switches of docs/paper.md s4b at their pre-switch behaviour (--legacy-semantics)
+LEGACY_TRAIN = {"ema_on": "update", "ema_warmup": False, "accumulate": 1, "ema_per_micro_batch": False}
+LEGACY_METHOD = {"ac-dmd": {"fake_first": False}, "dmd2": {"fake_first": False},
+                 "rtdmd": {"step_average": False, "stage1": {"fake_first": False}, "stage1_train": LEGACY_TRAIN}}
+#: shipped values that changed with the switches: toy2d DMD2's EMA decay per iteration (0.9996^5 = 0.998 per generator step)
+LEGACY_RUN = {"toy2d/dmd2": {"method": {"ema_decay": 0.998}}}
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -74,7 +87,7 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def runs(root: Path) -> dict[str, dict[str, str]]:
+def runs(root: Path, legacy: bool = False) -> dict[str, dict[str, str]]:
     from rtdmd.api import run_training
     from rtdmd.rewards.registry import register_reward
 
@@ -84,6 +97,8 @@ def runs(root: Path) -> dict[str, dict[str, str]]:
 
     def go(key, method, over, **kw):
         out = root / key
+        if legacy:
+            over = _merge(_merge(over, {"train": LEGACY_TRAIN, "method": LEGACY_METHOD.get(method, {})}), LEGACY_RUN.get(key, {}))
         run_training(method, overrides=over, out=out, show_progress=False, **kw)
         sub = out / "stage2" if (out / "stage2").is_dir() else out
         res[key] = fingerprint(sub)
@@ -132,10 +147,12 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", type=Path)
     g.add_argument("--check", type=Path)
+    ap.add_argument("--legacy-semantics", action="store_true",
+                    help="train with the pre-switch semantics (compare with benchmarks/weights_guard_legacy.json)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        res = runs(Path(tmp))
+        res = runs(Path(tmp), legacy=a.legacy_semantics)
     if a.write:
         a.write.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
         print(f"wrote {len(res)} fingerprints to {a.write}")

@@ -235,6 +235,35 @@ def load_model_state(step_dir: Path, verify: bool = True) -> dict[str, torch.Ten
         raise UserError(f"checkpoint file {f} is corrupt ({type(exc).__name__}); use another checkpoint or retrain.") from None
 
 
+WEIGHTS = ("ema", "online")  # which weights of a checkpoint are sampled: model.safetensors, or the training weights
+
+
+def online_file(step_dir: Path, meta: dict) -> str:
+    """The online (training) weights of the inference network, ``state/net_<name>.safetensors``, relative to
+    ``step_dir``; refused unless the checkpoint's manifest lists the file (so it can be verified)."""
+    name = meta.get("inference_network") or meta.get("role") or "generator"
+    rel = f"state/net_{name}.safetensors"
+    if not (Path(step_dir) / rel).is_file():
+        raise UserError(f"checkpoint {step_dir} holds no online weights ({rel}); evaluate its EMA weights with "
+                        "--weights ema or pass a checkpoint written with its training state.")
+    if rel not in (meta.get("files") or {}):
+        raise UserError(f"checkpoint {step_dir} lists no sha256 for {rel} in its meta.json, so its online weights "
+                        "cannot be verified; evaluate --weights ema or retrain.")
+    return rel
+
+
+def load_online_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The inference network's online weights (``online_file``), verified against the manifest."""
+    meta = read_meta(step_dir)
+    rel = online_file(step_dir, meta)
+    verify_files(step_dir, meta, [rel], advice="use another checkpoint or --weights ema", limit=_HASH_LIMIT)
+    try:
+        return load_file(str(Path(step_dir) / rel))
+    except Exception as exc:  # safetensors raises several types for truncated files
+        raise UserError(f"checkpoint file {Path(step_dir) / rel} is corrupt ({type(exc).__name__}); "
+                        "use another checkpoint or --weights ema.") from None
+
+
 def load_training_state(step_dir: Path) -> dict[str, Any]:
     """Every file verified against the manifest, then tensors (safetensors) and trainer counters and optimiser
     moments (trainer.pt: tensors and plain containers only, so a planted pickle cannot run code)."""
@@ -260,8 +289,10 @@ def require_checkpoint(run_dir: Path, shown: Path | None = None) -> None:
         raise UserError(f"--resume given but {shown or run_dir} holds no checkpoint; drop --resume to start a new run there.")
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu", backend_overrides: dict | None = None):
-    """Checkpoint -> (cfg, backend, network, sampler meta dict). The network is in eval mode."""
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", backend_overrides: dict | None = None,
+                       weights: str = "ema"):
+    """Checkpoint -> (cfg, backend, network, sampler meta dict). The network is in eval mode. ``weights``: "ema"
+    (model.safetensors: the EMA copy where the method keeps one) or "online" (the training weights)."""
     from rtdmd import registry
     from rtdmd.config import load_resolved
 
@@ -275,7 +306,9 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", bac
             setattr(cfg.backend, k, v)
     backend = registry.get_backend(cfg.backend_name).factory(cfg.backend, device)
     net = backend.make_trainable(meta.get("role", "generator"))
-    state = load_model_state(step_dir)
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown weights '{weights}'; choose ema or online.")
+    state = load_model_state(step_dir) if weights == "ema" else load_online_state(step_dir)
     try:
         backend.load_network_state(net, state)
     except (RuntimeError, KeyError) as exc:

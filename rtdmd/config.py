@@ -69,6 +69,16 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float = 0.999
     ema_every: int = 1
+    # when an EMA copy is updated (docs/paper.md s4b): "update" = inside its network's update, on the
+    # iterations where that network steps and step % ema_every == 0; "iteration" = after every iteration
+    # with step % ema_every == 0, whether or not the network stepped (the reference code's stage 1)
+    ema_on: Literal["update", "iteration"] = "update"
+    ema_warmup: bool = False  # decay min((1 + step) / (10 + step), decay) at iteration `step` (docs/paper.md s4b)
+    # micro-batches of train.batch_size per optimiser step, gradients accumulated and each loss divided by
+    # their number (docs/paper.md s4b); only methods that split their data into micro-batches accept > 1
+    accumulate: int = 1
+    # apply the EMA once per micro-batch (train.accumulate times in a row) at an EMA step (docs/paper.md s4b)
+    ema_per_micro_batch: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -86,7 +96,7 @@ class TrainConfig:
     def validate(self):
         from rtdmd.validate import check_device, check_number
 
-        for name in ("batch_size", "checkpoint_every", "log_every", "ema_every"):
+        for name in ("batch_size", "checkpoint_every", "log_every", "ema_every", "accumulate"):
             check_number(f"train.{name}", getattr(self, name), low=1, hint="a positive integer")
         check_number("train.max_steps_cap", self.max_steps_cap, low=0, hint="0 (no cap) or a positive integer")
         check_number("train.grad_clip", self.grad_clip, low=0.0, hint="a finite number (0 disables clipping)")

@@ -1,7 +1,9 @@
 """One training loop for every method.
 
 Owns: devices and processes (accelerate), one AdamW per trained network with its own update
-ratio, EMA copies, gradient clipping, mixed precision, atomic verified checkpoints every N steps,
+ratio, gradient accumulation over micro-batches (train.accumulate), EMA copies (updated on the network's
+own steps or after every iteration, with an optional warm-up: train.ema_on, ema_warmup,
+ema_per_micro_batch; docs/paper.md s4b), gradient clipping, mixed precision, atomic verified checkpoints every N steps,
 exact resume (from the newest checkpoint or, with --resume-from, an earlier one), MLflow logging
 and the progress bar. Methods (rtdmd.methods.base.Method) only compute losses. A run holds a lock
 on its directory (rtdmd.runlock), so a second run there is refused; Ctrl-C and SIGTERM stop it at
@@ -30,7 +32,7 @@ from torch import nn
 from rtdmd import checkpoint as ckpt
 from rtdmd import registry
 from rtdmd.config import RunConfig, config_to_dict, dump, flatten, load_resolved, scheduled_lr
-from rtdmd.ema import ema_update
+from rtdmd.ema import ema_decay_at, ema_update
 from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
 from rtdmd.runlock import DirLock
@@ -159,6 +161,9 @@ class Trainer:
         backend = registry.get_backend(cfg.backend_name).factory(cfg.backend, acc.device)
         method: Method = registry.get_method(cfg.method_name).factory(cfg, backend)
         self.backend, self.method = backend, method
+        if cfg.train.accumulate > 1 and not method.accumulates:
+            raise UserError(f"method '{cfg.method_name}' does not split its batch into micro-batches, so "
+                            f"train.accumulate={cfg.train.accumulate} cannot apply; set train.accumulate=1 and raise train.batch_size.")
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.emas: dict[str, nn.Module] = {}
         for u in method.updates:
@@ -214,7 +219,8 @@ class Trainer:
             inference_state=self._inference_state(),
             training_state=self._training_state(step, elapsed, run_id),
             keep=self.cfg.train.keep_checkpoints,
-            extra_meta={"role": self.method.inference_role(), "train_seconds": round(elapsed + self._init_seconds, 2),
+            extra_meta={"role": self.method.inference_role(), "inference_network": self.method.inference_network,
+                        "train_seconds": round(elapsed + self._init_seconds, 2),
                         "run_train_seconds": round(elapsed, 2),
                         "git_commit": git_commit(), "mlflow_run_id": run_id},
         )
@@ -407,7 +413,7 @@ class Trainer:
         cfg, acc, method = self.cfg, self._accelerator, self.method
         seed = step_seed(cfg.train.seed, step)
         ctx = StepContext(step=step, generator=torch_generator(seed), seed=seed,
-                          rank=acc.process_index, world_size=acc.num_processes)
+                          rank=acc.process_index, world_size=acc.num_processes, micro_batches=cfg.train.accumulate)
         method.before_step(ctx)
         logs: dict[str, float] = {}
         for u in method.updates:
@@ -415,11 +421,7 @@ class Trainer:
                 continue
             net = method.networks[u.network]
             net.train()
-            with acc.autocast():
-                loss, extra = method.loss(u.network, ctx)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLossError(f"the loss of network '{u.network}' became {loss.item()}")
-            acc.backward(loss)
+            loss_sum, extra = self._accumulate(u.network, net, ctx)
             if cfg.train.grad_clip > 0:
                 gn = acc.clip_grad_norm_(list(self.backend.trainable_parameters(net)), cfg.train.grad_clip)
                 logs[f"grad_norm/{u.network}"] = float(gn)
@@ -428,12 +430,40 @@ class Trainer:
             self.optimizers[u.network].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            if u.network in self.emas and step % cfg.train.ema_every == 0:
-                decay = u.ema_decay if u.ema_decay is not None else cfg.train.ema_decay
-                ema_update(self.emas[u.network], acc.unwrap_model(net), decay)
-            logs[f"loss/{u.network}"] = float(loss.detach())
+            if cfg.train.ema_on == "update":
+                self._ema(u, step)
+            logs[f"loss/{u.network}"] = loss_sum
             logs.update(extra)
+        if cfg.train.ema_on == "iteration":  # every EMA copy, whether or not its network stepped (docs/paper.md s4b)
+            for u in method.updates:
+                self._ema(u, step)
         return logs
+
+    def _accumulate(self, name: str, net: nn.Module, ctx: StepContext) -> tuple[float, dict[str, float]]:
+        """Backward of ``name``'s loss over the step's train.accumulate micro-batches, each loss divided by their
+        number (docs/paper.md s4b); the logged loss and scalars are the micro-batches' means."""
+        acc, n = self._accelerator, self.cfg.train.accumulate
+        total, extra = 0.0, {}
+        for j in range(n):
+            with acc.autocast():
+                loss, logs = self.method.loss(name, ctx.micro_batch(j))
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(f"the loss of network '{name}' became {loss.item()}")
+            acc.backward(loss / n if n > 1 else loss)
+            total += float(loss.detach()) / n
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / n
+        return total, extra
+
+    def _ema(self, u, step: int) -> None:
+        """Update ``u``'s EMA copy at an EMA step (step % train.ema_every == 0): once, or once per micro-batch."""
+        t = self.cfg.train
+        if u.network not in self.emas or step % t.ema_every:
+            return
+        decay = ema_decay_at(step, u.ema_decay if u.ema_decay is not None else t.ema_decay, t.ema_warmup)
+        net = self._accelerator.unwrap_model(self.method.networks[u.network])
+        for _ in range(t.accumulate if t.ema_per_micro_batch else 1):
+            ema_update(self.emas[u.network], net, decay)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

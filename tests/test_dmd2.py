@@ -107,7 +107,7 @@ def test_backward_simulation_state_and_two_time_scales():
     """k ~ U{0..3} shared (from ctx.generator); the generator runs k steps without gradient, re-noising its x0
     prediction with fresh noise (CPS eta 1): x_k = (1 - s_k) x0 + s_k z_{k-1}; its x0 prediction at step k is
     the DM loss's sample."""
-    m, b = _method({"method": {"ttur": 5}})
+    m, b = _method({"method": {"ttur": 5, "fake_first": False}})
     assert [(u.network, u.every) for u in m.updates] == [("generator", 5), ("fake_score", 1)]
     gen = ConstantX0([1.5, -0.5])
     m.networks["generator"] = gen
@@ -131,6 +131,30 @@ def test_backward_simulation_state_and_two_time_scales():
     # the same step seed gives the same k (shared by all processes)
     m.before_step(_ctx(seed=100, step=0))
     assert m._cache["k"] == ks[0]
+
+
+def test_fake_first_trains_the_fake_score_on_a_backward_simulation_of_its_own():
+    """fake_first (docs/paper.md s4b): the fake score steps first, on a sample with its own k (drawn after the
+    generator's from ctx.generator), prompts and noise (tag fake-backsim); the generator's sample is simulated only
+    on its own steps."""
+    m, b = _method({"method": {"ttur": 5}})
+    assert [(u.network, u.every) for u in m.updates] == [("fake_score", 1), ("generator", 5)]
+    m.networks["generator"] = ConstantX0([1.5, -0.5])
+    sig = b.generator_sigmas(4)
+    for step in range(12):
+        ctx = _ctx(seed=200 + step, step=step)
+        m.before_step(ctx)
+        g = torch_generator(ctx.seed)
+        k_gen = int(torch.randint(0, 4, (1,), generator=g))
+        k = int(torch.randint(0, 4, (1,), generator=g))
+        assert m._cache["k"] == k_gen and m._fake_cache["k"] == k
+        assert ("x_k" in m._cache) == (step % 5 == 0)
+        if k == 0:
+            expected = torch.randn((8, 2), generator=torch_generator(ctx.seed, "fake-backsim-x1"))
+        else:
+            z = torch.randn((8, 2), generator=torch_generator(ctx.seed, f"fake-backsim-z{k - 1}"))
+            expected = (1 - sig[k]) * torch.tensor([1.5, -0.5]) + sig[k] * z
+        assert torch.allclose(m._fake_cache["x_k"], expected, atol=1e-5)
 
 
 def test_generator_loss_reaches_generator_weights_only_through_x0():

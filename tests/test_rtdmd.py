@@ -167,6 +167,21 @@ def test_back_propagation_and_dm_terms_by_hand(stage1_ckpt):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.networks["generator"].parameters())
 
 
+def test_stage2_loss_divides_each_trained_step_by_their_number(stage1_ckpt):
+    """step_average (docs/paper.md s4b): 2 SubGRPO steps + the last step -> 2/3 PPO + 1/3 (BP + DM);
+    step_average false: the terms summed. Micro-batches (ctx.micro) each get their own rollout."""
+    for average, (w_pg, w_last) in ((True, (2 / 3, 1 / 3)), (False, (1.0, 1.0))):
+        m = _method(stage1_ckpt, dm_weight=0.7, step_average=average)
+        ctx = StepContext(step=1, generator=torch_generator(7, 1), seed=1007, micro_batches=2)
+        m.before_step(ctx)
+        assert len(m.batches) == 2 and not torch.equal(m.batches[0].rollout.final, m.batches[1].rollout.final)
+        assert len(m.selected) == 2
+        loss, logs = m.loss("generator", ctx.micro_batch(1))
+        assert m.batch is m.batches[1]
+        expected = w_pg * logs["grpo/policy_loss"] + w_last * (logs["loss/bp"] + 0.7 * logs["loss/dm"])
+        assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_dm_grad_all_replays_the_rollout(stage1_ckpt):
     m = _method(stage1_ckpt, dm_grad="all")
     m.before_step(_ctx(step=2))

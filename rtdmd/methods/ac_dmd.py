@@ -39,6 +39,9 @@ class AcDmdOptions:
     consistency_weight: float = 0.01  # gamma (method.md s3)
     consistency_max_delta: int = 200  # delta ~ U{1..200} timesteps (method.md s3)
     ttur: int = 10  # fake score every iteration, generator every ttur-th (method.md s3)
+    #: the reference's order (docs/paper.md s4b): the fake score first, on a generator rollout of its own (own
+    #: prompts, k and noise), then the generator; false: the generator first, the fake score then on its sample
+    fake_first: bool = True
     generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # SD3/3.5 lr (method.md s3)
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))
     ema_decay: float = 0.999  # EMA generator for inference (method.md s3; the decay is our choice)
@@ -78,13 +81,17 @@ class AcDmdMethod(Method):
                 except (RuntimeError, KeyError) as exc:
                     raise UserError(f"method.init {o.init} does not fit this backend's networks "
                                     f"({str(exc).splitlines()[0][:100]}); pass a checkpoint of the same architecture.") from None
-        # DMD2's order: the generator step, then the fake score on the same (detached) sample
-        self.updates = [Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay),
-                        Update("fake_score", every=1, optim=o.fake_optim)]
+        gen = Update("generator", every=o.ttur, optim=o.generator_optim, ema_decay=o.ema_decay)
+        fake = Update("fake_score", every=1, optim=o.fake_optim)
+        # fake_first: the reference's order (docs/paper.md s4b); else DMD2's: the generator, then the fake
+        # score on the same (detached) sample
+        self.updates = [fake, gen] if o.fake_first else [gen, fake]
         n, dmd2 = cfg.train.batch_size, o.objective == "dmd2"
         # DMD2's backward simulation re-noises with fresh noise (eta 1); its DM term and plain flow-matching
         # fake score draw t uniformly (baselines.md); AC-DMD draws t in the sub-interval above s (method.md s3)
         self.sample = blocks.GeneratorSample(backend, n, 1.0 if dmd2 else o.eta, tag="s1-gen")
+        # the fake score's own rollout (fake_first): draws of its own, apart from the generator's
+        self.fake_sample = blocks.GeneratorSample(backend, n, 1.0 if dmd2 else o.eta, tag="s1-fake-gen")
         self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, blocks.NoiseLevels(dmd2, o.t_min, o.t_max),
                                 tag="s1-dm")
         if dmd2:
@@ -93,7 +100,7 @@ class AcDmdMethod(Method):
             self.fake = blocks.FakeScoreLoss(backend, n, blocks.NoiseLevels(), o.adsm_weight_clamp,
                                              blocks.Consistency(o.consistency_weight, o.consistency_max_delta, o.eta),
                                              tag="s1-fake")
-        self._k = o.num_steps
+        self._k = self._fake_k = o.num_steps
         self._cache: tuple | None = None
 
     @property
@@ -104,24 +111,34 @@ class AcDmdMethod(Method):
         o = self.options
         # the stop index k ~ U{1..num_steps}, shared by every process (method.md s3 step 1)
         self._k = int(torch.randint(1, o.num_steps + 1, (1,), generator=ctx.generator))
+        if o.fake_first:  # the fake score's rollout stops at a k of its own
+            self._fake_k = int(torch.randint(1, o.num_steps + 1, (1,), generator=ctx.generator))
         self._cache = None
 
-    def _prompts(self, ctx: StepContext) -> blocks.Prompts:
-        return blocks.draw_prompts(self.backend, self.cfg.train.batch_size, ctx, self.options.guidance, tag="s1-prompts")
+    def _prompts(self, ctx: StepContext, tag: str = "s1-prompts") -> blocks.Prompts:
+        return blocks.draw_prompts(self.backend, self.cfg.train.batch_size, ctx, self.options.guidance, tag=tag)
 
-    def _sample(self, p: blocks.Prompts, ctx: StepContext, grad: bool) -> tuple[torch.Tensor, float]:
-        """The generator's training sample and its noise level s (method.md s3 steps 1-3)."""
-        gen = self.networks["generator"]
+    def _sample(self, p: blocks.Prompts, ctx: StepContext, grad: bool, fake: bool = False) -> tuple[torch.Tensor, float]:
+        """The generator's training sample and its noise level s (method.md s3 steps 1-3); ``fake``: the fake
+        score's own rollout (its own k and noise)."""
+        gen, k = self.networks["generator"], self._fake_k if fake else self._k
+        sample = self.fake_sample if fake else self.sample
         if not self.dmd2:
-            return self.sample(gen, p, ctx, self._k, grad=grad)
+            return sample(gen, p, ctx, k, grad=grad)
         # DMD2 backward simulation (baselines.md): k-1 steps that re-noise with fresh noise (eta = 1)
         # without gradient, then the x0 prediction at the k-th state, so s = 0 always.
-        x, s = self.sample(gen, p, ctx, self._k - 1, grad=False)
+        x, s = sample(gen, p, ctx, k - 1, grad=False)
         with torch.set_grad_enabled(grad):
             v = self.backend.velocity(gen, x.detach(), flow.batch_sigma(s, x), p.cond)
         return flow.x0_from_v(x.detach(), v, s), 0.0
 
     def loss(self, network: str, ctx: StepContext):
+        if network == "fake_score" and self.options.fake_first:
+            # the reference's order (docs/paper.md s4b): a fresh generator rollout of the fake score's own
+            p = self._prompts(ctx, tag="s1-fake-prompts")
+            with torch.no_grad():
+                x_s, s = self._sample(p, ctx, grad=False, fake=True)
+            return self.fake(self.networks["fake_score"], x_s, s, p, ctx)
         p = self._prompts(ctx) if self._cache is None else self._cache[2]
         if network == "generator":
             x_s, s = self._sample(p, ctx, grad=True)

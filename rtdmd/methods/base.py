@@ -10,6 +10,7 @@ derived from (seed, step), so a resumed run repeats the same draws.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from rtdmd.backends.base import Backend
 from rtdmd.config import OptimConfig, RunConfig
+from rtdmd.seeding import derive_seed, torch_generator
 
 
 @dataclass
@@ -54,6 +56,17 @@ class StepContext:
     seed: int  # integer seed of this step (for numpy / hashing)
     rank: int = 0
     world_size: int = 1
+    micro_batches: int = 1  # train.accumulate: micro-batches per optimiser step (docs/paper.md s4b)
+    micro: int = 0  # which micro-batch a loss call is for
+
+    def micro_batch(self, j: int) -> "StepContext":
+        """The context of micro-batch ``j`` of this step: the step's own for j = 0, else one whose seed and
+        generator are derived from (step seed, j), so each micro-batch draws its own data and a resumed run
+        repeats them."""
+        if j == 0:
+            return self
+        seed = derive_seed(self.seed, f"micro{j}")
+        return dataclasses.replace(self, generator=torch_generator(seed), seed=seed, micro=j)
 
     def shard(self, n_global: int) -> slice:
         """This process's rows of a global batch of ``n_global`` rows."""
@@ -66,6 +79,8 @@ class Method:
 
     #: the network sampled at inference (its EMA copy is used when one exists)
     inference_network: str = "generator"
+    #: whether ``loss`` serves micro-batches (``ctx.micro`` of ``ctx.micro_batches``), so train.accumulate may exceed 1
+    accumulates: bool = False
 
     def __init__(self, cfg: RunConfig, backend: Backend):
         self.cfg = cfg

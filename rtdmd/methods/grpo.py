@@ -105,7 +105,7 @@ class GRPOBatch:
     rollout: samplers.Rollout  # states x_0..x_N, means, stds, behaviour log-probs, noises (no grad)
     images: torch.Tensor  # decoded final states (toy2d: the points)
     rewards: dict[str, torch.Tensor]  # reward name -> (B,) scores
-    advantages: torch.Tensor  # (B,) group advantages over the global batch
+    advantages: torch.Tensor | None  # (B,) group advantages over the global batch (GroupRollout.with_advantages)
 
 
 @dataclass
@@ -124,6 +124,24 @@ class GroupRollout:
     def __call__(self, net, ctx: StepContext, noises: list[torch.Tensor | None] | None = None) -> GRPOBatch:
         """``noises``: per-step noise for this process's rows (None entries: drawn per global row), e.g.
         SubGRPO's group-shared noise (objectives.group_shared_noise)."""
+        return self.with_advantages([self.sample(net, ctx, noises)], ctx)[0]
+
+    def with_advantages(self, batches: list[GRPOBatch], ctx: StepContext) -> list[GRPOBatch]:
+        """``batches`` (the micro-batches of one optimiser step, each ``sample``d with its own context) with
+        their group advantages computed over all of them together: the global batch is every micro-batch's
+        rows on every process (docs/paper.md s4b), in micro-batch order."""
+        n_global = self.n_groups * self.group_size
+        gathered = [{k: all_gather_tensor(v) for k, v in b.rewards.items()} for b in batches]
+        joint = {k: torch.cat([g[k] for g in gathered]) for k in gathered[0]} if gathered else {}
+        a = self.advantages
+        ids = torch.arange(self.n_groups * len(batches)).repeat_interleave(self.group_size)
+        adv = objectives.group_advantages(joint, ids, clip=a.clip, eps=a.eps, weights=a.weights, normalize=a.normalize)
+        for j, b in enumerate(batches):
+            b.advantages = adv[j * n_global:(j + 1) * n_global][ctx.shard(n_global)].to(self.backend.device)
+        return batches
+
+    def sample(self, net, ctx: StepContext, noises: list[torch.Tensor | None] | None = None) -> GRPOBatch:
+        """The rollout and its rewards, without advantages (``with_advantages`` sets them)."""
         b, tag, w = self.backend, self.tag, self.policy.guidance
         n_global = self.n_groups * self.group_size
         prompts, gids = grouped_prompts(b, self.n_groups, self.group_size, ctx, tag=f"{tag}-groups")
@@ -136,8 +154,7 @@ class GroupRollout:
             r = self.policy.rollout(policy_velocity_fn(b, net, cond, w, uncond), x1, noises)
             images = b.decode(r.final).float()
             scores = {k: v.detach().float().reshape(-1).to(b.device) for k, v in reward_scores(self.rewards, images, prompts).items()}
-        adv = self.advantages(scores, self.n_groups, self.group_size)
-        return GRPOBatch(prompts, gids, cond, uncond, r, images, scores, adv[ctx.shard(n_global)].to(b.device))
+        return GRPOBatch(prompts, gids, cond, uncond, r, images, scores, None)
 
 
 # ---------------------------------------------------------------------------- the policy loss

@@ -51,6 +51,10 @@ class RtdmdOptions:
     grpo_steps: Literal["subset", "all"] = "subset"  # SubGRPO, or GRPO on every stochastic step (ablation)
     subgrpo_steps: int = 2  # 2 of the 3 stochastic steps per epoch (method.md s4)
     grpo_weight: float = 1.0  # weight of the PPO-clip term
+    #: each trained step's loss divided by the number of trained steps (the picked GRPO steps and the last,
+    #: back-propagated step), as the reference: 2/3 PPO + 1/3 (BP + DM) under SubGRPO (docs/paper.md s4b);
+    #: false: PPO + BP + DM summed
+    step_average: bool = True
     clip_eps: float = 1.0e-5  # PPO clip (method.md s4)
     advantage_clip: float = 5.0  # (method.md s4)
     advantage_eps: float = 1.0e-4
@@ -92,8 +96,9 @@ class RtdmdOptions:
 
 
     def stage1_train_config(self, train: TrainConfig) -> TrainConfig:
-        """The stage-1 training loop: ``train`` with ``stage1_train`` merged over it."""
-        merged = {**dataclasses.asdict(train), **self.stage1_train}
+        """The stage-1 training loop: ``train`` with ``stage1_train`` merged over it; stage 2's micro-batching
+        (``accumulate``, ``ema_per_micro_batch``) is not inherited: stage 1 sets its own or runs without."""
+        merged = {**dataclasses.asdict(train), "accumulate": 1, "ema_per_micro_batch": False, **self.stage1_train}
         return build_dataclass(TrainConfig, merged, "method.stage1_train")
 
     def stages(self, cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -140,11 +145,14 @@ def load_rewards(options: RtdmdOptions, backend) -> tuple[dict, dict]:
 
 
 class RtdmdMethod(Method):
-    """Stage 2 (method.md s4). One trainer step = one epoch: a fresh grouped rollout (before_step),
-    one fake-score update on its final samples, one generator step on
-    grpo_weight * PPO(selected steps) + L_BP + dm_weight * L_DM (last deterministic step)."""
+    """Stage 2 (method.md s4). One trainer step = one epoch: fresh grouped rollouts, train.accumulate
+    micro-batches of train.batch_size (before_step), one fake-score update on their final samples, one
+    generator step on w_pg * grpo_weight * PPO(selected steps) + w_last * (L_BP + dm_weight * L_DM) (last,
+    deterministic step), the weights from ``step_weights``; the trainer divides each micro-batch's loss by
+    their number (docs/paper.md s4b)."""
 
     inference_network = "generator"
+    accumulates = True  # train.accumulate micro-batches of train.batch_size rollouts per epoch (docs/paper.md s4b)
 
     def __init__(self, cfg: RunConfig, backend):
         super().__init__(cfg, backend)
@@ -178,7 +186,8 @@ class RtdmdMethod(Method):
         # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (method.md s4)
         self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
                                          blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
-        self.batch: grpo.GRPOBatch | None = None
+        self.batches: list[grpo.GRPOBatch] = []  # this epoch's micro-batches (train.accumulate)
+        self.batch: grpo.GRPOBatch | None = None  # the micro-batch of the current loss call
         self.selected: list[int] = []
 
     # ------------------------------------------------------------------ rollout
@@ -192,10 +201,11 @@ class RtdmdMethod(Method):
     def rollout_noises(self, ctx: StepContext, selected: list[int]) -> list[torch.Tensor | None]:
         """Per-step noise for this process's rows: None (fresh per-sample noise, drawn by the rollout) at
         trained steps; at the other stochastic steps one noise per prompt group, shared by its K members
-        (method.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index keeps repeated
-        prompts apart."""
+        (method.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index (over the epoch's
+        micro-batches) keeps repeated prompts apart."""
         b = self.backend
         prompts, gids = grpo.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
+        gids = gids + ctx.micro * self.n_groups
         noises: list[torch.Tensor | None] = []
         for i in range(len(self.sigmas) - 1):
             if i in selected or i not in self.stochastic:
@@ -207,8 +217,23 @@ class RtdmdMethod(Method):
         return noises
 
     def before_step(self, ctx: StepContext) -> None:
+        """The epoch's rollouts: one grouped rollout per micro-batch (each from its own context), their
+        advantages over all of them together (docs/paper.md s4b)."""
         self.selected = self.selected_steps(ctx.step)
-        self.batch = self.rollout(self.networks["generator"], ctx, self.rollout_noises(ctx, self.selected))
+        gen, micro = self.networks["generator"], [ctx.micro_batch(j) for j in range(ctx.micro_batches)]
+        self.batches = self.rollout.with_advantages(
+            [self.rollout.sample(gen, c, self.rollout_noises(c, self.selected)) for c in micro], ctx)
+        self.batch = self.batches[0]
+
+    def step_weights(self) -> tuple[float, float]:
+        """(PPO weight, weight of BP + DM): with ``step_average`` each trained step counts 1 / (trained steps),
+        the PPO term being the mean over its picked steps (docs/paper.md s4b); else (1, 1)."""
+        o = self.options
+        n_pg = len(self.selected) if o.grpo_weight > 0 else 0
+        last = int((bool(self.bp_rewards) and o.bp_weight > 0) or o.dm_weight > 0)
+        if not o.step_average or n_pg + last == 0:
+            return 1.0, 1.0
+        return n_pg / (n_pg + last), 1.0 / (n_pg + last)
 
     # ------------------------------------------------------------------ losses
     def _prompts(self) -> blocks.Prompts:
@@ -234,29 +259,31 @@ class RtdmdMethod(Method):
         return full.final
 
     def loss(self, network: str, ctx: StepContext):
-        o, batch = self.options, self.batch
+        o = self.options
+        batch = self.batch = self.batches[ctx.micro]
         if network == "fake_score":
             return self.fake(self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), ctx)
         logs: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()}
         logs["grpo/steps"] = float(sum(1 << i for i in self.selected))
         total = torch.zeros((), device=self.backend.device)
+        w_pg, w_last = self.step_weights()
         if o.grpo_weight > 0 and self.selected:
             pg, pg_logs = self.policy_loss(self.networks["generator"], batch, self.selected)
-            total = total + o.grpo_weight * pg
+            total = total + (o.grpo_weight * pg if w_pg == 1.0 else w_pg * o.grpo_weight * pg)
             logs.update(pg_logs)
         if (self.bp_rewards and o.bp_weight > 0) or o.dm_weight > 0:
             x0 = self.last_step_x0()
             if self.bp_rewards and o.bp_weight > 0:
                 # reward back-propagation through the deterministic last step (method.md s4)
                 bp, _ = self.bp(self.backend.decode(x0), batch.prompts)
-                total = total + bp
+                total = total + (bp if w_last == 1.0 else w_last * bp)
                 logs["loss/bp"] = float(bp.detach())
             if o.dm_weight > 0:
                 # the DM term on the same x0 at s = 0, teacher with CFG (method.md s4); the reward's
                 # gradient through the stochastic steps is GRPO's, so only the DM term may use the replay
                 x0_dm = self.replayed_x0() if o.dm_grad == "all" else x0
                 dm, _ = self.dm(self.networks["fake_score"], x0_dm, 0.0, self._prompts(), ctx)
-                total = total + o.dm_weight * dm
+                total = total + (o.dm_weight * dm if w_last == 1.0 else w_last * o.dm_weight * dm)
                 logs["loss/dm"] = float(dm.detach())
         return total, logs
 
