@@ -57,7 +57,7 @@ def test_online_weights_are_loaded_verified_and_named(tmp_path):
     mlflow.set_tracking_uri(store)
     ro, re_ = mlflow.get_run(o.run_id), mlflow.get_run(e.run_id)
     assert ro.data.params["weights"] == "online" and re_.data.params["weights"] == "ema"
-    assert ro.data.params["method"] == "teacher-online" and ro.data.tags["mlflow.runName"].startswith("geneval-teacher-online-")
+    assert ro.data.params["method"] == "teacher-online" and ro.data.tags["mlflow.runName"].startswith("teacher-online-")
     meta = ckpt.read_meta(step)
     assert ro.data.tags["checkpoint_sha256"] == meta["files"]["state/net_teacher.safetensors"]
     assert re_.data.tags["checkpoint_sha256"] == meta["model_sha256"]

@@ -110,17 +110,19 @@ def _train_overrides(study: Study, arm: ArmSpec, seed: int, device: str) -> dict
 
 
 def run_budget(run_dir: Path) -> dict:
-    """Iterations, generator updates and images of every stage in a run folder (from the configs it saved)."""
-    stages = [p for p in (run_dir, run_dir / "stage1", run_dir / "stage2") if (p / "config.yaml").is_file()
-              and (p / "checkpoints").is_dir()]
+    """Iterations trained, generator updates and generator images of every stage in a run folder: each stage's
+    newest checkpoint step (a run stopped by train.max_minutes counts what it trained), its config's generator
+    update ratio (``method.ttur``) and images per update (``train.batch_size`` x ``train.accumulate``)."""
+    staged = [p for p in (run_dir / "stage1", run_dir / "stage2") if (p / "config.yaml").is_file()]
     steps = updates = images = 0
-    for p in stages:
+    for p in staged or [run_dir]:
         cfg = load_resolved(p / "config.yaml")
         every = int(getattr(cfg.method, "ttur", 1) or 1)
-        n = int(cfg.train.max_steps)
+        n = int(read_meta(find_checkpoint(p)).get("step", 0))
+        per_update = int(cfg.train.batch_size) * int(getattr(cfg.train, "accumulate", 1) or 1)
         steps += n
         updates += -(-n // every)
-        images += -(-n // every) * int(cfg.train.batch_size)
+        images += -(-n // every) * per_update
     return {"iterations": steps, "generator_updates": updates, "generator_images": images}
 
 
