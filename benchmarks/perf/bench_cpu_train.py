@@ -152,7 +152,7 @@ def total(p: dict[str, D.MethodTiming], key: str, workloads) -> float:
     return sum(p[m].amortised(key) for m in workloads)
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, choices=[1, 2], help="torch threads of the eager baseline")
     ap.add_argument("--repeats", type=int, default=1, help="timed steps of each kind of step")
@@ -163,9 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-threshold", type=float, default=0.02, help="keep a variant faster than eager by this fraction")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
-    torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
-    info = cpu_info()
+    return a
+
+
+def _header(a, info: dict) -> tuple[float, str]:
+    """Print the machine, the fp32 peak and what is compared; return (peak GFLOP/s, the seconds key compared)."""
     lanes = simd_lanes(info["flags"])
     peak = fp32_peak_gflops(a.threads, lanes, info["mhz"] or 0.0)
     shown = " ".join(f for f in ("avx512f", "avx2", "fma", "avx512_bf16", "amx_bf16") if f in info["flags"])
@@ -177,59 +179,81 @@ def main(argv=None) -> int:
     print("the machine may be shared with other work: every figure is as measured in this one run; comparisons use "
           + ("this process's CPU seconds (steadier than wall time under contention; wall also shown)" if key == "cpu_seconds"
              else "wall seconds"))
+    return peak, key
+
+
+def _eager_table(eager: dict, key: str, peak: float) -> None:
+    print(f"\n{'workload':22s} {'batch':>5s} {'GFLOP/step':>11s} {'wall s':>8s} {'cpu s':>8s} {'GFLOP/s':>8s} "
+          f"{'% fp32 peak':>12s}   (GFLOP/s per {'CPU' if key == 'cpu_seconds' else 'wall'} second)")
+    for title, m in WORKLOADS:
+        if m not in eager:
+            continue
+        r = eager[m]
+        f = r.amortised("flops")
+        gfs = f / r.amortised(key) / 1e9
+        print(f"{title:22s} {r.batch:5d} {f / 1e9:11.2f} {r.amortised('seconds'):8.3f} {r.amortised('cpu_seconds'):8.3f} "
+              f"{gfs:8.2f} {100 * gfs / peak if peak else float('nan'):11.1f}%")
+
+
+def _try_variants(a, vs: dict, init, tmp: Path, eager: dict, key: str, vw: list[str]) -> tuple[dict, list[str]]:
+    """Time every variant on the variant workloads; return the passes and the variants kept."""
+    passes = {"eager": eager}
+    for name, over in vs.items():
+        try:
+            passes[name] = run_pass(over, a, init, tmp, flops=False, label=name, workloads=vw)
+        except Exception as exc:  # an optimisation this torch / CPU cannot run: reported, not fatal
+            print(f"variant {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    base_vw = total(eager, key, vw)
+    kept = [n for n in passes if n != "eager" and not n.startswith(NOT_KEPT)
+            and total(passes[n], key, vw) < base_vw * (1 - a.keep_threshold)]
+    adamw = [n for n in kept if n.startswith("adamw_")]
+    if len(adamw) > 1:  # one AdamW implementation: the faster
+        kept = [n for n in kept if n not in sorted(adamw, key=lambda n: total(passes[n], key, vw))[1:]]
+    names = list(passes)
+    if len(names) > 1 and vw:
+        print(f"\nvariants on {', '.join(vw)}: {key.replace('_', ' ')} per step (amortised over each update period)")
+        print(f"{'workload':22s} " + " ".join(f"{n[:16]:>16s}" for n in names))
+        for title, m in WORKLOADS:
+            if m in vw:
+                print(f"{title:22s} " + " ".join(f"{seconds(passes[n], m, key):16.3f}" for n in names))
+        print(f"{'speed-up over eager':22s} " + " ".join(f"{base_vw / total(passes[n], key, vw):16.2f}" for n in names))
+        if key != "seconds":  # CPU seconds add up every thread's: more threads are judged by wall time
+            print(f"{'wall s, same steps':22s} " + " ".join(f"{total(passes[n], 'seconds', vw):16.3f}" for n in names))
+    print("kept (faster than eager by more than {:.0%}; bf16 autocast and extra threads are never kept): {}".format(
+        a.keep_threshold, ", ".join(kept) or "none"))
+    return passes, kept
+
+
+def _kept_speedup(a, vs: dict, kept: list[str], init, tmp: Path, eager: dict, key: str) -> float:
+    """The kept variants together on every workload: their speed-up over eager (1.0 when nothing is kept)."""
+    if not kept:
+        return 1.0
+    combo = run_pass(merge(*(vs[n] for n in kept)), a, init, tmp, flops=False, label="kept", workloads=a.workloads)
+    print(f"\nkept combination ({'+'.join(kept)}) on every workload, {key.replace('_', ' ')} per step")
+    for title, m in WORKLOADS:
+        if m in combo:
+            print(f"{title:22s} eager {seconds(eager, m, key):8.3f}  kept {seconds(combo, m, key):8.3f}  "
+                  f"x{seconds(eager, m, key) / seconds(combo, m, key):.2f}")
+    return total(eager, key, a.workloads) / total(combo, key, a.workloads)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    info = cpu_info()
+    peak, key = _header(a, info)
     with D.temp_dir() as tmp_s:
         tmp = Path(tmp_s)
         init = stage1_init(tmp, a.threads) if "rtdmd" in a.workloads else None
         eager = run_pass({}, a, init, tmp, flops=True, label="eager", workloads=a.workloads)
-        print(f"\n{'workload':22s} {'batch':>5s} {'GFLOP/step':>11s} {'wall s':>8s} {'cpu s':>8s} {'GFLOP/s':>8s} "
-              f"{'% fp32 peak':>12s}   (GFLOP/s per {'CPU' if key == 'cpu_seconds' else 'wall'} second)")
-        for title, m in WORKLOADS:
-            if m not in eager:
-                continue
-            r = eager[m]
-            f = r.amortised("flops")
-            gfs = f / r.amortised(key) / 1e9
-            print(f"{title:22s} {r.batch:5d} {f / 1e9:11.2f} {r.amortised('seconds'):8.3f} {r.amortised('cpu_seconds'):8.3f} "
-                  f"{gfs:8.2f} {100 * gfs / peak if peak else float('nan'):11.1f}%")
-        vs = variants(a.threads, info)
-        vs = {k: v for k, v in vs.items() if k in a.variants.split(",")}
+        _eager_table(eager, key, peak)
+        vs = {k: v for k, v in variants(a.threads, info).items() if k in a.variants.split(",")}
         vw = [w for w in a.variant_workloads.split(",") if w in eager]
-        passes = {"eager": eager}
-        for name, over in vs.items():
-            try:
-                passes[name] = run_pass(over, a, init, tmp, flops=False, label=name, workloads=vw)
-            except Exception as exc:  # an optimisation this torch / CPU cannot run: reported, not fatal
-                print(f"variant {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        base_vw = total(eager, key, vw)
-        kept = [n for n in passes if n != "eager" and not n.startswith(NOT_KEPT)
-                and total(passes[n], key, vw) < base_vw * (1 - a.keep_threshold)]
-        adamw = [n for n in kept if n.startswith("adamw_")]
-        if len(adamw) > 1:  # one AdamW implementation: the faster
-            kept = [n for n in kept if n not in sorted(adamw, key=lambda n: total(passes[n], key, vw))[1:]]
-        names = list(passes)
-        if len(names) > 1 and vw:
-            print(f"\nvariants on {', '.join(vw)}: {key.replace('_', ' ')} per step (amortised over each update period)")
-            print(f"{'workload':22s} " + " ".join(f"{n[:16]:>16s}" for n in names))
-            for title, m in WORKLOADS:
-                if m in vw:
-                    print(f"{title:22s} " + " ".join(f"{seconds(passes[n], m, key):16.3f}" for n in names))
-            print(f"{'speed-up over eager':22s} " + " ".join(f"{base_vw / total(passes[n], key, vw):16.2f}" for n in names))
-            if key != "seconds":  # CPU seconds add up every thread's: more threads are judged by wall time
-                print(f"{'wall s, same steps':22s} " + " ".join(f"{total(passes[n], 'seconds', vw):16.3f}" for n in names))
-        print("kept (faster than eager by more than {:.0%}; bf16 autocast and extra threads are never kept): {}".format(
-            a.keep_threshold, ", ".join(kept) or "none"))
-        speedup = 1.0
-        if kept:
-            label = "+".join(kept)
-            combo = run_pass(merge(*(vs[n] for n in kept)), a, init, tmp, flops=False, label="kept", workloads=a.workloads)
-            print(f"\nkept combination ({label}) on every workload, {key.replace('_', ' ')} per step")
-            for title, m in WORKLOADS:
-                if m in combo:
-                    print(f"{title:22s} eager {seconds(eager, m, key):8.3f}  kept {seconds(combo, m, key):8.3f}  "
-                          f"x{seconds(eager, m, key) / seconds(combo, m, key):.2f}")
-            speedup = total(eager, key, a.workloads) / total(combo, key, a.workloads)
-        print(f"best kept combination: {'+'.join(kept) or 'eager (nothing kept)'}  "
-              f"({time.perf_counter() - t_start:.0f} s wall in all)")
+        _, kept = _try_variants(a, vs, init, tmp, eager, key, vw)
+        speedup = _kept_speedup(a, vs, kept, init, tmp, eager, key)
+        print(f"kept combination: {'+'.join(kept) or 'none (eager)'}; measured over eager on every workload: "
+              f"x{speedup:.2f} ({time.perf_counter() - t_start:.0f} s wall in all)")
         print(f"speedup: {speedup:.2f}")
     return 0
 

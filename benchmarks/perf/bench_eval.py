@@ -1,6 +1,6 @@
 """Eval speed: one few-step shapes checkpoint on GenEval-shapes, end to end, against the 2-minute target.
 
-    flock /tmp/rtdmd-cpu.lock python benchmarks/perf/bench_eval.py [--checkpoint PATH] [--steps 4]
+    python benchmarks/perf/bench_eval.py [--checkpoint PATH] [--steps 4]
 
 Runs ``benchmarks.runner.run_eval`` exactly as ``rtdmd-bench eval --suite geneval`` does
 (default prompt count: 209 prompts x 4 images, batched per-sample-seeded generation, the

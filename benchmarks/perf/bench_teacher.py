@@ -6,7 +6,7 @@ Sampling: the shipped teacher at 4 CPS steps (no guidance) and at 28 Euler steps
 shipped sampler), batched; the network calls are timed by wrapping backend.velocity, and the rest
 of the sampling loop (noise draws, sampler arithmetic, decoding) is reported as a share of the total.
 
-    flock /tmp/rtdmd-cpu.lock python benchmarks/perf/bench_teacher.py [--threads 2] [--batch 64]
+    python benchmarks/perf/bench_teacher.py [--threads 2] [--batch 64]
 """
 
 from __future__ import annotations

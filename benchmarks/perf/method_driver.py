@@ -336,27 +336,11 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
     counter = CallCounter(tr)
     try:
         for k, steps in wanted.items():
-            timed = steps[:repeats]
-            entry = {"share": shares[k] / period, "steps": timed}
-            secs, cpu = [], []
-            for s in timed:
-                if time.perf_counter() > deadline:
-                    res.skipped.append(f"step {s} ({'+'.join(k)}): time budget")
-                    break
-                counter.counts.clear()
-                sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                trainer_step(tr, s)
-                sync(device)
-                secs.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-                entry["calls"] = dict(counter.counts)
-            if secs:  # wall seconds, and this process's CPU seconds (steadier on a shared machine)
-                entry["seconds"] = sum(secs) / len(secs)
-                entry["cpu_seconds"] = sum(cpu) / len(cpu)
+            entry = _time_kind(tr, k, steps[:repeats], deadline, counter, res)
+            entry["share"] = shares[k] / period
             if k in counted:
                 entry["flops"] = counted[k]
-            elif flops and secs and time.perf_counter() < deadline:
+            elif flops and "seconds" in entry and time.perf_counter() < deadline:
                 entry["flops"] = count_flops(lambda: trainer_step(tr, steps[-1]))
             res.kinds[k] = entry
     finally:
@@ -365,6 +349,29 @@ def measure(tr, repeats: int, flops: bool = True, deadline: float = float("inf")
         sync(device)
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     return res
+
+
+def _time_kind(tr, kind: tuple[str, ...], timed: list[int], deadline: float, counter, res: MethodTiming) -> dict:
+    """Wall and CPU seconds (means) and network calls of the ``timed`` steps of one set of due updates."""
+    device = tr.backend.device
+    entry: dict = {"steps": timed}
+    secs, cpu = [], []
+    for s in timed:
+        if time.perf_counter() > deadline:
+            res.skipped.append(f"step {s} ({'+'.join(kind)}): time budget")
+            break
+        counter.counts.clear()
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer_step(tr, s)
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        entry["calls"] = dict(counter.counts)
+    if secs:  # wall seconds, and this process's CPU seconds (steadier on a shared machine)
+        entry["seconds"] = sum(secs) / len(secs)
+        entry["cpu_seconds"] = sum(cpu) / len(cpu)
+    return entry
 
 
 def release(tr) -> None:
