@@ -79,7 +79,7 @@ def locate(ref: str, hub_cache_dir: str = "") -> tuple[Path, str]:
     if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
         raise UserError(f"--pipeline '{ref}' is neither an existing directory nor a hub id (owner/name); pass a "
                         "diffusers pipeline folder or the id of a model in the local Hugging Face cache.")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy, installed with diffusers; needed only for a hub id
 
     try:
         snap = Path(snapshot_download(ref, local_files_only=True, cache_dir=hub_cache_dir or None))

@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from rtdmd.api import run_training
+from rtdmd.checkpoint import find_checkpoint
+from rtdmd.rewards.registry import register_reward
+
 TOY = {"backend": {"hidden": 16, "depth": 2},
        "train": {"device": "cpu", "num_threads": 1, "batch_size": 16, "max_steps": 6, "checkpoint_every": 6, "log_every": 1},
        "tracking": {"enabled": False}}
@@ -65,7 +69,6 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     """sha256 per tensor file of the run's newest checkpoint (optimiser moments hashed from trainer.pt's tensors)."""
-    from rtdmd.checkpoint import find_checkpoint
 
     step = find_checkpoint(run_dir)
     out = {}
@@ -88,9 +91,6 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
 
 
 def runs(root: Path, legacy: bool = False) -> dict[str, dict[str, str]]:
-    from rtdmd.api import run_training
-    from rtdmd.rewards.registry import register_reward
-
     register_reward("guard_right", _toy_reward, differentiable=True)
     register_reward("guard_bright", _bright_reward, differentiable=True)
     res: dict[str, dict[str, str]] = {}

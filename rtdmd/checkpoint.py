@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rtdmd import registry
+from rtdmd.config import load_resolved
 from rtdmd.errors import UserError
 from rtdmd.fileio import honour_umask, pid_alive
 
@@ -293,8 +295,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", bac
                        weights: str = "ema"):
     """Checkpoint -> (cfg, backend, network, sampler meta dict). The network is in eval mode. ``weights``: "ema"
     (model.safetensors: the EMA copy where the method keeps one) or "online" (the training weights)."""
-    from rtdmd import registry
-    from rtdmd.config import load_resolved
 
     step_dir = find_checkpoint(path)
     meta = read_meta(step_dir)

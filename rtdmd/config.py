@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
+from rtdmd import registry
 from rtdmd.errors import UserError
+from rtdmd.validate import check_device, check_number
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -41,8 +43,6 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr * (1 + cos(pi * step / train.max_steps)) / 2
 
     def validate(self, prefix: str = "optim"):
-        from rtdmd.validate import check_number
-
         check_number(f"{prefix}.lr", self.lr, low=0.0, hint="a finite learning rate such as 1e-4")
         check_number(f"{prefix}.eps", self.eps, low=0.0, hint="a small positive number such as 1e-8")
         check_number(f"{prefix}.weight_decay", self.weight_decay, low=0.0, hint="a finite number >= 0")
@@ -94,8 +94,6 @@ class TrainConfig:
             self.max_steps = min(self.max_steps, self.max_steps_cap)
 
     def validate(self):
-        from rtdmd.validate import check_device, check_number
-
         for name in ("batch_size", "checkpoint_every", "log_every", "ema_every", "accumulate"):
             check_number(f"train.{name}", getattr(self, name), low=1, hint="a positive integer")
         check_number("train.max_steps_cap", self.max_steps_cap, low=0, hint="0 (no cap) or a positive integer")
@@ -316,7 +314,6 @@ def resolve(
     preset: str | None = None,
 ) -> RunConfig:
     """Build the resolved RunConfig: dataclass defaults < shipped YAML < preset < --config < --set."""
-    from rtdmd import registry
 
     data: dict = {}
     user = read_yaml(config_file) if config_file is not None else {}
@@ -377,7 +374,6 @@ def load_resolved(path: Path) -> RunConfig:
         backend = data["backend"]["name"]
     except (KeyError, TypeError):
         raise UserError(f"{path} is not a resolved run config (method.name and backend.name missing).") from None
-    from rtdmd import registry
 
     m = {k: v for k, v in data["method"].items() if k != "name"}
     b = {k: v for k, v in data["backend"].items() if k != "name"}
@@ -397,8 +393,6 @@ def _check_sections(data: dict) -> None:
 
 
 def _build_run_config(method: str, backend: str, m: dict, b: dict, data: dict) -> RunConfig:
-    from rtdmd import registry
-
     return RunConfig(
         method_name=method,
         backend_name=backend,

@@ -5,6 +5,8 @@ Anything else is a bug and keeps its traceback.
 """
 
 import errno
+import signal
+import threading
 
 
 class UserError(Exception):
@@ -41,17 +43,12 @@ class interrupt_on_sigterm:
     KeyboardInterrupt like Ctrl-C, so cleanup runs (MLflow runs end, training checkpoints)."""
 
     def __enter__(self):
-        import signal
-        import threading
-
         self._old = None
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
         return False

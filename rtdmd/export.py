@@ -22,6 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rtdmd.backends import lora as L
+from rtdmd.backends.real_common import RealBackend
 from rtdmd.checkpoint import find_checkpoint, load_for_inference
 from rtdmd.errors import UserError
 
@@ -30,8 +32,6 @@ FORMATS = ("lora", "pipeline")
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     """Write ``checkpoint`` as ``fmt`` (lora or pipeline) into the new folder ``out``; returns ``out``."""
-    from rtdmd.backends import lora as L
-    from rtdmd.backends.real_common import RealBackend
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose lora or pipeline.")
@@ -73,7 +73,6 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 def _write_pipeline(backend, net, directory: Path) -> None:
     """The base model's folder with the trained transformer saved in place of its own."""
-    from rtdmd.backends import lora as L
 
     src = backend.source.path if backend.source is not None else None
     if src is None:

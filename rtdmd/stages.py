@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtdmd import checkpoint as ckpt
+from rtdmd import distributed
 from rtdmd import tracking
 from rtdmd.config import RunConfig, config_to_dict, flatten
 from rtdmd.trainer import TrainResult, default_run_dir, train
@@ -38,7 +39,6 @@ class StagesResult(TrainResult):
 
 def announce(message: str) -> None:
     """A line on stderr between stages (main process only)."""
-    from rtdmd import distributed
 
     if distributed.rank() == 0:
         print(message, file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rtdmd.errors import UserError
+from rtdmd.runlock import DirLock
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -40,7 +41,6 @@ def open_store(mlflow, uri: str, experiment: str | None = None) -> None:
         if experiment is not None:
             mlflow.set_experiment(experiment)
         return
-    from rtdmd.runlock import DirLock
 
     db = Path(uri[len("sqlite:///"):])
     with DirLock(db.parent if str(db.parent) else Path("."), name=f".{db.name}.lock", wait=True):

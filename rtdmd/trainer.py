@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from tqdm import tqdm
 
 from rtdmd import checkpoint as ckpt
 from rtdmd import registry
@@ -141,8 +143,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self):
-        from accelerate import Accelerator
-
         cfg = self.cfg
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
@@ -302,8 +302,6 @@ class Trainer:
     def _progress_bar(self, p: _Progress):
         if not (self.show_progress and self._accelerator.is_main_process):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=p.total, initial=p.start, desc=f"train {self.cfg.method_name}", dynamic_ncols=True,
                     file=sys.stderr, unit="it")
 

@@ -8,6 +8,8 @@ import re
 import struct
 from pathlib import Path
 
+import torch
+
 from rtdmd.errors import UserError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -46,7 +48,6 @@ def _first_tensor(output):
 def refuse_non_finite(net, where) -> None:
     """Make every forward of ``net`` raise a UserError when its output holds NaN or infinity, so no
     black image made from a non-finite prediction is written, scored or logged as a result."""
-    import torch
 
     def hook(module, inputs, output):
         t = _first_tensor(output)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import method_driver as D  # noqa: E402
+from rtdmd.api import make_config  # noqa: E402
 
 WORKLOADS = [("teacher step", "teacher"), ("AC-DMD iteration", "ac-dmd"), ("DMD2 iteration", "dmd2"),
              ("RTDMD stage-2 epoch", "rtdmd")]
@@ -112,7 +113,6 @@ def merge(*dicts: dict) -> dict:
 
 def stage1_init(tmp: Path, threads: int) -> Path:
     """A stage-1 checkpoint before any update: generator and fake score are the shipped teacher."""
-    from rtdmd.api import make_config
 
     cfg = make_config("ac-dmd", backend="shapes", overrides={"train": {"device": "cpu", "num_threads": threads}})
     tr = D.setup_trainer(cfg, tmp / "init")
@@ -124,8 +124,6 @@ def stage1_init(tmp: Path, threads: int) -> Path:
 
 def run_pass(overrides: dict, a, init: Path, tmp: Path, flops: bool, label: str, workloads: list[str]
              ) -> dict[str, D.MethodTiming]:
-    from rtdmd.api import make_config
-
     compiled = overrides.get("train", {}).get("compile", False)
     out = {}
     for title, m in WORKLOADS:

@@ -33,6 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks import runner  # noqa: E402
+from rtdmd.backends.shapes import SHIPPED_TEACHER  # noqa: E402
+from rtdmd.checkpoint import load_for_inference  # noqa: E402
+from rtdmd.generate import SamplingConfig, generate_batched, sample_seed  # noqa: E402
+from rtdmd.seeding import torch_generator  # noqa: E402
+
 
 class TimedVelocity:
     """Wraps backend.velocity and accumulates the wall time spent inside it."""
@@ -51,7 +57,6 @@ class TimedVelocity:
 
 def timed_generation(backend, net, items, sc, batch: int) -> dict:
     """Wall seconds of generate_batched over ``items``, and the share inside network calls."""
-    from rtdmd.generate import generate_batched
 
     timed = TimedVelocity(backend.velocity)
     backend.velocity = timed
@@ -72,11 +77,6 @@ def nfe(sc) -> int:
 
 
 def speedup(a) -> dict:
-    from rtdmd.backends.shapes import SHIPPED_TEACHER
-    from rtdmd.checkpoint import load_for_inference
-    from rtdmd.generate import SamplingConfig, sample_seed
-    from rtdmd.seeding import torch_generator
-
     _, backend, net, meta = load_for_inference(SHIPPED_TEACHER)
     teacher_sc = SamplingConfig.from_meta(meta["sampler"])  # Euler, 28 steps, CFG 4
     fast_sc = SamplingConfig(kind="cps", steps=4, guidance=1.0, eta=0.9)
@@ -98,9 +98,6 @@ def speedup(a) -> dict:
 
 
 def eval_throughput(a) -> None:
-    from benchmarks import runner
-    from rtdmd.backends.shapes import SHIPPED_TEACHER
-
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as work:
         opts = runner.EvalOptions(suites=["all"], steps=4, guidance=1.0, eta=0.9, images_per_prompt=4,
                                   max_prompts=a.max_prompts, out=Path(work) / "eval", tracking=False,

@@ -26,12 +26,20 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.toy2d_exact_check import REWARD_NAME, mode_reward
+from rtdmd.api import make_config
+from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
+from rtdmd.config import _deep_merge
+from rtdmd.methods.base import StepContext
+from rtdmd.methods.rtdmd import RtdmdMethod
+from rtdmd.registry import get_backend
+from rtdmd.rewards.registry import register_reward
+from rtdmd.seeding import step_seed, torch_generator
+
 
 def gradient_samples(method, repeats: int, seed: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """At fixed parameters, for R independent epochs: the (R, P) gradients of the generator loss, and per
     stochastic step i the (R_i, P) gradients of the PPO term at step i alone over the epochs that train i."""
-    from rtdmd.methods.base import StepContext
-    from rtdmd.seeding import step_seed, torch_generator
 
     o, gen = method.options, method.networks["generator"]
     params = [p for p in gen.parameters() if p.requires_grad]
@@ -61,11 +69,6 @@ def variance_stats(g: torch.Tensor) -> dict:
 
 
 def build(backend: str, checkpoint: str, mode: str, overrides: dict):
-    from rtdmd.api import make_config
-    from rtdmd.config import _deep_merge
-    from rtdmd.methods.rtdmd import RtdmdMethod
-    from rtdmd.registry import get_backend
-
     method = {"stage": 2, "init": str(checkpoint), "grpo_steps": mode, "bp_weight": 0.0, "dm_weight": 0.0}
     cfg = make_config("rtdmd", backend=backend, overrides=_deep_merge({"method": method, "tracking": {"enabled": False}},
                                                                       overrides))
@@ -86,10 +89,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     over: dict = {"method": {}, "train": {}}
     if args.backend == "toy2d":
-        from benchmarks.toy2d_exact_check import REWARD_NAME, mode_reward
-        from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
-        from rtdmd.rewards.registry import register_reward
-
         register_reward(REWARD_NAME, mode_reward(make_toy2d(Toy2DOptions())._means), differentiable=True)
         over["method"]["rewards"] = {REWARD_NAME: 1.0}
     if args.group_size:

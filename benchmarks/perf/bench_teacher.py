@@ -18,13 +18,18 @@ from pathlib import Path
 
 import torch
 
+from rtdmd.backends.shapes import SHIPPED_TEACHER
+from rtdmd.checkpoint import load_for_inference
+from rtdmd.config import resolve
+from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
+from rtdmd.seeding import torch_generator
+from rtdmd.trainer import Trainer
+
 SHIPPED_STEPS = 4364  # rtdmd/assets/shapes_teacher/meta.json
 
 
 def bench_training(batch: int, warmup: int, steps: int, threads: int) -> float:
     """Teacher training iterations per second (shipped recipe)."""
-    from rtdmd.config import resolve
-    from rtdmd.trainer import Trainer
 
     cfg = resolve("teacher", backend="shapes", overrides={
         "train": {"batch_size": batch, "device": "cpu", "num_threads": threads, "max_steps": warmup + steps},
@@ -60,8 +65,6 @@ class _TimedVelocity:
 
 def bench_sampling(sc, n_images: int, batch: int, backend, net, warmup: bool) -> tuple[float, float, int]:
     """(images/s, share of time outside network calls, network calls) for n_images from distinct prompts/seeds."""
-    from rtdmd.generate import generate_batched, sample_seed
-    from rtdmd.seeding import torch_generator
 
     prompts = backend.training_prompts(n_images, torch_generator("bench_teacher"))  # the world's caption grammar
     items = [(p, sample_seed(0, i, 0)) for i, p in enumerate(prompts)]
@@ -89,9 +92,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from rtdmd.checkpoint import load_for_inference
-    from rtdmd.backends.shapes import SHIPPED_TEACHER
-    from rtdmd.generate import SamplingConfig
 
     it_s = bench_training(a.batch, a.warmup, a.steps, a.threads)
     torch.set_num_threads(a.threads)

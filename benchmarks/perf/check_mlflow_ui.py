@@ -34,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.eval_models import tracking_uri  # noqa: E402
+from benchmarks.report import load_runs  # noqa: E402
+from rtdmd.tracking import latest_experiment  # noqa: E402
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars")
 #: the parameters that make one evaluation configuration (one row of the compare table)
@@ -177,7 +181,6 @@ def screenshot(url: str, out: Path, chromium: str | None, window: str) -> str:
 def check(uri: str, experiment: str, out: Path, chromium: str | None = None, window: str = "2200,2600",
           startup_timeout: float = 240.0) -> int:
     """Run every check (module docstring) on ``experiment`` in the store ``uri``; prints them; 0 when all pass."""
-    from benchmarks.report import load_runs
 
     df = load_runs(experiment, uri)
     if df.empty:
@@ -212,8 +215,6 @@ def main() -> int:
     ap.add_argument("--window", default="2200,2600", help="browser window WIDTH,HEIGHT")
     ap.add_argument("--startup-timeout", type=float, default=240.0)
     args = ap.parse_args()
-    from benchmarks.eval_models import tracking_uri
-    from rtdmd.tracking import latest_experiment
 
     uri = tracking_uri(args.tracking_uri)
     experiment = args.experiment or latest_experiment(uri, "tags.kind = 'eval'")

@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from rtdmd.checkpoint import checkpoint_tensors
+from rtdmd import checkpoint as ckpt
+from rtdmd.checkpoint import checkpoint_tensors, read_meta
+from rtdmd.config import dump, load_resolved, resolve
+from rtdmd.registry import get_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_SETS = ("backend.hidden=16", "backend.depth=2", "train.batch_size=8", "train.device=cpu", "train.num_threads=1",
@@ -179,10 +182,6 @@ def run_corruption(work: Path, source: Path) -> tuple[int, int]:
 
 
 def _tiny_shapes_checkpoint(run_dir: Path, seed: int) -> Path:
-    from rtdmd import checkpoint as ckpt
-    from rtdmd.config import dump, resolve
-    from rtdmd.registry import get_backend
-
     cfg = resolve("teacher", backend="shapes", overrides={"backend": dict(TINY_SHAPES), "tracking": {"enabled": False}})
     backend = get_backend("shapes").factory(cfg.backend, "cpu")
     torch.manual_seed(seed)
@@ -218,7 +217,6 @@ def run_concurrency(work: Path, evals: int) -> int:
     train_ps = _start_together([train_cmd(out, 40, f"train.seed={s}", tracking=uri) for s in (1, 2)])
     lost = sum(p.returncode != 0 and not _one_sentence_refusal(p) for p in train_ps)
     winners = [s for s, p in zip((1, 2), train_ps) if p.returncode == 0]
-    from rtdmd.config import load_resolved
 
     for s in winners:  # the winner's checkpoint holds the winner's run
         d = step_dirs(out).get(40)
@@ -240,7 +238,6 @@ def _concurrent_evals(work: Path, uri: str, evals: int) -> int:
     lost = sum(p.returncode != 0 for p in ps)
     runs = _mlflow_runs(uri)
     evals_logged = runs[runs.get("tags.kind") == "eval"] if "tags.kind" in runs else runs.iloc[0:0]
-    from rtdmd.checkpoint import read_meta
 
     for c in ckpts:  # eval runs name their checkpoint by its weights' sha256 (params hold no absolute paths)
         mine = evals_logged[evals_logged["tags.checkpoint_sha256"] == read_meta(c)["model_sha256"]]

@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import method_driver as D  # noqa: E402
+from rtdmd.api import make_config  # noqa: E402
 
 #: dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name() (first match wins)
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4),
@@ -61,8 +62,6 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def method_config(kind: str, method: str, tiny: bool, device: str, pfile: Path, init: Path | None):
-    from rtdmd.api import make_config
-
     if kind == "shapes":
         over = {"train": {"device": device}}
         if tiny:

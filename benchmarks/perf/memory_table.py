@@ -48,6 +48,10 @@ import torch  # noqa: E402
 
 import method_driver as D  # noqa: E402
 import real_model_configs as RC  # noqa: E402
+from rtdmd.api import make_config  # noqa: E402
+from rtdmd.backends import lora as L  # noqa: E402
+from rtdmd.backends.flux2 import flux2_velocity  # noqa: E402
+from rtdmd.backends.lora import FLUX2_ATTENTION_TARGETS, SD3_ATTENTION_TARGETS  # noqa: E402
 
 GB = 1e9
 BF16, FP32 = 2, 4
@@ -89,8 +93,6 @@ def _build(factory):
 
 
 def _with_lora(model, targets):
-    from rtdmd.backends import lora as L
-
     L.add_adapter(model, "g", L.LoraSpec(rank=32, alpha=64, targets=targets))
     L.set_state(model, (False, ("g",)))
     return model
@@ -104,7 +106,6 @@ def measure_sd3(variant: str, sides=(8, 16), text_tokens: int = 32) -> dict:
     """c, e (bytes per token) of the SD3 transformer family with LoRA r32, from L in {1, 2} and two image sizes."""
     from diffusers import SD3Transformer2DModel
 
-    from rtdmd.backends.lora import SD3_ATTENTION_TARGETS
 
     cfg = dict(RC.SD3_TRANSFORMERS[variant])
     pts = []
@@ -127,8 +128,6 @@ def measure_flux2(variant: str, sides=(8, 16), text_tokens: int = 32) -> dict:
     """Per-token bytes of FLUX.2 double blocks (c2), single blocks (c1) and the rest (e), with LoRA r32."""
     from diffusers import Flux2Transformer2DModel
 
-    from rtdmd.backends.flux2 import flux2_velocity
-    from rtdmd.backends.lora import FLUX2_ATTENTION_TARGETS
 
     cfg = dict(RC.FLUX2_TRANSFORMERS[variant])
     rows = []
@@ -198,7 +197,6 @@ def count_params(kind: str, variant: str) -> dict:
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, Qwen3Config, Qwen3ForCausalLM, T5Config,
                               T5EncoderModel)
 
-    from rtdmd.backends import lora as L
 
     with torch.device("meta"):
         if kind == "sd3":
@@ -283,7 +281,6 @@ def _profile_run(tr, towers: dict, batch: int) -> list[UpdateProfile]:
 def measured_profiles(kind: str, methods=PROFILE_METHODS) -> dict[str, MethodProfile]:
     """Run every method's shipped ``kind`` config on tiny random networks of the real classes (CPU) and
     count what its updates keep alive; rtdmd stage 2 starts from the ac-dmd run's checkpoint."""
-    from rtdmd.api import make_config
 
     out: dict[str, MethodProfile] = {}
     batch = 2

@@ -36,8 +36,15 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import real_model_configs as RC  # noqa: E402
+from rtdmd import registry  # noqa: E402
+from rtdmd.backends.flux2 import Flux2Backend  # noqa: E402
+from rtdmd.backends.sd3 import SD3Backend  # noqa: E402
+from rtdmd.rewards.registry import register_reward, unregister_reward  # noqa: E402
+from rtdmd.trainer import Trainer  # noqa: E402
 
 #: GPUs of the paper's runs: a shipped config's train.batch_size is the global batch over them
 PAPER_GPUS = 8
@@ -114,9 +121,6 @@ def _random_factory(kind: str, cls, tiny: bool):
 @contextlib.contextmanager
 def random_real_backends(tiny: bool):
     """Within the block, backends 'sd3' and 'flux2' build random-weight networks (full size or tiny)."""
-    from rtdmd import registry
-    from rtdmd.backends.flux2 import Flux2Backend
-    from rtdmd.backends.sd3 import SD3Backend
 
     saved = {k: registry.get_backend(k) for k in ("sd3", "flux2")}
     try:
@@ -166,7 +170,6 @@ class RewardTower(torch.nn.Module):
 @contextlib.contextmanager
 def standin_rewards(names, tiny: bool, device, dtype: torch.dtype):
     """Register ``perf_<name>`` for each shipped reward name; yields {shipped name: tower}."""
-    from rtdmd.rewards.registry import register_reward, unregister_reward
 
     towers = {}
     try:
@@ -199,14 +202,12 @@ def use_standins(cfg) -> list[str]:
 # ---------------------------------------------------------------------------- the trainer's step
 def reset_accelerate() -> None:
     """accelerate keeps one process-wide state; each Trainer here may ask for another mixed precision."""
-    from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
 
 
 def setup_trainer(cfg, run_dir: Path):
     """A Trainer with its backend, method, optimisers and EMA copies built (no MLflow run started)."""
-    from rtdmd.trainer import Trainer
 
     reset_accelerate()
     cfg.tracking.enabled = False
@@ -273,8 +274,6 @@ def sync(device) -> None:
 
 
 def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())

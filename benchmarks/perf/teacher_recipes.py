@@ -24,6 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from benchmarks.geneval import suite  # noqa: E402
+from rtdmd.checkpoint import load_for_inference, read_meta  # noqa: E402
+from rtdmd.generate import SamplingConfig  # noqa: E402
+
 
 def train_all(recipes, args, run_root: Path) -> dict:
     procs = {}
@@ -47,12 +53,6 @@ def train_all(recipes, args, run_root: Path) -> dict:
 
 
 def evaluate(run_dir: Path, guidances, images_per_prompt, args, detector_workers) -> list[dict]:
-    import torch
-
-    from benchmarks.geneval import suite
-    from rtdmd.checkpoint import load_for_inference, read_meta
-    from rtdmd.generate import SamplingConfig
-
     rows = []
     steps_dirs = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if ".tmp" not in p.name)
     for i, sd in enumerate(steps_dirs):

@@ -21,7 +21,7 @@ def study():
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(study_file, jobs, device, quiet):
     """Train and evaluate every arm not done yet; rerun the same command to continue after an interruption."""
-    from benchmarks.study.execute import run_study
+    from benchmarks.study.execute import run_study  # lazy: benchmarks.cli imports this module for --help, which loads no torch
 
     s = run_study(study_file, jobs=jobs, device=device, progress=not quiet)
     click.echo(f"study {s.name}: every job is done; report it with: rtdmd-bench study report {study_file}")
@@ -32,6 +32,6 @@ def run_cmd(study_file, jobs, device, quiet):
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<study>/report.md).")
 def report_cmd(study_file, out):
     """Markdown report: arms, paired differences with 95 % CIs, verdicts per claim, learning curves."""
-    from benchmarks.study.report import write_study_report
+    from benchmarks.study.report import write_study_report  # lazy: keeps --help free of numpy and torch
 
     click.echo(f"wrote {write_study_report(study_file, out)}")
