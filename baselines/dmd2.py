@@ -1,6 +1,6 @@
 """DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation") on rectified flow.
 
-baselines.md DMD2: the generator follows the distribution-matching gradient between the
+docs/paper.md s6.1: the generator follows the distribution-matching gradient between the
 teacher (real score, CFG) and a fake score trained on the generator's own samples by flow
 matching; the fake score steps every iteration, the generator every ``ttur``-th (two
 time-scale rule). The 4-step generator is trained with backward simulation: a step index k
@@ -31,22 +31,22 @@ from rtdmd.seeding import step_seed, torch_generator
 
 @dataclass
 class DMD2Options:
-    guidance: float = 4.0  # real-score (teacher) CFG; the fake score runs without CFG (baselines.md: fake CFG 1)
-    num_steps: int = 4  # generator steps on backend.generator_sigmas(num_steps) (baselines.md: 4-step generator)
-    t_min: float = 0.02  # DM loss re-noising t ~ U[t_min, t_max] (baselines.md DMD2)
+    guidance: float = 4.0  # real-score (teacher) CFG; the fake score runs without CFG (docs/paper.md s6.1: fake CFG 1)
+    num_steps: int = 4  # generator steps on backend.generator_sigmas(num_steps) (docs/paper.md s6.1: 4-step generator)
+    t_min: float = 0.02  # DM loss re-noising t ~ U[t_min, t_max] (docs/paper.md s6.1)
     t_max: float = 0.98
     ttur: int = 5  # generator updated every ttur-th iteration, fake score every iteration (SDXL 5, SD1.5 10)
     #: the fake score first, on a backward-simulated sample of its own (own k, prompts and noise), then the
     #: generator: the order of the RTDMD reference (docs/paper.md s4b), so the baseline trains as AC-DMD does;
     #: false: the DMD2 code's order, the generator first and the fake score on its (pre-update) sample
     fake_first: bool = True
-    eta: float = 1.0  # CPS re-noising between the sampler's steps: 1 = fresh noise as DMD2 (method.md s2)
+    eta: float = 1.0  # CPS re-noising between the sampler's steps: 1 = fresh noise as DMD2 (docs/paper.md s2)
     gan: bool = False  # diffusion-GAN head on the fake score's features (needs backend.sample_data: shapes)
-    gan_generator_weight: float = 5e-3  # lambda_G in L_G = L_DM + lambda_G L_G_gan (baselines.md DMD2)
-    gan_critic_weight: float = 1e-2  # lambda_D in L_critic = L_fake + lambda_D L_D (baselines.md DMD2)
+    gan_generator_weight: float = 5e-3  # lambda_G in L_G = L_DM + lambda_G L_G_gan (docs/paper.md s6.1)
+    gan_critic_weight: float = 1e-2  # lambda_D in L_critic = L_fake + lambda_D L_D (docs/paper.md s6.1)
     #: ReFL option: differentiable reward name -> hinge margin, applied to the generator's x0 prediction
     refl_margins: dict[str, float] = field(default_factory=dict)
-    refl_weight: float = 1e-3  # ReFL's loss scale (baselines.md ReFL: relu(2 - r) * 1e-3)
+    refl_weight: float = 1e-3  # ReFL's loss scale (docs/paper.md s6.4: relu(2 - r) * 1e-3)
     generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.01))
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.01))
     ema_decay: float | None = 0.99  # EMA of the generator, used for inference (None: the raw weights)
@@ -93,7 +93,7 @@ class DiscriminatorHead(nn.Module):
 
 
 class ScoreWithHead(nn.Module):
-    """The fake score plus a discriminator head on its intermediate features (diffusion GAN, baselines.md DMD2).
+    """The fake score plus a discriminator head on its intermediate features (diffusion GAN, docs/paper.md s6.1).
 
     ``forward`` is the score's forward (so ``backend.velocity`` works on it unchanged); a forward hook on
     ``backend.feature_module`` captures the features and ``self.logits`` holds the head's output of the
@@ -161,7 +161,7 @@ class DMD2Method(Method):
 
     # -- one iteration -----------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
-        """Backward simulation (baselines.md DMD2): k ~ U{0..num_steps-1}, shared by every process; the
+        """Backward simulation (docs/paper.md s6.1): k ~ U{0..num_steps-1}, shared by every process; the
         generator runs k CPS steps with eta 1 (x0 prediction re-noised with fresh noise) without gradient."""
         o, b = self.options, self.backend
         k = int(torch.randint(0, o.num_steps, (1,), generator=ctx.generator))
@@ -184,7 +184,7 @@ class DMD2Method(Method):
             return flow.x0_from_v(x, v, c["s_k"])
 
     def _critic_logits(self, x0: torch.Tensor, cond, ctx: StepContext, tag: str) -> torch.Tensor:
-        """D on x0 noised at t ~ U(0, 1) (diffusion GAN: real and fake both noised, baselines.md DMD2)."""
+        """D on x0 noised at t ~ U(0, 1) (diffusion GAN: real and fake both noised, docs/paper.md s6.1)."""
         b, fake = self.backend, self.networks["fake_score"]
         t = blocks.global_rand(self.n, ctx, f"{tag}-t").to(x0.device)
         x_t = flow.add_noise(x0, blocks.global_randn(b, self.n, ctx, f"{tag}-n"), t)
@@ -214,7 +214,7 @@ class DMD2Method(Method):
                 x0 = self._generator_x0(grad=False, c=self._fake_cache)
             else:
                 x0 = c["x0"] if c["x0"] is not None else self._generator_x0(grad=False)
-            # DMD2's critic: plain flow matching on the detached sample, t ~ U(0, 1) (baselines.md DMD2)
+            # DMD2's critic: plain flow matching on the detached sample, t ~ U(0, 1) (docs/paper.md s6.1)
             loss, logs = self.fake(self.networks["fake_score"], x0, 0.0, p, ctx)
             if o.gan:
                 data = self.data.get(ctx.step)
@@ -238,6 +238,6 @@ class DMD2Method(Method):
 
 
 @register_method("dmd2", DMD2Options, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",
-                 help="DMD2: distribution matching distillation with a two time-scale fake score (baselines.md)")
+                 help="DMD2: distribution matching distillation with a two time-scale fake score (docs/paper.md s6.1)")
 def make_dmd2(cfg: RunConfig, backend) -> DMD2Method:
     return DMD2Method(cfg, backend)

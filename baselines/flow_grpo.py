@@ -1,10 +1,10 @@
 """Flow-GRPO (Liu et al. 2025): group-relative policy optimisation of a flow model's sampler.
 
-baselines.md Flow-GRPO: the ODE sampler becomes a marginal-preserving SDE (rtdmd.samplers,
+docs/paper.md s6.5: the ODE sampler becomes a marginal-preserving SDE (rtdmd.samplers,
 kernel "sde") whose steps are Gaussian policies; every prompt is sampled K times, rewards are
 turned into group advantages, and the policy takes a PPO-clip step plus a KL to the frozen
 reference policy. The policy is the teacher (N SDE steps with CFG) or, with ``init``, a
-distilled few-step generator sampled with CPS (method.md s2; its last step, to sigma 0, is
+distilled few-step generator sampled with CPS (docs/paper.md s2; its last step, to sigma 0, is
 deterministic and gets no policy gradient). The rollout runs once per iteration in
 ``before_step`` (no gradient); ``loss`` recomputes the new log-probs with gradient
 (rtdmd.methods.grpo.GroupRollout / PolicyLoss, shared with RTDMD).
@@ -31,17 +31,17 @@ class FlowGRPOOptions:
     init: str = ""
     #: "auto": CPS for a few-step (cps) checkpoint, the Flow-GRPO SDE otherwise
     kernel: Literal["auto", "sde", "cps"] = "auto"
-    sampling_steps: int = 10  # SDE steps in training (baselines.md: 10); a CPS policy uses its own 4 steps
-    eval_steps: int = 40  # ODE steps written into the checkpoint's sampler (baselines.md: 40 at evaluation)
+    sampling_steps: int = 10  # SDE steps in training (docs/paper.md s6.5: 10); a CPS policy uses its own 4 steps
+    eval_steps: int = 40  # ODE steps written into the checkpoint's sampler (docs/paper.md s6.5: 40 at evaluation)
     guidance: float = 4.5  # CFG of the SDE policy (Flow-GRPO on SD3.5-M: 4.5); a CPS policy samples as its checkpoint says
-    sde_a: float = 0.7  # sigma_t = a sqrt(t / (1 - t)) (baselines.md)
-    eta: float = 0.9  # CPS stochasticity of a few-step policy (method.md s2)
-    group_size: int = 24  # K samples per prompt (baselines.md: 24); train.batch_size = groups x K
+    sde_a: float = 0.7  # sigma_t = a sqrt(t / (1 - t)) (docs/paper.md s6.5)
+    eta: float = 0.9  # CPS stochasticity of a few-step policy (docs/paper.md s2)
+    group_size: int = 24  # K samples per prompt (docs/paper.md s6.5: 24); train.batch_size = groups x K
     #: stochastic steps trained per iteration: 0 = all; n > 0 = a random subset of n, shared by all processes
     #: (the Flow-GRPO code's timestep_fraction)
     train_steps: int = 0
-    clip_eps: float = 1e-4  # PPO clip range (baselines.md)
-    kl_weight: float = 0.04  # beta: 0.04 GenEval/OCR, 0.01 PickScore (baselines.md)
+    clip_eps: float = 1e-4  # PPO clip range (docs/paper.md s6.5)
+    kl_weight: float = 0.04  # beta: 0.04 GenEval/OCR, 0.01 PickScore (docs/paper.md s6.5)
     advantage_clip: float = 5.0
     advantage_eps: float = 1e-4
     rewards: dict[str, float] = field(default_factory=lambda: {"geneval_partial": 1.0})  # registry name -> weight
@@ -153,6 +153,6 @@ def _check_starts_at_teacher(backend, policy) -> None:
 
 
 @register_method("flow-grpo", FlowGRPOOptions, backends=("shapes", "toy2d", "sd3", "flux2"), default_backend="shapes",
-                 help="Flow-GRPO: group-relative policy optimisation on the teacher's SDE or a few-step generator (baselines.md)")
+                 help="Flow-GRPO: group-relative policy optimisation on the teacher's SDE or a few-step generator (docs/paper.md s6.5)")
 def make_flow_grpo(cfg: RunConfig, backend) -> FlowGRPOMethod:
     return FlowGRPOMethod(cfg, backend)

@@ -1,4 +1,4 @@
-"""Hyper-SD style (Ren et al. 2024; baselines.md): TSCD, then human feedback, then score distillation.
+"""Hyper-SD style (Ren et al. 2024; docs/paper.md s6.3): TSCD, then human feedback, then score distillation.
 
 The training code is not public; this is a reimplementation from the paper's description,
 run as ONE training command whose stage depends only on the step (so resume works across
@@ -40,21 +40,21 @@ from rtdmd.registry import register_method
 
 @dataclass
 class HyperSDOptions(ConsistencyOptions):
-    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # TSCD k per stage (baselines.md Hyper-SD 1)
+    segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # TSCD k per stage (docs/paper.md s6.3 part 1)
     segment_steps: list[int] = field(default_factory=lambda: [300, 300, 300, 300])  # steps of each TSCD stage
     consistency_loss: Literal["mse", "pseudo_huber"] = "mse"  # Hyper-SD: MSE (huber_c applies to pseudo_huber only)
-    # --- human feedback (baselines.md Hyper-SD 2, ReFL)
+    # --- human feedback (docs/paper.md s6.3 part 2, ReFL)
     refl_steps: int = 200  # length of the ReFL stage (0: skip it)
     #: differentiable reward name -> hinge margin (rtdmd.rewards.registry names, or rewards added with
     #: register_reward, e.g. a Python f(x, prompts) -> (B,) on toy2d)
     refl_margins: dict[str, float] = field(default_factory=lambda: {"shapes_pref": 1.0, "shapes_aes": 1.0})
-    refl_weight: float = 1.0e-3  # ReFL loss scale (baselines.md ReFL)
+    refl_weight: float = 1.0e-3  # ReFL loss scale (docs/paper.md s6.4)
     refl_total_steps: int = 8  # late_state: Euler schedule of the generator ...
     refl_stop_range: list[int] = field(default_factory=lambda: [6, 7])  # ... stopped after m ~ U{lo..hi} steps
     refl_consistency_weight: float = 0.0  # add the consistency loss in the ReFL stage (0: pure ReFL)
-    # --- unified stage (baselines.md Hyper-SD 3)
+    # --- unified stage (docs/paper.md s6.3 part 3)
     dmd_weight: float = 1.0  # DMD generator loss added to the consistency loss (weight not published)
-    #: DMD2's per-sample gradient normaliser mean|x - x_real| (baselines.md DMD2); false: the raw difference
+    #: DMD2's per-sample gradient normaliser mean|x - x_real| (docs/paper.md s6.1); false: the raw difference
     dmd_normalize: bool = True
     unified_refl_weight: float = 0.0  # keep the ReFL term (times refl_weight) in the unified stage
     #: also train the fake score in the earlier one-segment stages (TSCD k = 1; ReFL with consistency), on the

@@ -1,4 +1,4 @@
-"""LCM as phased consistency distillation in flow-matching form (baselines.md, "Flow-matching port").
+"""LCM as phased consistency distillation in flow-matching form (docs/paper.md s6.2, "Flow-matching port").
 
 One iteration: a point x_s = (1 - s) x0 + s eps with s on the teacher's solver grid, the
 student's jump to the lower edge e of s's phase, x_e = x_s + (e - s) v_theta(x_s), and the
@@ -51,7 +51,7 @@ class ConsistencyOptions:
     #: [lo, hi]: draw w ~ U[lo, hi] per sample instead (LCM's w-range); the students take no w input,
     #: so they then learn the consistency map of the w-averaged teacher
     guidance_range: list[float] = field(default_factory=list)
-    huber_c: float = 0.001  # pseudo-Huber c (baselines.md LCM)
+    huber_c: float = 0.001  # pseudo-Huber c (docs/paper.md s6.2)
     #: consistency target network: an EMA of the student (LCM: decay 0.95) or the online student itself
     target: Literal["ema", "online"] = "ema"
     target_ema_decay: float = 0.95
@@ -79,7 +79,7 @@ class ConsistencyOptions:
 
 @dataclass
 class LCMOptions(ConsistencyOptions):
-    phases: int = 4  # 1, 2 or 4 segments (baselines.md LCM port); 4 -> 4-step sampling at the edges
+    phases: int = 4  # 1, 2 or 4 segments (docs/paper.md s6.2); 4 -> 4-step sampling at the edges
     sample_steps: int = 4  # steps of the LCM-style re-noising sampler of a 1-phase model
 
     def validate(self):
@@ -146,7 +146,7 @@ def teacher_solver_velocity(backend: Backend, x: torch.Tensor, s: torch.Tensor, 
 
 @dataclass
 class PhasedConsistencyLoss:
-    """The phased consistency distillation loss of one batch (baselines.md LCM flow port): the student's
+    """The phased consistency distillation loss of one batch (docs/paper.md s6.2 flow port): the student's
     jump from x_s to its phase's lower edge against the target network's jump from one CFG teacher solver
     step further (``guidance``, or per-row w ~ U[guidance_range]), by pseudo-Huber (``huber_c``) or MSE."""
 

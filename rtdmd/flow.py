@@ -1,7 +1,7 @@
 """Rectified-flow conventions: noising, v <-> x0 <-> eps, sigma shifts and schedules, CFG, conditionings.
 
 x_s = (1 - s) x0 + s eps,  v = eps - x0,  s in [0, 1],  model timestep = 1000 s
-(method.md section 0). Every conversion between v, x0 and eps in the project lives here.
+(docs/paper.md s0). Every conversion between v, x0 and eps in the project lives here.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def timesteps_to_sigmas(timesteps: Sequence[float] | torch.Tensor, shift: float 
 
 def generator_timesteps(num_steps: int, configured: Sequence[float]) -> list[float]:
     """The few-step generator's timesteps: ``configured`` when it has ``num_steps`` entries, else uniform
-    1000 (1 - i / num_steps) for i < num_steps (the schedule of method.md section 2, at another step count)."""
+    1000 (1 - i / num_steps) for i < num_steps (the schedule of docs/paper.md s2, at another step count)."""
     if len(configured) == num_steps:
         return list(configured)
     return [NUM_TRAIN_TIMESTEPS * (1 - i / num_steps) for i in range(num_steps)]

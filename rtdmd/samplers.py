@@ -1,8 +1,8 @@
 """Samplers over velocity callables ``velocity_fn(x, sigma) -> v`` (sigma a (B,) tensor).
 
 One short free function per sampler: ``euler_sample`` (the ODE), ``cps_rollout``
-(coefficient-preserving sampling, method.md section 2) and ``sde_rollout`` (the Flow-GRPO SDE,
-baselines.md); the two stochastic ones record each step's Gaussian policy and log-prob in a
+(coefficient-preserving sampling, docs/paper.md s2) and ``sde_rollout`` (the Flow-GRPO SDE,
+docs/paper.md s6); the two stochastic ones record each step's Gaussian policy and log-prob in a
 ``Rollout`` through one shared ``_Trace``. Each kernel's step formula is its own function
 (``cps_mean_std`` / ``cps_step``, ``flow_grpo_sde_mean_std`` / ``flow_grpo_sde_step``).
 Random draws take an explicit torch.Generator; noise is drawn on the generator's device
@@ -60,7 +60,7 @@ def euler_sample(
 def cps_mean_std(
     x: torch.Tensor, v: torch.Tensor, s: SigmaLike, s_next: SigmaLike, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPS policy N(mean, std^2) for s -> s' (method.md section 2, arXiv 2509.05952).
+    """CPS policy N(mean, std^2) for s -> s' (docs/paper.md s2, arXiv 2509.05952).
 
     mean = (1 - s') x0_hat + s' cos(eta pi/2) eps_hat,  std = s' sin(eta pi/2) (broadcast-shaped).
     The noise coefficients satisfy cos^2 + sin^2 = 1, so the noise level of x' is s'.
@@ -93,7 +93,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: SigmaLike) -> to
 
 
 def simplified_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(B,) -mean over non-batch dims of (x - mean)^2 (the RTDMD reference code's form, method.md s2)."""
+    """(B,) -mean over non-batch dims of (x - mean)^2 (the RTDMD reference code's form, docs/paper.md s2)."""
     return -((x - mean) ** 2).flatten(1).mean(dim=1)
 
 
@@ -178,12 +178,12 @@ def _grad(enabled: bool):
 def cps_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, eta: float, noises=None,
                 generator: torch.Generator | None = None, *, grad_steps: Iterable[int] = (),
                 log_prob_form: str = "gaussian", num_steps: int | None = None, detach_inputs: bool = True) -> Rollout:
-    """CPS trajectory (method.md s2) from x at sigmas[0]: every step to a sigma above 0 is stochastic when
-    eta > 0; the schedule's last step draws no noise (it goes to sigma 0 in method.md s4).
+    """CPS trajectory (docs/paper.md s2) from x at sigmas[0]: every step to a sigma above 0 is stochastic when
+    eta > 0; the schedule's last step draws no noise (it goes to sigma 0 in docs/paper.md s4).
 
     noises: optional per-step noise (None entries are drawn from ``generator``), e.g. group-shared noise for
     SubGRPO. grad_steps: steps whose network call keeps gradient (the others run under no_grad).
-    num_steps: stop after this many steps (AC-DMD's stop index k, method.md s3 step 2). detach_inputs: each
+    num_steps: stop after this many steps (AC-DMD's stop index k, docs/paper.md s3 step 2). detach_inputs: each
     step's input state is detached, so a step's gradient flows only through its own network call.
     Log-probs score the detached x_{i+1} under the step's (possibly grad-carrying) mean.
     """
@@ -203,7 +203,7 @@ def cps_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, eta: float, no
 def sde_rollout(velocity_fn: VelocityFn, x: torch.Tensor, sigmas, a: float = 0.7, noises=None,
                 generator: torch.Generator | None = None, *, grad_steps: Iterable[int] = (),
                 log_prob_form: str = "gaussian") -> Rollout:
-    """Flow-GRPO SDE trajectory (baselines.md) from x at sigmas[0]: every step is stochastic; noises and
+    """Flow-GRPO SDE trajectory (docs/paper.md s6) from x at sigmas[0]: every step is stochastic; noises and
     grad_steps as in cps_rollout. At s = 1 the step uses sigma_max = sigmas[1], as the Flow-GRPO code."""
     s = _sigma_list(sigmas)
     n, grad_steps = _step_count(s, None, noises), set(grad_steps)
@@ -233,7 +233,7 @@ def few_step_sample(
     eta: float = 0.9,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Few-step generator inference: CPS without gradient (method.md s2: eta 0.9; eta 1 is
+    """Few-step generator inference: CPS without gradient (docs/paper.md s2: eta 0.9; eta 1 is
     DMD2's backward-simulation re-noising x' = (1 - s') x0_hat + s' z). Returns the final sample."""
     return cps_rollout(velocity_fn, x, sigmas, eta, generator=generator).final
 
@@ -242,7 +242,7 @@ def few_step_sample(
 def flow_grpo_sde_mean_std(
     x: torch.Tensor, v: torch.Tensor, s: SigmaLike, s_next: SigmaLike, a: float = 0.7, sigma_max: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow-GRPO SDE step s -> s' (baselines.md): the marginal-preserving SDE
+    """Flow-GRPO SDE step s -> s' (docs/paper.md s6): the marginal-preserving SDE
     dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw, sigma_t = a sqrt(t/(1-t)),
     discretised with Euler-Maruyama. At s = 1 the denominator uses sigma_max (the schedule's
     next sigma), as the Flow-GRPO code does. Returns (mean, std) with std broadcast-shaped."""

@@ -26,7 +26,7 @@ _toy_backend = tiny_toy_backend
 
 
 def test_dm_loss_at_s0_is_dmd2_formula_on_the_same_draws():
-    """blocks.DMLoss at s = 0 against baselines.md's DMD2 formula written out directly:
+    """blocks.DMLoss at s = 0 against docs/paper.md s6's DMD2 formula written out directly:
     x_t = (1-t) x + t n; x0_fake = x_t - t v_fake; x0_real = x_t - t v_cfg; g = (x0_fake - x0_real) /
     mean|x - x0_real|; L = 0.5 mean (x - sg(x - g))^2, so dL/dx = g / numel."""
     b = _toy_backend()

@@ -42,7 +42,7 @@ def test_empirical_mu_and_generator_sigmas_at_512px(tmp_path):
     expected = [1.0] + [math.exp(mu) / (math.exp(mu) + 1 / s - 1) for s in (0.75, 0.5, 0.25)] + [0.0]
     got = b.generator_sigmas()
     assert torch.allclose(got, torch.tensor(expected), atol=1e-6)
-    assert torch.allclose(got, torch.tensor([1.0, 0.958, 0.884, 0.718, 0.0]), atol=1e-3)  # method.md section 2
+    assert torch.allclose(got, torch.tensor([1.0, 0.958, 0.884, 0.718, 0.0]), atol=1e-3)  # docs/paper.md s2
 
 
 def test_shapes_packing_and_decode_gradient(tmp_path):

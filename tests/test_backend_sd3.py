@@ -40,7 +40,7 @@ def randomize(net, seed: int, scale: float = 0.3) -> None:
 def test_geometry_schedule_and_shapes(tmp_path):
     b = backend(tmp_path)
     assert b.state_shape() == (4, 16, 16)
-    # method.md section 2: [1000, 750, 500, 250] with shift 3 -> [1, .9, .75, .5], then 0
+    # docs/paper.md s2: [1000, 750, 500, 250] with shift 3 -> [1, .9, .75, .5], then 0
     assert torch.allclose(b.generator_sigmas(), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
     assert torch.allclose(b.sampling_sigmas(2), torch.tensor([1.0, 0.75, 0.0]))  # 3 * .5 / (1 + 2 * .5)
     cond = b.encode_prompts(["a red cat", "a dog", "a red cat"])

@@ -213,7 +213,7 @@ def test_shapes_geometry_and_schedules():
     img = torch.rand(2, 3, 16, 16)
     assert torch.allclose(b.decode(b.encode_images(img)), img, atol=1e-6)
     assert b.decode(torch.tensor([[-3.0, 3.0]])).tolist() == [[0.0, 1.0]]
-    # method.md section 2: timesteps [1000, 750, 500, 250] with shift 3 -> [1, 0.9, 0.75, 0.5], then 0
+    # docs/paper.md s2: timesteps [1000, 750, 500, 250] with shift 3 -> [1, 0.9, 0.75, 0.5], then 0
     assert torch.allclose(b.generator_sigmas(), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
     s = b.sampling_sigmas(28)
     assert s.shape == (29,) and s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()

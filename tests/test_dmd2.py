@@ -1,4 +1,4 @@
-"""DMD2 baseline: its losses against baselines.md on hand numbers, backward simulation, the two
+"""DMD2 baseline: its losses against docs/paper.md s6 on hand numbers, backward simulation, the two
 time-scale rule, the GAN head, configs, a toy2d run that learns the teacher, and exact resume."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ConstantX0(nn.Module):
 
 
 def test_dm_loss_is_dmd2_formula_on_hand_numbers():
-    """baselines.md DMD2: g = (x0_fake - x0_real) / mean_{dims} |x - x0_real| (float64), L = 0.5 ||x - sg(x - g)||^2
+    """docs/paper.md s6.1: g = (x0_fake - x0_real) / mean_{dims} |x - x0_real| (float64), L = 0.5 ||x - sg(x - g)||^2
     (mean over elements, as the DMD2 code's F.mse_loss). Teacher and fake predict constant x0s, so g is known
     whatever t and n are: x = (1, 3), x0_real = (0, 1), x0_fake = (2, 2) -> g = (2, 1) / 1.5."""
     b = _toy_backend()

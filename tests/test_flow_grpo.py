@@ -78,7 +78,7 @@ def test_grpo_rollout_groups_rewards_and_advantages():
 
 
 def test_grpo_policy_loss_and_kl_on_hand_numbers():
-    """One SDE step s = 1 -> 0.5 with v = theta (baselines.md Flow-GRPO; at s = 1 sigma_t uses the next sigma):
+    """One SDE step s = 1 -> 0.5 with v = theta (docs/paper.md s6.5; at s = 1 sigma_t uses the next sigma):
     sigma_t^2 = 0.49 / (1 - 0.5) = 0.98, dt = -0.5, std = sigma_t sqrt(0.5) = 0.7,
     mean = x (1 + 0.98 / 2 * dt) + theta dt = 0.755 x - 0.5 theta.
     At the behaviour policy rho = 1: L_PPO = -mean(A); d log p / d theta = (x' - mean) / std^2 * (-0.5) = -z / 1.4,
@@ -218,5 +218,5 @@ def test_every_shipped_flow_grpo_yaml_resolves(path):
     backend = path.parent.name
     preset = path.stem.split("@", 1)[1] if "@" in path.stem else None
     cfg = make_config("flow-grpo", backend=backend, preset=preset)
-    assert cfg.method.sde_a == 0.7 and cfg.method.clip_eps == 1e-4  # baselines.md Flow-GRPO
+    assert cfg.method.sde_a == 0.7 and cfg.method.clip_eps == 1e-4  # docs/paper.md s6.5
     assert cfg.train.batch_size % cfg.method.group_size == 0

@@ -332,7 +332,7 @@ def test_group_advantages_raw_and_exact_zero_for_constant_groups():
     gid = torch.tensor([0, 0, 1, 1])
     a = obj.group_advantages({"a": r1, "b": r2}, gid, weights={"a": 2.0, "b": 0.5}, normalize=False, clip=100.0)
     assert torch.allclose(a, torch.tensor([2 * -1 + 0.5 * -0.5, 2 * 1 + 0.5 * 0.5, 0.5 * 2.0, 0.5 * -2.0]))
-    # a group constant in every reward gets exactly 0 (the zero-advantage drop of method.md s4 tests a == 0),
+    # a group constant in every reward gets exactly 0 (the zero-advantage drop of docs/paper.md s4 tests a == 0),
     # also after the multi-reward re-standardisation, for values whose mean is not exact in floating point
     for seed in range(50):
         g = _gen(100 + seed)

@@ -61,7 +61,7 @@ def test_memory_profiles_are_counted_from_the_methods_code():
     prof = MT.measured_profiles("sd3", ["ac-dmd", "rtdmd"])
     ac, rt = prof["ac-dmd"], prof["rtdmd"]
     assert (ac.trained, ac.frozen_adapters) == (2, 1)  # generator + fake score with AdamW, the EMA generator
-    # the fake-score update holds ADSM + 2 consistency forwards; the generator update one (method.md s3)
+    # the fake-score update holds ADSM + 2 consistency forwards; the generator update one (docs/paper.md s3)
     assert max(u.grad_forwards for u in ac.updates) == 3 and all(u.decodes == 0 for u in ac.updates)
     # stage 2's generator update: 2 SubGRPO + 1 BP forwards, one decode, CLIPScore (ViT-L) + HPS and Pick (ViT-H)
     gen = max(rt.updates, key=lambda u: u.decodes)

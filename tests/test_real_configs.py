@@ -28,7 +28,7 @@ def test_every_method_has_a_valid_real_config(kind):
         train = {**base["train"], **(over.get("train") or {})}
         b = build_dataclass(options, backend, "backend")
         t = build_dataclass(TrainConfig, train, "train")
-        assert b.lora_rank == 32 and b.lora_alpha == 64.0 and b.dtype == "bf16"  # method.md s3
+        assert b.lora_rank == 32 and b.lora_alpha == 64.0 and b.dtype == "bf16"  # docs/paper.md s3
         assert t.batch_size % 8 == 0, f"{f.name}: the global batch must split over 8 GPUs"
         assert "guidance" in {**base["method"], **(over.get("method") or {})} or base["method"].get("phases")
 
@@ -36,7 +36,7 @@ def test_every_method_has_a_valid_real_config(kind):
 def test_paper_values_by_variant():
     sd3 = CONFIG_DIR / "sd3"
     load = lambda p: yaml.safe_load(Path(p).read_text())  # noqa: E731
-    assert load(sd3 / "ac-dmd.yaml")["method"]["guidance"] == 7.0  # SD3-M (method.md s3)
+    assert load(sd3 / "ac-dmd.yaml")["method"]["guidance"] == 7.0  # SD3-M (docs/paper.md s3)
     assert load(sd3 / "ac-dmd@sd3.5-medium.yaml")["method"]["guidance"] == 4.5  # SD3.5-M
     assert load(CONFIG_DIR / "flux2" / "ac-dmd.yaml")["method"]["guidance"] == 4.0  # klein base
     assert load(CONFIG_DIR / "flux2" / "ac-dmd.yaml")["method"]["generator_optim"]["lr"] == 1e-6

@@ -21,7 +21,7 @@ def _ctx(seed: int = 3, step: int = 0) -> StepContext:
 
 
 def test_refl_hinge_on_hand_numbers():
-    """baselines.md ReFL: L = weight * mean_b sum_j relu(margin_j - r_j)."""
+    """docs/paper.md s6.4: L = weight * mean_b sum_j relu(margin_j - r_j)."""
     imgs = torch.zeros(3, 2)
     ra = lambda x, p: torch.tensor([1.0, 2.5, 1.5])  # noqa: E731
     rb = lambda x, p: torch.tensor([0.0, 0.5, 3.0])  # noqa: E731
@@ -30,7 +30,7 @@ def test_refl_hinge_on_hand_numbers():
     assert logs["reward/a"] == pytest.approx(5 / 3)
     loss2, _ = blocks.RewardHinge({"a": ra, "b": rb}, {"a": 2.0, "b": 1.0}, 1.0)(imgs, ["", "", ""])
     assert loss2.item() == pytest.approx(((1.0 + 1.0) + (0.0 + 0.5) + (0.5 + 0.0)) / 3)
-    # method.md s4's form: one hinge on the summed rewards, margin 3
+    # docs/paper.md s4's form: one hinge on the summed rewards, margin 3
     loss3, _ = blocks.RewardHinge({"a": ra, "b": rb}, {"__sum__": 3.0}, 1e-4)(imgs, ["", "", ""])
     assert loss3.item() == pytest.approx(1e-4 * (2.0 + 0.0 + 0.0) / 3)
 
@@ -61,7 +61,7 @@ def test_late_state_stops_on_the_euler_grid():
 
 
 def test_refl_steps_raise_a_differentiable_toy_reward():
-    """ReFL on toy2d (baselines.md): late state without gradient, one gradient step to x0_hat, hinge on a
+    """ReFL on toy2d (docs/paper.md s6): late state without gradient, one gradient step to x0_hat, hinge on a
     differentiable reward (minus the distance to mode 0); 30 Adam steps raise the reward at fixed late states."""
     b = _toy()
     torch.manual_seed(0)

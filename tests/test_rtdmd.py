@@ -79,7 +79,7 @@ def test_init_loads_stage1_generator_ema_and_fake_score(stage1_ckpt):
         assert torch.equal(v, model[k])
     for k, v in m.networks["fake_score"].state_dict().items():
         assert torch.equal(v, fake[k])
-    assert [u.network for u in m.updates] == ["fake_score", "generator"]  # fake first (method.md s4)
+    assert [u.network for u in m.updates] == ["fake_score", "generator"]  # fake first (docs/paper.md s4)
 
 
 def test_multi_reward_advantages_and_zero_advantage_drop(stage1_ckpt):
@@ -99,7 +99,7 @@ def test_multi_reward_advantages_and_zero_advantage_drop(stage1_ckpt):
     expected = (total / (total.std(unbiased=False) + 1e-4)).clamp(-5, 5).float()
     assert torch.allclose(batch.advantages, expected, atol=1e-5)
     # make one group's advantages exactly zero (both rewards constant in it), then check the PPO loss
-    # averages over the other rows only (method.md s4: zero-advantage samples are dropped)
+    # averages over the other rows only (docs/paper.md s4: zero-advantage samples are dropped)
     batch.advantages[:4] = 0.0
     loss, logs = m.loss("generator", ctx)
     assert logs["grpo/rows"] == 12.0

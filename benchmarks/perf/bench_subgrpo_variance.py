@@ -1,4 +1,4 @@
-"""Variance of RTDMD's policy-gradient estimate: GRPO on all stochastic steps vs SubGRPO (method.md s4, claim c).
+"""Variance of RTDMD's policy-gradient estimate: GRPO on all stochastic steps vs SubGRPO (docs/paper.md s4, claim c).
 
 At FIXED generator parameters (a stage-1 checkpoint), draw R independent epochs (fresh prompts, initial
 latents, noises and, for SubGRPO, step subsets), compute the gradient of the GRPO term alone (bp_weight = 0,
@@ -10,7 +10,7 @@ dm_weight = 0) each time, and report over the R gradient vectors g_r:
 Both estimators average the PPO term over their trained steps, so their means agree in expectation
 (docs/rtdmd.md): the ratio SubGRPO / GRPO-all of V is the variance of the update (target: below 1).
 It mixes two effects, so the term of each trained step alone is also reported: there SubGRPO's
-group-shared noise at the other steps is the only difference (the mechanism method.md s4 describes).
+group-shared noise at the other steps is the only difference (the mechanism docs/paper.md s4 describes).
 
     python benchmarks/perf/bench_subgrpo_variance.py --backend toy2d --checkpoint runs/toy2d-exact/stage1
     python benchmarks/perf/bench_subgrpo_variance.py --backend shapes --checkpoint runs/shapes-study/ac-dmd \

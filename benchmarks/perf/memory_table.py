@@ -404,7 +404,7 @@ def markdown(table: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=9, help="samples per GPU (method.md: 9/GPU x 8 GPUs)")
+    ap.add_argument("--batch", type=int, default=9, help="samples per GPU (docs/paper.md: 9/GPU x 8 GPUs)")
     ap.add_argument("--gpu-gb", type=float, default=80.0)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)

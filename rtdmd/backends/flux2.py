@@ -10,7 +10,7 @@ the transformer sees it packed as (R/16)^2 tokens of 128 channels. The transform
 timestep = sigma and predicts v = eps - x0 (FlowMatchEulerDiscreteScheduler steps
 x + (s' - s) v). Schedule: FLUX.2's resolution-dependent mu (diffusers' compute_empirical_mu)
 with rtdmd.flow.exponential_time_shift; at 512 px the generator's [1000, 750, 500, 250]
-become about [1.0, 0.958, 0.884, 0.718] (method.md section 2).
+become about [1.0, 0.958, 0.884, 0.718] (docs/paper.md s2).
 
 Base variants (klein-base-*) are the undistilled teachers and take real CFG (two passes,
 Imagen form); the distilled klein-4b / klein-9b take no CFG. diffusers and transformers are
@@ -43,7 +43,7 @@ FLUX2_HUB_IDS = {
 @dataclass
 class Flux2Options(RealOptions):
     variant: Literal["klein-base-4b", "klein-base-9b", "klein-4b", "klein-9b"] = "klein-base-4b"
-    resolution: int = 512  # method.md: FLUX.2-klein trained and evaluated at 512 px
+    resolution: int = 512  # docs/paper.md: FLUX.2-klein trained and evaluated at 512 px
     max_sequence_length: int = 512  # Qwen3 tokens (the pipeline's default)
     text_encoder_out_layers: list[int] = field(default_factory=lambda: [9, 18, 27])
     lora_targets: list[str] = field(default_factory=lambda: list(L.FLUX2_ATTENTION_TARGETS))

@@ -51,7 +51,7 @@ class RealOptions:
     # --- trainable copies: a LoRA on the teacher's weights (teacher = adapters off) or a full copy
     generator_mode: Literal["lora", "full"] = "lora"
     fake_score_mode: Literal["lora", "full"] = "lora"
-    lora_rank: int = 32  # method.md section 3: rank 32, alpha 64 on attention projections
+    lora_rank: int = 32  # docs/paper.md s3: rank 32, alpha 64 on attention projections
     lora_alpha: float = 64.0
     lora_targets: list[str] = field(default_factory=list)  # [] = the family's attention projections
     lora_dropout: float = 0.0

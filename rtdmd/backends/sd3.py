@@ -129,7 +129,7 @@ class SD3Backend(RealBackend):
         ts = self.options.generator_timesteps
         if num_steps != len(ts):
             ts = [1000.0 * (1 - i / num_steps) for i in range(num_steps)]
-        # method.md section 2: [1000, 750, 500, 250] with shift 3 -> [1, .9, .75, .5, 0]
+        # docs/paper.md s2: [1000, 750, 500, 250] with shift 3 -> [1, .9, .75, .5, 0]
         return flow.timesteps_to_sigmas(ts, self.schedule_shift()).to(self.device)
 
     # ------------------------------------------------------------------ text

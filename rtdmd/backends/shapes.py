@@ -66,7 +66,7 @@ class ShapesOptions:
     # --- schedules
     shift: float = 1.0  # teacher sampling shift
     generator_timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
-    generator_shift: float = 3.0  # method.md section 2: sigmas [1, .9, .75, .5]
+    generator_shift: float = 3.0  # docs/paper.md s2: sigmas [1, .9, .75, .5]
     # --- which teacher the distillation methods use: "shipped" or a checkpoint path
     teacher: str = "shipped"
     train_text_encoder: bool = False  # in students (the teacher method always trains it)
@@ -235,7 +235,7 @@ class ShapesBackend(Backend):
 
     def feature_module(self, net):
         """The UNet's mid block (output (B, C, H/4, W/4)), or the SD3 transformer's middle joint block
-        (output (text tokens, image tokens)); DMD2's GAN head reads it (baselines.md DMD2)."""
+        (output (text tokens, image tokens)); DMD2's GAN head reads it (docs/paper.md s6.1)."""
         d = getattr(net, "module", net).denoiser
         if self.options.denoiser == "unet":
             return d.mid_block

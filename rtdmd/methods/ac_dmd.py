@@ -1,4 +1,4 @@
-"""RTDMD stage 1, AC-DMD (method.md s3): ambient-consistent distribution matching, DM term only.
+"""RTDMD stage 1, AC-DMD (docs/paper.md s3): ambient-consistent distribution matching, DM term only.
 
 Registered as ``ac-dmd``; ``rtdmd`` (rtdmd.methods.rtdmd) runs it as its first stage. ``objective: dmd2``
 is the plain-DMD2 ablation. Formulas live in rtdmd.flow / samplers / objectives; the loss blocks that
@@ -25,26 +25,26 @@ BACKENDS = ("shapes", "toy2d", "sd3", "flux2")
 
 @dataclass
 class AcDmdOptions:
-    """Stage 1 (method.md s3). ``objective: dmd2`` is the plain-DMD2 ablation (baselines.md DMD2):
+    """Stage 1 (docs/paper.md s3). ``objective: dmd2`` is the plain-DMD2 ablation (docs/paper.md s6.1):
     backward simulation with eta 1, the DM loss always at s = 0, plain flow matching for the fake score."""
 
     objective: Literal["ac-dmd", "dmd2"] = "ac-dmd"
     guidance: float = 4.0  # teacher CFG (shapes teacher is sampled at CFG 4; SD3-M 7, SD3.5-M 4.5, FLUX.2 4)
-    num_steps: int = 4  # the few-step generator (method.md s2)
-    eta: float = 0.9  # CPS stochasticity of the generator's own steps and of the map back to s (method.md s2-s3)
-    t_min: float = 0.02  # re-noising t clamped to [t_min, t_max] (method.md s3 step 4)
+    num_steps: int = 4  # the few-step generator (docs/paper.md s2)
+    eta: float = 0.9  # CPS stochasticity of the generator's own steps and of the map back to s (docs/paper.md s2-s3)
+    t_min: float = 0.02  # re-noising t clamped to [t_min, t_max] (docs/paper.md s3 step 4)
     t_max: float = 0.98
-    normalize: bool = True  # DMD normalisation g / mean|x_s - x_s^R| (method.md s3 step 6)
-    adsm_weight_clamp: float = 10.0  # ADSM weight min(1, 10 sigma_ts^2) (method.md s3, code)
-    consistency_weight: float = 0.01  # gamma (method.md s3)
-    consistency_max_delta: int = 200  # delta ~ U{1..200} timesteps (method.md s3)
-    ttur: int = 10  # fake score every iteration, generator every ttur-th (method.md s3)
+    normalize: bool = True  # DMD normalisation g / mean|x_s - x_s^R| (docs/paper.md s3 step 6)
+    adsm_weight_clamp: float = 10.0  # ADSM weight min(1, 10 sigma_ts^2) (docs/paper.md s3, code)
+    consistency_weight: float = 0.01  # gamma (docs/paper.md s3)
+    consistency_max_delta: int = 200  # delta ~ U{1..200} timesteps (docs/paper.md s3)
+    ttur: int = 10  # fake score every iteration, generator every ttur-th (docs/paper.md s3)
     #: the reference's order (docs/paper.md s4b): the fake score first, on a generator rollout of its own (own
     #: prompts, k and noise), then the generator; false: the generator first, the fake score then on its sample
     fake_first: bool = True
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # SD3/3.5 lr (method.md s3)
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # SD3/3.5 lr (docs/paper.md s3)
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))
-    ema_decay: float = 0.999  # EMA generator for inference (method.md s3; the decay is our choice)
+    ema_decay: float = 0.999  # EMA generator for inference (docs/paper.md s3; the decay is our choice)
     #: a checkpoint whose inference weights initialise the generator and the fake score instead of the
     #: teacher's (toy2d with the exact teacher has no weights to copy: start from a flow-matching MLP)
     init: str = ""
@@ -64,7 +64,7 @@ class AcDmdOptions:
 
 
 class AcDmdMethod(Method):
-    """Stage 1: the generator learns the teacher with the DM term only (method.md s3)."""
+    """Stage 1: the generator learns the teacher with the DM term only (docs/paper.md s3)."""
 
     inference_network = "generator"
 
@@ -88,7 +88,7 @@ class AcDmdMethod(Method):
         self.updates = [fake, gen] if o.fake_first else [gen, fake]
         n, dmd2 = cfg.train.batch_size, o.objective == "dmd2"
         # DMD2's backward simulation re-noises with fresh noise (eta 1); its DM term and plain flow-matching
-        # fake score draw t uniformly (baselines.md); AC-DMD draws t in the sub-interval above s (method.md s3)
+        # fake score draw t uniformly (docs/paper.md s6); AC-DMD draws t in the sub-interval above s (docs/paper.md s3)
         self.sample = blocks.GeneratorSample(backend, n, 1.0 if dmd2 else o.eta, tag="s1-gen")
         # the fake score's own rollout (fake_first): draws of its own, apart from the generator's
         self.fake_sample = blocks.GeneratorSample(backend, n, 1.0 if dmd2 else o.eta, tag="s1-fake-gen")
@@ -109,7 +109,7 @@ class AcDmdMethod(Method):
 
     def before_step(self, ctx: StepContext) -> None:
         o = self.options
-        # the stop index k ~ U{1..num_steps}, shared by every process (method.md s3 step 1)
+        # the stop index k ~ U{1..num_steps}, shared by every process (docs/paper.md s3 step 1)
         self._k = int(torch.randint(1, o.num_steps + 1, (1,), generator=ctx.generator))
         if o.fake_first:  # the fake score's rollout stops at a k of its own
             self._fake_k = int(torch.randint(1, o.num_steps + 1, (1,), generator=ctx.generator))
@@ -119,13 +119,13 @@ class AcDmdMethod(Method):
         return blocks.draw_prompts(self.backend, self.cfg.train.batch_size, ctx, self.options.guidance, tag=tag)
 
     def _sample(self, p: blocks.Prompts, ctx: StepContext, grad: bool, fake: bool = False) -> tuple[torch.Tensor, float]:
-        """The generator's training sample and its noise level s (method.md s3 steps 1-3); ``fake``: the fake
+        """The generator's training sample and its noise level s (docs/paper.md s3 steps 1-3); ``fake``: the fake
         score's own rollout (its own k and noise)."""
         gen, k = self.networks["generator"], self._fake_k if fake else self._k
         sample = self.fake_sample if fake else self.sample
         if not self.dmd2:
             return sample(gen, p, ctx, k, grad=grad)
-        # DMD2 backward simulation (baselines.md): k-1 steps that re-noise with fresh noise (eta = 1)
+        # DMD2 backward simulation (docs/paper.md s6): k-1 steps that re-noise with fresh noise (eta = 1)
         # without gradient, then the x0 prediction at the k-th state, so s = 0 always.
         x, s = sample(gen, p, ctx, k - 1, grad=False)
         with torch.set_grad_enabled(grad):
@@ -145,8 +145,8 @@ class AcDmdMethod(Method):
             self._cache = (x_s.detach(), s, p)
             loss, logs = self.dm(self.networks["fake_score"], x_s, s, p, ctx)
             return loss, {**logs, "dm/s": s, "dm/k": float(self._k)}
-        # fake score on the (detached) sample of this step: ambient DSM + consistency (method.md s3), or
-        # DMD2's plain flow matching on x0 with t ~ U(0, 1) (baselines.md)
+        # fake score on the (detached) sample of this step: ambient DSM + consistency (docs/paper.md s3), or
+        # DMD2's plain flow matching on x0 with t ~ U(0, 1) (docs/paper.md s6)
         if self._cache is None:
             with torch.no_grad():
                 x_s, s = self._sample(p, ctx, grad=False)
@@ -155,7 +155,7 @@ class AcDmdMethod(Method):
         return self.fake(self.networks["fake_score"], x_s, s, p, ctx)
 
     def sampler(self) -> SamplerSpec:
-        # inference re-noises as in training: CPS eta 0.9 (method.md s2); DMD2's backward simulation is eta 1
+        # inference re-noises as in training: CPS eta 0.9 (docs/paper.md s2); DMD2's backward simulation is eta 1
         return SamplerSpec(kind="cps", steps=self.options.num_steps, eta=1.0 if self.dmd2 else self.options.eta)
 
 

@@ -39,7 +39,7 @@ class SamplerSpec:
     kind: str  # "euler" (many-step teacher ODE) or "cps" (few-step generator)
     steps: int
     guidance: float = 1.0
-    eta: float = 0.9  # CPS stochasticity (method.md section 2)
+    eta: float = 0.9  # CPS stochasticity (docs/paper.md s2)
 
 
 @dataclass

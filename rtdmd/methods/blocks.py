@@ -76,7 +76,7 @@ def teacher_fn(backend: Backend, cond: Cond, guidance: float, uncond: Cond | Non
 @dataclass
 class GeneratorSample:
     """k CPS steps (eta) of the few-step generator from noise; only the last network call keeps gradient
-    (AC-DMD, method.md s3 steps 1-3). eta = 1 re-noises with fresh noise: DMD2's backward simulation."""
+    (AC-DMD, docs/paper.md s3 steps 1-3). eta = 1 re-noises with fresh noise: DMD2's backward simulation."""
 
     backend: Backend
     n_global: int
@@ -118,11 +118,11 @@ class NoiseLevels:
 
 @dataclass
 class DMLoss:
-    """The (AC-)DMD generator loss at noise level s (method.md s3 steps 4-6).
+    """The (AC-)DMD generator loss at noise level s (docs/paper.md s3 steps 4-6).
 
     Re-noise x_s inside [s, 1] (``levels``), query the teacher (CFG ``guidance``) and the fake score there,
     map both back to s with one CPS step (``eta``) sharing the noise z, and regress x_s on x_s - g with the
-    (``normalize``d) DMD gradient g. With s = 0 and uniform levels this is DMD2's x0-space loss (baselines.md).
+    (``normalize``d) DMD gradient g. With s = 0 and uniform levels this is DMD2's x0-space loss (docs/paper.md s6).
     """
 
     backend: Backend
@@ -152,7 +152,7 @@ class DMLoss:
 
 @dataclass(frozen=True)
 class Consistency:
-    """The fake score's two-sample consistency regulariser (method.md s3): ``weight`` gamma, the second
+    """The fake score's two-sample consistency regulariser (docs/paper.md s3): ``weight`` gamma, the second
     level t' = t - delta / 1000 with delta ~ U{1..max_delta}, two CPS moves (``eta``) from x_t to t'."""
 
     weight: float = 0.01
@@ -162,11 +162,11 @@ class Consistency:
 
 @dataclass
 class FakeScoreLoss:
-    """The fake score trained on detached generator samples x_s at level s (method.md s3).
+    """The fake score trained on detached generator samples x_s at level s (docs/paper.md s3).
 
     ``ambient_clamp`` set: AC-DMD's ambient denoising score matching (target v*, weight
     min(1, clamp sigma_ts^2)); None: unweighted, which with uniform ``levels`` on [0, 1] and s = 0 is
-    DMD2's plain flow matching on x0 (baselines.md). ``consistency`` adds the regulariser.
+    DMD2's plain flow matching on x0 (docs/paper.md s6). ``consistency`` adds the regulariser.
     """
 
     backend: Backend
@@ -224,7 +224,7 @@ def reward_scores(rewards: Mapping[str, object], images: torch.Tensor, prompts: 
 @dataclass
 class RewardHinge:
     """ReFL-style hinge on differentiable rewards: weight * mean sum_j relu(margin_j - r_j(x))
-    (baselines.md ReFL / Hyper-SD human feedback). method.md s4 uses the hinge on the summed rewards
+    (docs/paper.md s6.4 / Hyper-SD human feedback). docs/paper.md s4 uses the hinge on the summed rewards
     instead: margins={"__sum__": 3.0}."""
 
     rewards: Mapping[str, object]
@@ -245,7 +245,7 @@ class RewardHinge:
 @dataclass
 class LateState:
     """ReFL's start point: Euler with the network over ``total_steps`` sigmas (CFG ``guidance``), stopped
-    without gradient after m ~ U{stop_range} steps (baselines.md ReFL: 40 steps, m in 30..39)."""
+    without gradient after m ~ U{stop_range} steps (docs/paper.md s6.4: 40 steps, m in 30..39)."""
 
     backend: Backend
     n_global: int

@@ -2,7 +2,7 @@
 its rewards and group advantages, and the PPO-clip policy loss (optionally with a KL to a reference).
 
 A policy is a stochastic sampler whose steps are Gaussians: ``CpsPolicy`` (a few-step generator,
-method.md s2) or ``SdePolicy`` (the Flow-GRPO SDE, baselines.md). ``GroupRollout`` samples every prompt
+docs/paper.md s2) or ``SdePolicy`` (the Flow-GRPO SDE, docs/paper.md s6). ``GroupRollout`` samples every prompt
 K times with it, without gradient; ``PolicyLoss`` recomputes the policy at the stored transitions with
 gradient. Formulas live in rtdmd.samplers / objectives.
 """
@@ -28,7 +28,7 @@ from rtdmd.seeding import torch_generator
 
 @dataclass
 class CpsPolicy:
-    """CPS steps along ``sigmas`` (method.md s2); the schedule's last step (to sigma 0) is deterministic.
+    """CPS steps along ``sigmas`` (docs/paper.md s2); the schedule's last step (to sigma 0) is deterministic.
     ``guidance``: the CFG of the policy's velocity; ``log_prob``: "gaussian" or "simplified"."""
 
     sigmas: object
@@ -45,7 +45,7 @@ class CpsPolicy:
 
 @dataclass
 class SdePolicy:
-    """Flow-GRPO SDE steps along ``sigmas`` (baselines.md), every step stochastic; sigma_t = a sqrt(t/(1-t))."""
+    """Flow-GRPO SDE steps along ``sigmas`` (docs/paper.md s6), every step stochastic; sigma_t = a sqrt(t/(1-t))."""
 
     sigmas: object
     a: float = 0.7
@@ -176,7 +176,7 @@ def step_stats(policy: Policy, fn: VelocityFn, rollout: samplers.Rollout, steps:
 
 def _rows(batch: GRPOBatch, drop_zero_advantage: bool):
     """(rollout, cond, uncond, advantages) of the rows trained: all, or those with a nonzero advantage
-    when ``drop_zero_advantage`` (method.md s4) and some row has one."""
+    when ``drop_zero_advantage`` (docs/paper.md s4) and some row has one."""
     adv, r = batch.advantages, batch.rollout
     if not drop_zero_advantage or not bool((adv != 0).any()) or bool((adv != 0).all()):
         return r, batch.cond, batch.uncond, adv
@@ -189,11 +189,11 @@ def _rows(batch: GRPOBatch, drop_zero_advantage: bool):
 
 @dataclass
 class PolicyLoss:
-    """PPO-clip on the stored transitions of a GRPOBatch with its advantages (baselines.md Flow-GRPO;
-    method.md s4), plus ``kl_weight`` * the Gaussian-mean KL to ``reference`` ((cond, uncond) -> velocity
+    """PPO-clip on the stored transitions of a GRPOBatch with its advantages (docs/paper.md s6.5;
+    docs/paper.md s4), plus ``kl_weight`` * the Gaussian-mean KL to ``reference`` ((cond, uncond) -> velocity
     function, run without gradient). ``mean_over_dims`` divides both log-probs by the state size (the
     Flow-GRPO code's per-dimension log-density, which sets the policy term's scale against its KL);
-    ``drop_zero_advantage`` skips rows whose advantage is 0 (method.md s4)."""
+    ``drop_zero_advantage`` skips rows whose advantage is 0 (docs/paper.md s4)."""
 
     backend: Backend
     policy: Policy

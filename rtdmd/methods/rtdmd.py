@@ -1,4 +1,4 @@
-"""RTDMD (method.md s4): stage 1 AC-DMD, then stage 2 reward-tilted DMD.
+"""RTDMD (docs/paper.md s4): stage 1 AC-DMD, then stage 2 reward-tilted DMD.
 
 Registered as ``rtdmd``: stage 1 then stage 2 (``method.stage: 0``), or one stage (``stage: 1`` / ``2``);
 stage 2 starts from a stage-1 checkpoint (``method.init``: generator and fake score). A two-stage run is
@@ -34,45 +34,45 @@ def _paper_rewards() -> dict[str, float]:
 
 @dataclass
 class RtdmdOptions:
-    """Stage 2 (method.md s4) plus what a two-stage run needs (``stage``, ``init``, ``stage1``, ``stage1_train``)."""
+    """Stage 2 (docs/paper.md s4) plus what a two-stage run needs (``stage``, ``init``, ``stage1``, ``stage1_train``)."""
 
     stage: int = 0  # 0: stage 1 then stage 2; 1: AC-DMD alone; 2: RTDMD alone (needs init)
     init: str = ""  # stage 2: a stage-1 checkpoint (generator from its EMA weights, fake score from its state)
     stage1: AcDmdOptions = field(default_factory=AcDmdOptions)  # the stage-1 method options
     stage1_train: dict = field(default_factory=dict)  # train.* overrides for stage 1 (max_steps, batch_size, ...)
     # --- rollouts and groups
-    guidance: float = 4.0  # teacher CFG in the DM term, as in stage 1 (method.md s4)
+    guidance: float = 4.0  # teacher CFG in the DM term, as in stage 1 (docs/paper.md s4)
     group_size: int = 8  # K: every prompt K times in the global batch (train.batch_size = groups x K)
-    eta: float = 0.9  # CPS, steps 0..n-2 stochastic, last step deterministic (method.md s4)
-    log_prob: Literal["gaussian", "simplified"] = "simplified"  # reference code's -mean((x' - mu)^2) (method.md s2)
+    eta: float = 0.9  # CPS, steps 0..n-2 stochastic, last step deterministic (docs/paper.md s4)
+    log_prob: Literal["gaussian", "simplified"] = "simplified"  # reference code's -mean((x' - mu)^2) (docs/paper.md s2)
     # --- GRPO
     rewards: dict = field(default_factory=_paper_rewards)  # reward name -> weight (rtdmd.rewards.registry names)
     bp_rewards: list = field(default_factory=list)  # rewards back-propagated (empty: every differentiable one)
     grpo_steps: Literal["subset", "all"] = "subset"  # SubGRPO, or GRPO on every stochastic step (ablation)
-    subgrpo_steps: int = 2  # 2 of the 3 stochastic steps per epoch (method.md s4)
+    subgrpo_steps: int = 2  # 2 of the 3 stochastic steps per epoch (docs/paper.md s4)
     grpo_weight: float = 1.0  # weight of the PPO-clip term
     #: each trained step's loss divided by the number of trained steps (the picked GRPO steps and the last,
     #: back-propagated step), as the reference: 2/3 PPO + 1/3 (BP + DM) under SubGRPO (docs/paper.md s4b);
     #: false: PPO + BP + DM summed
     step_average: bool = True
-    clip_eps: float = 1.0e-5  # PPO clip (method.md s4)
-    advantage_clip: float = 5.0  # (method.md s4)
+    clip_eps: float = 1.0e-5  # PPO clip (docs/paper.md s4)
+    advantage_clip: float = 5.0  # (docs/paper.md s4)
     advantage_eps: float = 1.0e-4
-    advantage_normalize: bool = True  # per-reward std normalisation and global re-standardisation (method.md s4)
+    advantage_normalize: bool = True  # per-reward std normalisation and global re-standardisation (docs/paper.md s4)
     # --- reward back-propagation and the DM term on the last deterministic step
-    bp_weight: float = 1.0e-4  # L_BP = bp_weight * mean relu(margin - sum_j r_j(x0)) (method.md s4)
+    bp_weight: float = 1.0e-4  # L_BP = bp_weight * mean relu(margin - sum_j r_j(x0)) (docs/paper.md s4)
     bp_margin: float = 3.0  # the reference code's margin (3 for CLIP+HPS+Pick scales; shapes: see configs)
-    dm_weight: float = 1.0e-3  # + dm_weight * L_AC-DMD at s = 0 (method.md s4); 0 = pure reward maximisation
+    dm_weight: float = 1.0e-3  # + dm_weight * L_AC-DMD at s = 0 (docs/paper.md s4); 0 = pure reward maximisation
     dm_grad: Literal["last", "all"] = "last"  # gradient through the last step only (paper) or the whole rollout
-    dm_t_min: float = 0.02  # t clamp of the DM term and of the fake-score update (method.md s3 step 4)
+    dm_t_min: float = 0.02  # t clamp of the DM term and of the fake-score update (docs/paper.md s3 step 4)
     dm_t_max: float = 0.98
-    normalize: bool = True  # DMD normalisation of the DM gradient (method.md s3 step 6)
+    normalize: bool = True  # DMD normalisation of the DM gradient (docs/paper.md s3 step 6)
     # --- fake score (one update per epoch, before the generator step)
-    consistency_weight: float = 0.01  # L_ADSM + 0.01 L_cons (method.md s4)
+    consistency_weight: float = 0.01  # L_ADSM + 0.01 L_cons (docs/paper.md s4)
     adsm_weight_clamp: float = 10.0
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-6, weight_decay=1e-4))  # method.md s4
-    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # method.md s4
-    ema_decay: float = 0.9  # EMA 0.9 (every train.ema_every = 8 steps, method.md s4)
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-6, weight_decay=1e-4))  # docs/paper.md s4
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-5))  # docs/paper.md s4
+    ema_decay: float = 0.9  # EMA 0.9 (every train.ema_every = 8 steps, docs/paper.md s4)
 
     def validate(self):
         if self.stage not in (0, 1, 2):
@@ -116,7 +116,7 @@ class RtdmdOptions:
 
 def load_init(backend, networks: dict, init: str) -> dict:
     """Stage 2's start: the generator from a stage-1 checkpoint's inference (EMA) weights and the fake
-    score from its training state (method.md s4: initialise from stage 1, generator and fake score)."""
+    score from its training state (docs/paper.md s4: initialise from stage 1, generator and fake score)."""
     step_dir = ckpt.find_checkpoint(init)
     meta = ckpt.read_meta(step_dir)
     if meta.get("backend") != backend.name:
@@ -145,7 +145,7 @@ def load_rewards(options: RtdmdOptions, backend) -> tuple[dict, dict]:
 
 
 class RtdmdMethod(Method):
-    """Stage 2 (method.md s4). One trainer step = one epoch: fresh grouped rollouts, train.accumulate
+    """Stage 2 (docs/paper.md s4). One trainer step = one epoch: fresh grouped rollouts, train.accumulate
     micro-batches of train.batch_size (before_step), one fake-score update on their final samples, one
     generator step on w_pg * grpo_weight * PPO(selected steps) + w_last * (L_BP + dm_weight * L_DM) (last,
     deterministic step), the weights from ``step_weights``; the trainer divides each micro-batch's loss by
@@ -170,10 +170,10 @@ class RtdmdMethod(Method):
         self.init_meta = load_init(backend, self.networks, o.init)
         self.rewards, self.bp_rewards = load_rewards(o, backend)
         self.sigmas = backend.generator_sigmas()
-        self.stochastic = list(range(len(self.sigmas) - 2))  # every step but the last (method.md s4)
+        self.stochastic = list(range(len(self.sigmas) - 2))  # every step but the last (docs/paper.md s4)
         if o.grpo_steps == "subset" and not 1 <= o.subgrpo_steps <= len(self.stochastic):
             raise UserError(f"method.subgrpo_steps must be in 1..{len(self.stochastic)} (got {o.subgrpo_steps}).")
-        # the fake score is updated first, on the rollout, then the generator (method.md s4)
+        # the fake score is updated first, on the rollout, then the generator (docs/paper.md s4)
         self.updates = ([Update("fake_score", every=1, optim=o.fake_optim)] if "fake_score" in self.networks else []) + \
                        [Update("generator", every=1, optim=o.generator_optim, ema_decay=o.ema_decay)]
         n, levels = cfg.train.batch_size, blocks.NoiseLevels(False, o.dm_t_min, o.dm_t_max)
@@ -183,7 +183,7 @@ class RtdmdMethod(Method):
         self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, drop_zero_advantage=True)
         self.bp = blocks.RewardHinge(self.bp_rewards, {"__sum__": o.bp_margin}, o.bp_weight)
         self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, levels, tag="rt-dm")
-        # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (method.md s4)
+        # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (docs/paper.md s4)
         self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
                                          blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
         self.batches: list[grpo.GRPOBatch] = []  # this epoch's micro-batches (train.accumulate)
@@ -201,7 +201,7 @@ class RtdmdMethod(Method):
     def rollout_noises(self, ctx: StepContext, selected: list[int]) -> list[torch.Tensor | None]:
         """Per-step noise for this process's rows: None (fresh per-sample noise, drawn by the rollout) at
         trained steps; at the other stochastic steps one noise per prompt group, shared by its K members
-        (method.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index (over the epoch's
+        (docs/paper.md s4 SubGRPO), seeded by (group, prompt, step, epoch); the group index (over the epoch's
         micro-batches) keeps repeated prompts apart."""
         b = self.backend
         prompts, gids = grpo.grouped_prompts(b, self.n_groups, self.options.group_size, ctx, tag="rt-groups")
@@ -242,7 +242,7 @@ class RtdmdMethod(Method):
                               b.uncond(len(batch.prompts)) if self.options.guidance != 1.0 else None)
 
     def last_step_x0(self) -> torch.Tensor:
-        """x0 = x_t - s v_theta(x_t) on the last, deterministic step, x_t detached (method.md s4): the
+        """x0 = x_t - s v_theta(x_t) on the last, deterministic step, x_t detached (docs/paper.md s4): the
         gradient reaches the generator through that one network call."""
         b, r = self.backend, self.batch.rollout
         x_last, s = r.states[-2].detach(), r.sigmas[-2]
@@ -274,12 +274,12 @@ class RtdmdMethod(Method):
         if (self.bp_rewards and o.bp_weight > 0) or o.dm_weight > 0:
             x0 = self.last_step_x0()
             if self.bp_rewards and o.bp_weight > 0:
-                # reward back-propagation through the deterministic last step (method.md s4)
+                # reward back-propagation through the deterministic last step (docs/paper.md s4)
                 bp, _ = self.bp(self.backend.decode(x0), batch.prompts)
                 total = total + (bp if w_last == 1.0 else w_last * bp)
                 logs["loss/bp"] = float(bp.detach())
             if o.dm_weight > 0:
-                # the DM term on the same x0 at s = 0, teacher with CFG (method.md s4); the reward's
+                # the DM term on the same x0 at s = 0, teacher with CFG (docs/paper.md s4); the reward's
                 # gradient through the stochastic steps is GRPO's, so only the DM term may use the replay
                 x0_dm = self.replayed_x0() if o.dm_grad == "all" else x0
                 dm, _ = self.dm(self.networks["fake_score"], x0_dm, 0.0, self._prompts(), ctx)
