@@ -65,13 +65,20 @@ def exact_tilted_weights(backend, reward, beta: float, n: int = 400_000, seed: i
     return (out / out.sum()).float()
 
 
-def exact_overrides(beta: float, group_size: int, t0: float = T0, dim: int = 2, n_stochastic: int = 3) -> dict:
+def exact_overrides(beta: float, group_size: int, t0: float = T0, dim: int = 2, n_stochastic: int = 3,
+                    t1: float | None = None) -> dict:
     """Stage-2 weights whose fixed point is the tilted target (docs/rtdmd.md): the DM gradient at fixed t0 with
     no normalisation is t0^2 / ((1 - t0)^2 dim) grad KL_t0, so dm_weight = dim (1 - t0)^2 / t0^2 makes it
     grad KL_t0; raw group-centred advantages with Gaussian log-probs, averaged over the trained steps, give
     (1 - 1/K) / n_stochastic of the stochastic steps' share of grad E[r], so grpo_weight = beta n_stochastic / (1 - 1/K);
-    the linear hinge (margin above max r) gives -bp_weight grad r through the last step, so bp_weight = beta."""
-    return {"dm_weight": dim * (1 - t0) ** 2 / t0**2, "dm_t_min": t0, "dm_t_max": t0, "normalize": False,
+    the linear hinge (margin above max r) gives -bp_weight grad r through the last step, so bp_weight = beta.
+    With ``t1`` the DM term covers a range of levels instead: t ~ U[t0, t1], each row scaled to grad KL_t
+    (dm_level_weight: kl, dm_weight 1; docs/toy2d-family.md)."""
+    if t1 is None:
+        dm = {"dm_weight": dim * (1 - t0) ** 2 / t0**2, "dm_t_min": t0, "dm_t_max": t0}
+    else:
+        dm = {"dm_weight": 1.0, "dm_t_min": t0, "dm_t_max": t1, "dm_t_draw": "uniform", "dm_level_weight": "kl"}
+    return {**dm, "normalize": False,
             "dm_grad": "all", "advantage_normalize": False, "advantage_clip": 1.0e6, "log_prob": "gaussian",
             "grpo_weight": beta * n_stochastic / (1 - 1 / group_size), "bp_weight": beta, "bp_margin": 1.0e3}
 
