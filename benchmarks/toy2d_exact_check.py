@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.toy2d_metrics import matches_teacher
 from rtdmd import checkpoint as ckpt
@@ -90,13 +91,22 @@ def mode_weights(checkpoint, n: int = 20000) -> tuple[torch.Tensor, torch.Tensor
     return torch.bincount(b.mode_of(x), minlength=b.num_modes).float() / n, x
 
 
+def _finished(out: Path) -> bool:
+    """Whether the run in ``out`` reached its configured train.max_steps (an interrupted run has not)."""
+    latest, config = out / "checkpoints" / "latest", out / "config.yaml"
+    if not (latest.is_file() and config.is_file()):
+        return False
+    step = int(latest.read_text().strip().rpartition("_")[2] or -1)
+    return step >= int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps", 0))
+
+
 def _train(method, out: Path, overrides: dict, preset=None, stage=None, init=None):
-    done = (out / "checkpoints" / "latest").is_file()
-    if done:
+    """Train into ``out`` (a finished run there is reused, an interrupted one continued); (checkpoint, seconds)."""
+    if _finished(out):
         return ckpt.find_checkpoint(out), 0.0
     t = time.perf_counter()
     r = run_training(method, backend="toy2d", overrides=overrides, preset=preset, stage=stage, init=init, out=out,
-                     show_progress=False)
+                     resume="auto", show_progress=False)
     return r.checkpoint, time.perf_counter() - t
 
 

@@ -96,3 +96,20 @@ def test_tiny_family_case_end_to_end(tmp_path):
     assert (tmp_path / "exact-range" / "stage2-linear-beta1" / "checkpoints" / "latest").is_file()
     line = summary(rows)
     assert line.startswith("cases: 4, passed: ") and "| 10 | 3 | 2 | linear | 1 |" in table(rows)
+
+
+def test_bootstrap_ci_hand_values():
+    from benchmarks.fake_score_tracking import bootstrap_ci
+    assert bootstrap_ci([0.25] * 6) == pytest.approx((0.25, 0.25, 0.25))
+    mean, lo, hi = bootstrap_ci([0.0, 1.0, 2.0, 3.0])
+    assert mean == 1.5 and 0.0 <= lo < 1.5 < hi <= 3.0
+
+
+def test_fake_score_tracking_smoke(tmp_path):
+    """benchmarks/fake_score_tracking.py end to end on a tiny budget: rows per (updates, k), finite CIs."""
+    from benchmarks.fake_score_tracking import main
+    res = main(["--out", str(tmp_path), "--seeds", "2", "--updates", "1", "3", "--batch", "64",
+                "--reference-steps", "5", "--eval-samples", "256", "--teacher-steps", "20"])
+    assert [(r["updates"], r["k"]) for r in res["rows"]] == [(u, k) for u in (1, 3) for k in range(1, 5)]
+    assert all(math.isfinite(v) for r in res["rows"] for v in (*r["ac_dmd"], *r["dmd2"], *r["difference"]))
+    assert (tmp_path / "table.md").is_file()
