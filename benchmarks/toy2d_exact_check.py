@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.toy2d_metrics import matches_teacher
 from rtdmd import checkpoint as ckpt
@@ -65,13 +66,20 @@ def exact_tilted_weights(backend, reward, beta: float, n: int = 400_000, seed: i
     return (out / out.sum()).float()
 
 
-def exact_overrides(beta: float, group_size: int, t0: float = T0, dim: int = 2, n_stochastic: int = 3) -> dict:
+def exact_overrides(beta: float, group_size: int, t0: float = T0, dim: int = 2, n_stochastic: int = 3,
+                    t1: float | None = None) -> dict:
     """Stage-2 weights whose fixed point is the tilted target (docs/rtdmd.md): the DM gradient at fixed t0 with
     no normalisation is t0^2 / ((1 - t0)^2 dim) grad KL_t0, so dm_weight = dim (1 - t0)^2 / t0^2 makes it
     grad KL_t0; raw group-centred advantages with Gaussian log-probs, averaged over the trained steps, give
     (1 - 1/K) / n_stochastic of the stochastic steps' share of grad E[r], so grpo_weight = beta n_stochastic / (1 - 1/K);
-    the linear hinge (margin above max r) gives -bp_weight grad r through the last step, so bp_weight = beta."""
-    return {"dm_weight": dim * (1 - t0) ** 2 / t0**2, "dm_t_min": t0, "dm_t_max": t0, "normalize": False,
+    the linear hinge (margin above max r) gives -bp_weight grad r through the last step, so bp_weight = beta.
+    With ``t1`` the DM term covers a range of levels instead: t ~ U[t0, t1], each row scaled to grad KL_t
+    (dm_level_weight: kl, dm_weight 1; docs/toy2d-family.md)."""
+    if t1 is None:
+        dm = {"dm_weight": dim * (1 - t0) ** 2 / t0**2, "dm_t_min": t0, "dm_t_max": t0}
+    else:
+        dm = {"dm_weight": 1.0, "dm_t_min": t0, "dm_t_max": t1, "dm_t_draw": "uniform", "dm_level_weight": "kl"}
+    return {**dm, "normalize": False,
             "dm_grad": "all", "advantage_normalize": False, "advantage_clip": 1.0e6, "log_prob": "gaussian",
             "grpo_weight": beta * n_stochastic / (1 - 1 / group_size), "bp_weight": beta, "bp_margin": 1.0e3}
 
@@ -83,13 +91,22 @@ def mode_weights(checkpoint, n: int = 20000) -> tuple[torch.Tensor, torch.Tensor
     return torch.bincount(b.mode_of(x), minlength=b.num_modes).float() / n, x
 
 
+def _finished(out: Path) -> bool:
+    """Whether the run in ``out`` reached its configured train.max_steps (an interrupted run has not)."""
+    latest, config = out / "checkpoints" / "latest", out / "config.yaml"
+    if not (latest.is_file() and config.is_file()):
+        return False
+    step = int(latest.read_text().strip().rpartition("_")[2] or -1)
+    return step >= int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps", 0))
+
+
 def _train(method, out: Path, overrides: dict, preset=None, stage=None, init=None):
-    done = (out / "checkpoints" / "latest").is_file()
-    if done:
+    """Train into ``out`` (a finished run there is reused, an interrupted one continued); (checkpoint, seconds)."""
+    if _finished(out):
         return ckpt.find_checkpoint(out), 0.0
     t = time.perf_counter()
     r = run_training(method, backend="toy2d", overrides=overrides, preset=preset, stage=stage, init=init, out=out,
-                     show_progress=False)
+                     resume="auto", show_progress=False)
     return r.checkpoint, time.perf_counter() - t
 
 

@@ -116,13 +116,22 @@ class NoiseLevels:
         return t_all[ctx.shard(n_global)]
 
 
+def kl_level_weight(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """D (1 - t)^2 / t^2: the factor that turns the unnormalised DMD gradient at s = 0 and level t,
+    g = x0_hat_fake - x0_hat_real, regressed by dmd_loss (a mean over D elements), into grad KL(q_t || p_t)
+    (score difference (1 - t) / t^2 (x0_hat_fake - x0_hat_real), dx_t / dx0 = (1 - t); docs/rtdmd.md)."""
+    return dim * (1 - t) ** 2 / t**2
+
+
 @dataclass
 class DMLoss:
     """The (AC-)DMD generator loss at noise level s (docs/paper.md s3 steps 4-6).
 
     Re-noise x_s inside [s, 1] (``levels``), query the teacher (CFG ``guidance``) and the fake score there,
     map both back to s with one CPS step (``eta``) sharing the noise z, and regress x_s on x_s - g with the
-    (``normalize``d) DMD gradient g. With s = 0 and uniform levels this is DMD2's x0-space loss (docs/paper.md s6).
+    (``normalize``d) DMD gradient g. With s = 0 and uniform levels this is DMD2's x0-space loss (docs/paper.md s6.1).
+    ``kl_levels`` (s = 0, unnormalised): each row's g is scaled by kl_level_weight(t, D), so the loss's gradient
+    is the mean over rows of grad KL(q_t || p_t) at each row's own t (docs/toy2d-family.md).
     """
 
     backend: Backend
@@ -132,6 +141,7 @@ class DMLoss:
     normalize: bool = True
     levels: NoiseLevels = NoiseLevels()
     tag: str = "dm"
+    kl_levels: bool = False
 
     def __call__(self, fake_net, x_s: torch.Tensor, s: float, p: Prompts, ctx: StepContext) -> tuple[torch.Tensor, dict]:
         b, n, tag = self.backend, self.n_global, self.tag
@@ -146,6 +156,9 @@ class DMLoss:
             x_real = samplers.cps_step(x_t, v_real, t, s, self.eta, z)
             x_fake = samplers.cps_step(x_t, v_fake, t, s, self.eta, z)
         grad = objectives.dmd_gradient(xd, x_real, x_fake, normalize=self.normalize)
+        if self.kl_levels:
+            w = kl_level_weight(t.to(torch.float64), xd[0].numel()).to(grad.device)
+            grad = grad * w.reshape(-1, *([1] * (grad.dim() - 1)))
         loss = objectives.dmd_loss(x_s, grad)
         return loss.float(), {"dm/grad_norm": float(grad.float().pow(2).mean().sqrt())}
 

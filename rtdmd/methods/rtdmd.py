@@ -66,6 +66,12 @@ class RtdmdOptions:
     dm_grad: Literal["last", "all"] = "last"  # gradient through the last step only (paper) or the whole rollout
     dm_t_min: float = 0.02  # t clamp of the DM term and of the fake-score update (docs/paper.md s3 step 4)
     dm_t_max: float = 0.98
+    #: how t is drawn in [dm_t_min, dm_t_max] for the DM term and the fake score: AC-DMD's sub-interval draw
+    #: above s = 0 (clamped, docs/paper.md s3 step 4) or uniform on the range
+    dm_t_draw: Literal["subinterval", "uniform"] = "subinterval"
+    #: "kl": each row's DM gradient scaled by D (1 - t)^2 / t^2 (blocks.kl_level_weight), so the DM term is
+    #: the mean over t of grad KL_t (a range of noise levels; docs/toy2d-family.md); "none": as is
+    dm_level_weight: Literal["none", "kl"] = "none"
     normalize: bool = True  # DMD normalisation of the DM gradient (docs/paper.md s3 step 6)
     # --- fake score (one update per epoch, before the generator step)
     consistency_weight: float = 0.01  # L_ADSM + 0.01 L_cons (docs/paper.md s4)
@@ -83,6 +89,8 @@ class RtdmdOptions:
             raise UserError(f"method.eta must be in (0, 1] so the rollout's steps are stochastic (got {self.eta}).")
         if not 0.0 < self.dm_t_min <= self.dm_t_max < 1.0:
             raise UserError(f"method.dm_t_min/dm_t_max must satisfy 0 < min <= max < 1 (got {self.dm_t_min}, {self.dm_t_max}).")
+        if self.dm_level_weight == "kl" and self.normalize:
+            raise UserError("method.dm_level_weight: kl scales the raw DM gradient; set method.normalize: false with it.")
         if not self.rewards and self.dm_weight <= 0:
             raise UserError("stage 2 needs at least one reward in method.rewards or a positive method.dm_weight.")
         if any((not isinstance(w, (int, float))) or isinstance(w, bool) for w in self.rewards.values()):
@@ -176,13 +184,14 @@ class RtdmdMethod(Method):
         # the fake score is updated first, on the rollout, then the generator (docs/paper.md s4)
         self.updates = ([Update("fake_score", every=1, optim=o.fake_optim)] if "fake_score" in self.networks else []) + \
                        [Update("generator", every=1, optim=o.generator_optim, ema_decay=o.ema_decay)]
-        n, levels = cfg.train.batch_size, blocks.NoiseLevels(False, o.dm_t_min, o.dm_t_max)
+        n, levels = cfg.train.batch_size, blocks.NoiseLevels(o.dm_t_draw == "uniform", o.dm_t_min, o.dm_t_max)
         policy = grpo.CpsPolicy(self.sigmas, o.eta, 1.0, o.log_prob)
         advantages = grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards, o.advantage_normalize)
         self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size, advantages, tag="rt")
         self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, drop_zero_advantage=True)
         self.bp = blocks.RewardHinge(self.bp_rewards, {"__sum__": o.bp_margin}, o.bp_weight)
-        self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, levels, tag="rt-dm")
+        self.dm = blocks.DMLoss(backend, n, o.guidance, o.eta, o.normalize, levels, tag="rt-dm",
+                                kl_levels=o.dm_level_weight == "kl")
         # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (docs/paper.md s4)
         self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
                                          blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
