@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.study.stats import mean_interval, paired_difference
 from benchmarks.toy2d_exact_check import _train
 from rtdmd import objectives, samplers
 from rtdmd.api import make_config
@@ -94,14 +95,6 @@ def fm_losses(backend, net, ev: dict) -> dict[int, float]:
     return out
 
 
-def bootstrap_ci(values: list[float], reps: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 2.5%, 97.5%) of the mean, by resampling ``values`` with replacement."""
-    v = torch.tensor(values, dtype=torch.float64)
-    idx = torch.randint(0, len(v), (reps, len(v)), generator=torch.Generator().manual_seed(seed))
-    means = v[idx].mean(1)
-    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
-
-
 def track(objective: str, seed: int, updates: list[int], batch: int, ev: dict, ref_loss: dict,
           teacher: str) -> dict[int, dict]:
     """One fake score trained by ``objective`` on the frozen generator; its excess loss per k after each count."""
@@ -151,7 +144,9 @@ def main(argv=None) -> dict:
         for k in range(1, 5):
             a = [r[u][k] for r in runs["ac-dmd"]]
             d = [r[u][k] for r in runs["dmd2"]]
-            ca, cd, cdiff = bootstrap_ci(a), bootstrap_ci(d), bootstrap_ci([x - y for x, y in zip(a, d)])
+            ca, cd = mean_interval([a], n_boot=4000), mean_interval([d], n_boot=4000)
+            diff = paired_difference([a], [d], n_boot=4000)  # seeds paired: the same init and generator per seed
+            cdiff = (diff.diff, diff.lo, diff.hi)
             rows.append({"updates": u, "k": k, "ac_dmd": ca, "dmd2": cd, "difference": cdiff})
             lines.append(f"| {u} | {k} | {_ci(ca)} | {_ci(cd)} | {_ci(cdiff)} |")
     init_line = "excess of the shared init (the MLP's weights): " + ", ".join(f"k={k}: {v:.4f}" for k, v in init_excess.items())

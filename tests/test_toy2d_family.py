@@ -98,10 +98,10 @@ def test_tiny_family_case_end_to_end(tmp_path):
     assert line.startswith("cases: 4, passed: ") and "| 10 | 3 | 2 | linear | 1 |" in table(rows)
 
 
-def test_bootstrap_ci_hand_values():
-    from benchmarks.fake_score_tracking import bootstrap_ci
-    assert bootstrap_ci([0.25] * 6) == pytest.approx((0.25, 0.25, 0.25))
-    mean, lo, hi = bootstrap_ci([0.0, 1.0, 2.0, 3.0])
+def test_tracking_interval_hand_values():
+    from benchmarks.study.stats import mean_interval
+    assert mean_interval([[0.25] * 6], n_boot=4000) == pytest.approx((0.25, 0.25, 0.25))
+    mean, lo, hi = mean_interval([[0.0, 1.0, 2.0, 3.0]], n_boot=4000)
     assert mean == 1.5 and 0.0 <= lo < 1.5 < hi <= 3.0
 
 
