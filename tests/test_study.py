@@ -97,7 +97,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 def test_study_file_mistakes_are_one_sentence(tmp_path):
-    base = {"backend": "toy2d", "arms": {"a": {"method": "dmd2"}, "b": {"method": "dmd2", "init_from": "a"}}}
+    base = {"backend": "toy2d", "eval": {"suites": ["toy2d"]}, "arms": {"a": {"method": "dmd2"}, "b": {"method": "dmd2", "init_from": "a"}}}
     assert [a.name for a in load_study(_write(tmp_path, base)).order()] == ["a", "b"]
     cases = [({**base, "armz": {}}, "unknown key 'armz'"),
              ({**base, "reference": "c"}, "reference arm 'c'"),
@@ -106,7 +106,10 @@ def test_study_file_mistakes_are_one_sentence(tmp_path):
              ({**base, "arms": {"a": {"method": "dmd2", "checkpoint": "x"}}}, "exactly one of"),
              ({**base, "arms": {"a": {"method": "dmd2", "seeds": [0, 0]}}}, "distinct training seeds"),
              ({**base, "arms": {"a": {"method": "dmd2", "lr": 1}}}, "unknown config key 'arms.a.lr'"),
-             ({**base, "claims": [{"name": "c", "arm": "a", "versus": "z", "metric": "m"}]}, "unknown arm 'z'")]
+             ({**base, "claims": [{"name": "c", "arm": "a", "versus": "z", "metric": "m"}]}, "unknown arm 'z'"),
+             ({**base, "arms": {"a": {"method": "dmd3"}}}, "unknown method 'dmd3'"),
+             ({**base, "eval": {"suites": ["geneval"]}}, "toy2d suite only"),
+             ({**base, "backend": "shapes", "eval": {"suites": ["genevall"]}}, "unknown suite 'genevall'")]
     for data, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             load_study(_write(tmp_path, data))

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.suites.registry import expand_suites
+from rtdmd import registry
 from rtdmd.config import build_dataclass, read_yaml
 from rtdmd.errors import UserError
 
@@ -144,8 +146,21 @@ def load_study(path: str | Path) -> Study:
                   budget=build_dataclass(BudgetSpec, data.get("budget") or {}, "budget"),
                   eval=build_dataclass(EvalSpec, data.get("eval") or {}, "eval"), arms=arms, claims=claims)
     _check_references(study)
+    _check_names(study)
     study.order()
     return study
+
+
+def _check_names(study: Study) -> None:
+    """Methods and suites are checked before anything trains: a typo is found in seconds, not after hours."""
+    for a in study.arms.values():
+        if a.trains:
+            registry.get_method(a.method)  # an unknown method is one sentence listing the known ones
+    if study.backend == "toy2d":
+        if list(study.eval.suites) != ["toy2d"]:
+            raise UserError("a toy2d study is scored by the toy2d suite only; set eval.suites to [toy2d].")
+    else:
+        study.eval.suites = expand_suites(study.eval.suites)
 
 
 def _check_references(study: Study) -> None:
