@@ -119,15 +119,31 @@ def _kill_once(run: Path, steps: int, rng: random.Random, in_write: bool) -> boo
     return True
 
 
+def _diverged(run: Path, ref: Path, steps: int) -> int:
+    """Checkpoints of ``run`` that differ from the uninterrupted run's, plus temporary leftovers and a missing end."""
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
+    ref_steps, got = step_dirs(ref), step_dirs(run)
+    log(f"compared {len(got)} checkpoints with the uninterrupted run's; temporary leftovers: {leftovers}")
+    return sum(not same(checkpoint_tensors(d), checkpoint_tensors(ref_steps[s])) for s, d in got.items()) \
+        + len(leftovers) + (steps not in got)
+
+
 def run_kills(work: Path, kills: int, rng: random.Random, steps_per_kill: int = 30) -> tuple[int, int]:
-    """(kills done, checkpoints that differ from the uninterrupted run's); every other kill aims at a write."""
+    """(kills done, checkpoints that differ from the uninterrupted run's); every other kill aims at a write.
+
+    A run that finishes before its kill lands (fast steps) is compared as it is and started again, until
+    ``kills`` kills have landed (at most 5 starts per kill)."""
     steps = steps_per_kill * (kills + 1)
     ref, run = work / "reference", work / "killed"
     subprocess.run(train_cmd(ref, steps, "train.seed=0"), env=_env(), check=True, capture_output=True)
-    done, in_write = 0, 0
-    while done < kills:
-        if not _kill_once(run, steps, rng, in_write=done % 2 == 1):
+    done, in_write, diverged = 0, 0, 0
+    for _ in range(5 * kills):
+        if done == kills:
             break
+        if not _kill_once(run, steps, rng, in_write=done % 2 == 1):
+            diverged += _diverged(run, ref, steps)
+            shutil.rmtree(run)
+            continue
         done += 1
         in_write += any(".tmp" in p.name for p in (run / "checkpoints").iterdir())
     log(f"kills: {done} ({in_write} left a half-written checkpoint or latest file behind)")
@@ -135,12 +151,7 @@ def run_kills(work: Path, kills: int, rng: random.Random, steps_per_kill: int = 
                        text=True)
     if p.returncode != 0:
         raise RuntimeError(f"the final resume failed: {p.stderr[-2000:]}")
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
-    ref_steps, got = step_dirs(ref), step_dirs(run)
-    diverged = sum(not same(checkpoint_tensors(d), checkpoint_tensors(ref_steps[s])) for s, d in got.items())
-    diverged += len(leftovers) + (steps not in got)
-    log(f"compared {len(got)} checkpoints with the uninterrupted run's; temporary leftovers: {leftovers}")
-    return done, diverged
+    return done, diverged + _diverged(run, ref, steps)
 
 
 # ---------------------------------------------------------------------------- 2. corruption
