@@ -130,6 +130,8 @@ def _spawn_entry(local_rank: int, fn: Callable, args: tuple, world: int, port: i
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         fn(*args)
+        if is_distributed():  # every rank done before any tears its group down (a rank torn down early can abort another)
+            torch.distributed.barrier()
     finally:
         shutdown()
 
