@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from rtdmd import checkpoint as ckpt
+from rtdmd import diagnostics
 from rtdmd.config import OptimConfig, RunConfig
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks, grpo
@@ -106,6 +107,7 @@ class FlowGRPOMethod(Method):
                                          grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards))
         self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, o.kl_weight, self._reference(), o.mean_over_dims)
         self.batch: grpo.GRPOBatch | None = None
+        self.term_grads = diagnostics.TermGradients("diag", cosine_terms=("policy",))
 
     def _reference(self):
         w, b = self.policy_guidance, self.backend
@@ -125,10 +127,18 @@ class FlowGRPOMethod(Method):
 
     def loss(self, network: str, ctx: StepContext):
         batch = self.batch
-        loss, logs = self.policy_loss(self.networks["generator"], batch, self.steps)
+        terms, logs = self.policy_loss.terms(self.networks["generator"], batch, self.steps)
+        loss = terms["policy"] + terms["kl"] if "kl" in terms else terms["policy"]
+        if ctx.diagnose:
+            self.term_grads.add(terms, list(self.backend.trainable_parameters(self.networks["generator"])))
         logs.update({f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()})
         logs["grpo/adv_abs"] = float(batch.advantages.abs().mean())
         return loss, logs
+
+    def step_logs(self, ctx: StepContext, logs: dict[str, float]) -> dict[str, float]:
+        """On a diagnosed step: the policy and KL terms' gradient norms and the policy gradient's cosine with
+        the previous diagnosed step's (rtdmd.diagnostics)."""
+        return self.term_grads.logs() if ctx.diagnose else {}
 
     def sampler(self):
         if self.kernel == "cps":

@@ -81,7 +81,10 @@ class TrainConfig:
     ema_per_micro_batch: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    log_every: int = 10
+    log_every: int = 10  # MLflow gets the mean of every logged scalar over the last log_every steps
+    # on logged steps, the methods' diagnostics (rtdmd.diagnostics): per-term gradient norms, the cosine of
+    # consecutive policy gradients, the learned rewards beside their monitor (an oracle) on the same rollouts
+    diagnostics: bool = True
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile (nn.Module.compile) the method's networks and the teacher; off = eager

@@ -293,3 +293,23 @@ def close_keyed_run(uri: str, run_id: str, tags: dict[str, str], metrics: dict[s
     for path, folder in artifacts:
         client.log_artifact(run_id, str(path), folder)
     client.set_terminated(run_id, status=status, end_time=int(end_ms))
+
+
+class LogWindow:
+    """The scalars of the steps since the last log point: each key's mean over the steps that reported it
+    (a network updated every few steps, or a diagnostic of logged steps only, is not lost between log points)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        """Each key's mean since the last call; the window starts afresh."""
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return out

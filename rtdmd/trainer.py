@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
-import threading
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +37,8 @@ from rtdmd.errors import NonFiniteLossError, UserError
 from rtdmd.methods.base import Method, StepContext
 from rtdmd.runlock import DirLock
 from rtdmd.seeding import derive_seed, step_seed, torch_generator
-from rtdmd.tracking import Tracker, git_commit
+from rtdmd.signals import DeferredSignals
+from rtdmd.tracking import LogWindow, Tracker, git_commit
 
 
 @dataclass
@@ -73,31 +72,6 @@ class _Progress:
         return self.elapsed + time.perf_counter() - self.t0
 
 
-class _DeferredSignals:
-    """Ctrl-C (SIGINT) and SIGTERM are deferred to the end of the step (after its checkpoint, if any), so the
-    state saved on an interrupt is always a step boundary and --resume repeats the uninterrupted run; a second
-    signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
-
-    def __init__(self):
-        self.received: list[int] = []
-        self._old: dict = {}
-
-    def _defer(self, signum, frame):
-        self.received.append(signum)
-        if len(self.received) > 1:
-            raise KeyboardInterrupt
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {sig: signal.signal(sig, self._defer) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,21 +80,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _init_seconds(cfg) -> float:
+def _init_seconds(cfg, key: str = "train_seconds") -> float:
     """Training time already in the weights a run starts from (``method.init``: RTDMD stage 2 from stage 1,
-    Flow-GRPO on a distilled generator), so a checkpoint's train_seconds is the whole cost of its weights
-    and methods compare at equal total cost in reports."""
+    Flow-GRPO on a distilled generator), so a checkpoint's train_seconds (and train_cpu_seconds) is the whole
+    cost of its weights and methods compare at equal total cost in reports."""
     init = getattr(cfg.method, "init", "")
     if not init:
         return 0.0
     try:
-        return float(ckpt.read_meta(ckpt.find_checkpoint(init)).get("train_seconds") or 0.0)
+        return float(ckpt.read_meta(ckpt.find_checkpoint(init)).get(key) or 0.0)
     except (UserError, OSError, ValueError):
         return 0.0
 
 
 def _changed_keys(saved: dict, now: dict, ignore_prefixes=("train.max_steps", "train.max_minutes", "tracking.", "train.num_threads",
-                                                          "train.checkpoint_every", "train.log_every",
+                                                          "train.checkpoint_every", "train.log_every", "train.diagnostics",
                                                           "train.keep_checkpoints", "train.device")) -> list[str]:
     a, b = flatten(saved), flatten(now)
     keys = sorted(set(a) | set(b))
@@ -135,6 +109,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._init_seconds = _init_seconds(cfg)  # read once: the init checkpoint does not change during the run
+        self._init_cpu_seconds = _init_seconds(cfg, "train_cpu_seconds")
+        # CPU-seconds of this process's training (all its threads) plus those of earlier attempts (resume)
+        self._cpu_before, self._cpu0 = 0.0, time.process_time()
         self.resume = resume or resume_from is not None
         self.resume_from = resume_from
         self.command = command
@@ -198,6 +175,7 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "method": self.method.state_dict(),
             "elapsed_seconds": elapsed,
+            "cpu_seconds": self._cpu_seconds(),
             "mlflow_run_id": run_id,
         }
         return {"tensors": tensors, "objects": objects}
@@ -222,8 +200,13 @@ class Trainer:
             extra_meta={"role": self.method.inference_role(), "inference_network": self.method.inference_network,
                         "train_seconds": round(elapsed + self._init_seconds, 2),
                         "run_train_seconds": round(elapsed, 2),
+                        "train_cpu_seconds": round(self._cpu_seconds() + self._init_cpu_seconds, 2),
+                        "run_train_cpu_seconds": round(self._cpu_seconds(), 2),
                         "git_commit": git_commit(), "mlflow_run_id": run_id},
         )
+
+    def _cpu_seconds(self) -> float:
+        return self._cpu_before + time.process_time() - self._cpu0
 
     def _restore(self) -> tuple[int, float, str | None]:
         step_dir = ckpt.find_checkpoint(self.run_dir, step=self.resume_from)
@@ -247,6 +230,7 @@ class Trainer:
                 group["lr"] = lrs[name]
         self.method.load_state_dict(state["objects"].get("method", {}))
         o = state["objects"]
+        self._cpu_before = float(o.get("cpu_seconds", 0.0))
         if self.resume_from is not None and acc.is_main_process:  # a later --resume continues from here too
             ckpt.point_latest(self.run_dir / "checkpoints", step_dir.name)
         return int(o["step"]), float(o.get("elapsed_seconds", 0.0)), o.get("mlflow_run_id")
@@ -309,9 +293,9 @@ class Trainer:
         p = self._begin()
         tracker = self._start_tracker(p)
         bar = self._progress_bar(p)
-        p.t0 = time.perf_counter()
+        p.t0, self._cpu0 = time.perf_counter(), time.process_time()
         status = "FAILED"
-        signals = _DeferredSignals()
+        signals = DeferredSignals()
         try:
             with signals:
                 self._loop(p, tracker, bar, signals)
@@ -330,21 +314,24 @@ class Trainer:
             p.last_ckpt = ckpt.find_checkpoint(self.run_dir)
         return TrainResult(self.run_dir, p.last_ckpt, p.total, p.seconds(), p.logs)
 
-    def _loop(self, p: _Progress, tracker: Tracker, bar, signals: "_DeferredSignals") -> None:
+    def _loop(self, p: _Progress, tracker: Tracker, bar, signals: DeferredSignals) -> None:
         cfg = self.cfg
         if 0 < p.start < p.total and self._out_of_time(p.t0, p.elapsed):  # a resumed run that already used its budget
             p.total = p.start
             self._say(f"train.max_minutes={cfg.train.max_minutes} was already used by this run ({p.elapsed / 60:.1f} min "
                       f"at step {p.start}); raise it with --set train.max_minutes=... to continue.", bar)
+        window = LogWindow()
         for step in range(p.start, p.total):
             p.step = step
-            p.logs = self._one_step(step)
+            logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == p.total
+            p.logs = self._one_step(step, diagnose=cfg.train.diagnostics and logged)
+            window.add(p.logs)
             done = p.completed = step + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in p.logs.items() if k.startswith("loss")}, refresh=False)
-            if done % cfg.train.log_every == 0 or done == p.total:
-                tracker.log_metrics(p.logs, step=done)
+            if logged:
+                tracker.log_metrics(window.means(), step=done)
             out_of_time = self._out_of_time(p.t0, p.elapsed)
             if done % cfg.train.checkpoint_every == 0 or done == p.total or out_of_time:
                 p.last_ckpt = self._save(done, p.seconds(), p.run_id)
@@ -407,11 +394,11 @@ class Trainer:
             flag = acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
-    def _one_step(self, step: int) -> dict[str, float]:
+    def _one_step(self, step: int, diagnose: bool = False) -> dict[str, float]:
         cfg, acc, method = self.cfg, self._accelerator, self.method
         seed = step_seed(cfg.train.seed, step)
-        ctx = StepContext(step=step, generator=torch_generator(seed), seed=seed,
-                          rank=acc.process_index, world_size=acc.num_processes, micro_batches=cfg.train.accumulate)
+        ctx = StepContext(step=step, generator=torch_generator(seed), seed=seed, rank=acc.process_index,
+                          world_size=acc.num_processes, micro_batches=cfg.train.accumulate, diagnose=diagnose)
         method.before_step(ctx)
         logs: dict[str, float] = {}
         for u in method.updates:
@@ -435,6 +422,7 @@ class Trainer:
         if cfg.train.ema_on == "iteration":  # every EMA copy, whether or not its network stepped (docs/paper.md s4b)
             for u in method.updates:
                 self._ema(u, step)
+        logs.update(method.step_logs(ctx, logs))
         return logs
 
     def _accumulate(self, name: str, net: nn.Module, ctx: StepContext) -> tuple[float, dict[str, float]]:

@@ -137,8 +137,8 @@ def _rewards_over_training(cfg, out):
     seen = []
     one = tr._one_step
 
-    def step(i):
-        logs = one(i)
+    def step(i, **kw):
+        logs = one(i, **kw)
         seen.append((logs["reward/near01"], logs.get("grpo/kl", 0.0)))
         return logs
 

@@ -223,11 +223,17 @@ def test_two_stage_run_layout_and_exact_resume(tmp_path):
     m2 = ckpt.read_meta(full.checkpoint)
     assert m2["train_seconds"] == pytest.approx(m1["train_seconds"] + m2["run_train_seconds"], abs=0.02)
     assert m2["run_train_seconds"] > 0
+    # the same for CPU-seconds (process time, every thread): stage 1's plus stage 2's own
+    assert m2["train_cpu_seconds"] == pytest.approx(m1["train_cpu_seconds"] + m2["run_train_cpu_seconds"], abs=0.02)
+    assert m1["train_cpu_seconds"] > 0 and m2["run_train_cpu_seconds"] > 0
     # interrupted in stage 2 after its step-2 checkpoint: --resume skips stage 1 and ends in the same state
     cut = dict(over, train={**over["train"], "max_steps": 2})
     run_training("rtdmd", backend="toy2d", overrides=cut, out=tmp_path / "cut", show_progress=False)
+    first = ckpt.read_meta(ckpt.find_checkpoint(tmp_path / "cut"))["run_train_cpu_seconds"]
     resumed = run_training("rtdmd", backend="toy2d", overrides=over, out=tmp_path / "cut", resume=True,
                            show_progress=False)
+    # a resumed run's CPU-seconds continue from its checkpoint's
+    assert ckpt.read_meta(resumed.checkpoint)["run_train_cpu_seconds"] > first
     a, b = checkpoint_tensors(full.checkpoint), checkpoint_tensors(resumed.checkpoint)
     assert set(a) == set(b) and any(k.startswith("ema_generator/") for k in a)
     for k in a:

@@ -169,11 +169,11 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
     real_step = T.Trainer._one_step
     calls = {"n": 0}
 
-    def dying_step(self, step):  # the second training run dies inside step 4 (after its step-3 checkpoint)
+    def dying_step(self, step, **kw):  # the second training run dies inside step 4 (after its step-3 checkpoint)
         if self.cfg.tracking.tags.get("seed") == "1" and step == 4:
             calls["n"] += 1
             raise KeyboardInterrupt
-        return real_step(self, step)
+        return real_step(self, step, **kw)
 
     monkeypatch.setattr(T.Trainer, "_one_step", dying_step)
     with pytest.raises(UserError, match="second interrupt"):

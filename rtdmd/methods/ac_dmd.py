@@ -154,6 +154,13 @@ class AcDmdMethod(Method):
             x_s, s = self._cache[0], self._cache[1]
         return self.fake(self.networks["fake_score"], x_s, s, p, ctx)
 
+    def step_logs(self, ctx: StepContext, logs: dict[str, float]) -> dict[str, float]:
+        """On a generator step, its gradient norm (the DM term's: the generator's only loss, before clipping)
+        under the step's stop index k: ``diag/grad_norm/dm_k<k>`` (logged means are per k)."""
+        if "grad_norm/generator" not in logs:
+            return {}
+        return {f"diag/grad_norm/dm_k{self._k}": logs["grad_norm/generator"]}
+
     def sampler(self) -> SamplerSpec:
         # inference re-noises as in training: CPS eta 0.9 (docs/paper.md s2); DMD2's backward simulation is eta 1
         return SamplerSpec(kind="cps", steps=self.options.num_steps, eta=1.0 if self.dmd2 else self.options.eta)

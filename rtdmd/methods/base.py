@@ -58,6 +58,7 @@ class StepContext:
     world_size: int = 1
     micro_batches: int = 1  # train.accumulate: micro-batches per optimiser step (docs/paper.md s4b)
     micro: int = 0  # which micro-batch a loss call is for
+    diagnose: bool = False  # a logged step with train.diagnostics on: methods compute their diagnostics (rtdmd.diagnostics)
 
     def micro_batch(self, j: int) -> "StepContext":
         """The context of micro-batch ``j`` of this step: the step's own for j = 0, else one whose seed and
@@ -96,6 +97,11 @@ class Method:
 
     def before_step(self, ctx: StepContext) -> None:
         """Work shared by the updates of one iteration (e.g. a rollout), done once per step."""
+
+    def step_logs(self, ctx: StepContext, logs: dict[str, float]) -> dict[str, float]:
+        """Scalars of the whole step, logged beside ``logs`` (the updates' losses, scalars and grad norms),
+        called once after the step's updates; diagnostics when ``ctx.diagnose``."""
+        return {}
 
     def sampler(self) -> SamplerSpec:
         """Default sampling of the inference network (written into checkpoints)."""

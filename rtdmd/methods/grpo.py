@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from rtdmd import flow, objectives, samplers
+from rtdmd import diagnostics, flow, objectives, samplers
 from rtdmd.backends.base import Backend, Cond, index_cond
 from rtdmd.distributed import all_gather_tensor
 from rtdmd.errors import UserError
@@ -204,6 +204,14 @@ class PolicyLoss:
     drop_zero_advantage: bool = False
 
     def __call__(self, net, batch: GRPOBatch, steps: list[int]) -> tuple[torch.Tensor, dict]:
+        terms, logs = self.terms(net, batch, steps)
+        loss = terms["policy"]
+        if "kl" in terms:
+            loss = loss + terms["kl"]
+        return loss, logs
+
+    def terms(self, net, batch: GRPOBatch, steps: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The loss by term: ``policy`` (PPO-clip) and, with a positive kl_weight, ``kl`` (weighted)."""
         missing = [i for i in steps if i not in batch.rollout.stochastic_steps]
         if missing:
             raise UserError(f"GRPO steps {missing} are deterministic in this rollout (no log-prob); train only "
@@ -216,15 +224,14 @@ class PolicyLoss:
             d = r.states[0][0].numel()
             logp, logp_old = logp / d, logp_old / d
         loss = objectives.ppo_clip_loss(logp, logp_old, adv, self.clip_eps)
-        ratio = torch.exp(logp.detach() - logp_old)
-        logs = {"grpo/policy_loss": float(loss.detach()), "grpo/ratio_dev": float((ratio - 1).abs().max()),
-                "grpo/clip_frac": float(((ratio - 1).abs() > self.clip_eps).float().mean()),
-                "grpo/rows": float(adv.shape[0])}
+        logs = {"grpo/policy_loss": float(loss.detach()), "grpo/rows": float(adv.shape[0]),
+                **diagnostics.ratio_stats(torch.exp(logp.detach() - logp_old), self.clip_eps)}
+        terms = {"policy": loss}
         if self.kl_weight > 0:
             kl = self._kl(r, cond, uncond, steps, means, stds)
-            loss = loss + self.kl_weight * kl
+            terms["kl"] = self.kl_weight * kl
             logs["grpo/kl"] = float(kl.detach())
-        return loss, logs
+        return terms, logs
 
     def _kl(self, r: samplers.Rollout, cond, uncond, steps: list[int], means, stds) -> torch.Tensor:
         if self.reference is None:

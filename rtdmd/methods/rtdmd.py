@@ -17,14 +17,14 @@ from typing import Literal
 import torch
 
 from rtdmd import checkpoint as ckpt
-from rtdmd import flow, objectives, samplers
+from rtdmd import diagnostics, flow, objectives, samplers
 from rtdmd.config import OptimConfig, RunConfig, TrainConfig, build_dataclass
 from rtdmd.errors import UserError
 from rtdmd.methods import blocks, grpo
 from rtdmd.methods.ac_dmd import BACKENDS, AcDmdMethod, AcDmdOptions
 from rtdmd.methods.base import Method, SamplerSpec, StepContext, Update
 from rtdmd.registry import register_method
-from rtdmd.rewards.registry import is_differentiable, reward_names
+from rtdmd.rewards.registry import get_reward, is_differentiable, reward_names
 
 
 def _paper_rewards() -> dict[str, float]:
@@ -73,6 +73,10 @@ class RtdmdOptions:
     #: the mean over t of grad KL_t (a range of noise levels; docs/toy2d-family.md); "none": as is
     dm_level_weight: Literal["none", "kl"] = "none"
     normalize: bool = True  # DMD normalisation of the DM gradient (docs/paper.md s3 step 6)
+    # --- diagnostics (train.diagnostics, logged steps): rewards scored on the epoch's rollouts beside the
+    # training rewards, never trained on: monitor reward -> the training rewards it is the truth for; logged as
+    # monitor/<monitor> and monitor/gap/<reward> = mean(reward - monitor) (the reward-hacking gap)
+    monitor: dict = field(default_factory=dict)
     # --- fake score (one update per epoch, before the generator step)
     consistency_weight: float = 0.01  # L_ADSM + 0.01 L_cons (docs/paper.md s4)
     adsm_weight_clamp: float = 10.0
@@ -100,6 +104,10 @@ class RtdmdOptions:
             raise UserError(f"method.bp_rewards names '{missing[0]}', which is not in method.rewards; list only training rewards.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay}).")
+        for mon, learned in self.monitor.items():
+            if not isinstance(learned, list) or any(r not in self.rewards for r in learned):
+                raise UserError(f"method.monitor maps a monitor reward to a list of training rewards from method.rewards "
+                                f"(got {mon}: {learned}); e.g. monitor: {{oracle: [shapes_pref]}}.")
         self.stage1_train_config(TrainConfig())  # raises on unknown keys
 
 
@@ -195,6 +203,9 @@ class RtdmdMethod(Method):
         # one fake-score update per epoch on the rollout's final x0, s = 0: ADSM + consistency (docs/paper.md s4)
         self.fake = blocks.FakeScoreLoss(backend, n, levels, o.adsm_weight_clamp,
                                          blocks.Consistency(o.consistency_weight, eta=o.eta), tag="rt-fake")
+        self.monitors = {m: get_reward(m, backend=backend, device=backend.device) for m in o.monitor}
+        self.term_grads = diagnostics.TermGradients("diag", cosine_terms=("grpo",))
+        self.monitor_logs: dict[str, float] = {}
         self.batches: list[grpo.GRPOBatch] = []  # this epoch's micro-batches (train.accumulate)
         self.batch: grpo.GRPOBatch | None = None  # the micro-batch of the current loss call
         self.selected: list[int] = []
@@ -233,6 +244,28 @@ class RtdmdMethod(Method):
         self.batches = self.rollout.with_advantages(
             [self.rollout.sample(gen, c, self.rollout_noises(c, self.selected)) for c in micro], ctx)
         self.batch = self.batches[0]
+        self.monitor_logs = self.monitor_rollouts() if ctx.diagnose else {}
+
+    @torch.no_grad()
+    def monitor_rollouts(self) -> dict[str, float]:
+        """The monitor rewards on this epoch's rollouts and each learned reward's mean gap to its monitor."""
+        out: dict[str, float] = {}
+        prompts = [p for b in self.batches for p in b.prompts]
+        images = torch.cat([b.images for b in self.batches])
+        for name, reward in self.monitors.items():
+            truth = reward(images, prompts).detach().float().reshape(-1)
+            out[f"monitor/{name}"] = float(truth.mean())
+            for learned in self.options.monitor[name]:
+                scores = torch.cat([b.rewards[learned] for b in self.batches]).to(truth.device)
+                out[f"monitor/gap/{learned}"] = float((scores - truth).mean())
+        return out
+
+    def step_logs(self, ctx: StepContext, logs: dict[str, float]) -> dict[str, float]:
+        """On a diagnosed epoch: each term's gradient norm over the epoch's micro-batches (as weighted in the
+        loss), the cosine of the GRPO gradient with the previous diagnosed epoch's, and the monitor rewards."""
+        if not ctx.diagnose:
+            return {}
+        return {**self.term_grads.logs(), **self.monitor_logs}
 
     def step_weights(self) -> tuple[float, float]:
         """(PPO weight, weight of BP + DM): with ``step_average`` each trained step counts 1 / (trained steps),
@@ -273,27 +306,33 @@ class RtdmdMethod(Method):
         if network == "fake_score":
             return self.fake(self.networks["fake_score"], batch.rollout.final.detach(), 0.0, self._prompts(), ctx)
         logs: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()}
-        logs["grpo/steps"] = float(sum(1 << i for i in self.selected))
-        total = torch.zeros((), device=self.backend.device)
+        logs.update({f"grpo/step{i}": float(i in self.selected) for i in self.stochastic})
+        terms: dict[str, torch.Tensor] = {}  # each term as it enters the loss
         w_pg, w_last = self.step_weights()
         if o.grpo_weight > 0 and self.selected:
             pg, pg_logs = self.policy_loss(self.networks["generator"], batch, self.selected)
-            total = total + (o.grpo_weight * pg if w_pg == 1.0 else w_pg * o.grpo_weight * pg)
+            terms["grpo"] = o.grpo_weight * pg if w_pg == 1.0 else w_pg * o.grpo_weight * pg
             logs.update(pg_logs)
         if (self.bp_rewards and o.bp_weight > 0) or o.dm_weight > 0:
             x0 = self.last_step_x0()
             if self.bp_rewards and o.bp_weight > 0:
                 # reward back-propagation through the deterministic last step (docs/paper.md s4)
                 bp, _ = self.bp(self.backend.decode(x0), batch.prompts)
-                total = total + (bp if w_last == 1.0 else w_last * bp)
+                terms["bp"] = bp if w_last == 1.0 else w_last * bp
                 logs["loss/bp"] = float(bp.detach())
             if o.dm_weight > 0:
                 # the DM term on the same x0 at s = 0, teacher with CFG (docs/paper.md s4); the reward's
                 # gradient through the stochastic steps is GRPO's, so only the DM term may use the replay
                 x0_dm = self.replayed_x0() if o.dm_grad == "all" else x0
                 dm, _ = self.dm(self.networks["fake_score"], x0_dm, 0.0, self._prompts(), ctx)
-                total = total + (o.dm_weight * dm if w_last == 1.0 else w_last * o.dm_weight * dm)
+                terms["dm"] = o.dm_weight * dm if w_last == 1.0 else w_last * o.dm_weight * dm
                 logs["loss/dm"] = float(dm.detach())
+        if ctx.diagnose and terms:
+            params = list(self.backend.trainable_parameters(self.networks["generator"]))
+            self.term_grads.add(terms, params, scale=1.0 / ctx.micro_batches)
+        total = torch.zeros((), device=self.backend.device)
+        for term in terms.values():
+            total = total + term
         return total, logs
 
     def sampler(self) -> SamplerSpec:
