@@ -63,6 +63,7 @@ class EvalOptions:
     steps: int | None = None
     guidance: float | None = None
     eta: float | None = None
+    sampler: str | None = None  # "euler" | "cps": run the weights with this sampler (None: the checkpoint's own)
     seed: int = 0
     images_per_prompt: int = 4
     max_prompts: int | None = None
@@ -92,6 +93,8 @@ class EvalOptions:
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be a positive integer, got {v}.")
         check_guidance(self.guidance, self.eta)
+        if self.sampler not in (None, "euler", "cps"):
+            raise UserError(f"sampler must be euler or cps (or unset: the checkpoint's own), got {self.sampler!r}.")
         if self.weights not in ("ema", "online"):
             raise UserError(f"--weights must be ema or online, got {self.weights!r}.")
         check_device(self.device)
@@ -128,7 +131,8 @@ def _sampling(model: Model, opts: EvalOptions):
     if model.checkpoint is None:
         return SamplingConfig(kind="images", steps=opts.steps or 0, guidance=1.0 if opts.guidance is None else opts.guidance,
                               eta=0.0 if opts.eta is None else opts.eta)
-    return SamplingConfig.from_meta(model.meta.get("sampler", {}), steps=opts.steps, guidance=opts.guidance, eta=opts.eta)
+    return SamplingConfig.from_meta(model.meta.get("sampler", {}), steps=opts.steps, guidance=opts.guidance, eta=opts.eta,
+                                    kind=opts.sampler)
 
 
 def sampler_slug(sc, seed: int) -> str:

@@ -25,8 +25,10 @@ class SamplingConfig:
     eta: float = 0.9
 
     @classmethod
-    def from_meta(cls, sampler: dict, steps=None, guidance=None, eta=None) -> "SamplingConfig":
-        return cls(kind=sampler.get("kind", "cps"), steps=steps or sampler.get("steps", 4),
+    def from_meta(cls, sampler: dict, steps=None, guidance=None, eta=None, kind=None) -> "SamplingConfig":
+        """The checkpoint's recorded sampler (``sampler``, its meta.json entry), each setting overridable; ``kind``
+        runs the weights with the other sampler (a teacher's weights as the few-step CPS generator)."""
+        return cls(kind=kind or sampler.get("kind", "cps"), steps=steps or sampler.get("steps", 4),
                    guidance=sampler.get("guidance", 1.0) if guidance is None else guidance,
                    eta=sampler.get("eta", 0.9) if eta is None else eta)
 

@@ -160,10 +160,12 @@ def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, devi
     e = study.eval
     steps = arm.steps or e.steps
     eta = None if arm.eta < 0 else arm.eta
+    kind = arm.sampler or None
     if study.backend == "toy2d":
-        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta)
+        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta, kind)
     opts = EvalOptions(suites=list(e.suites), steps=steps, guidance=e.guidance if arm.guidance < 0 else arm.guidance,
-                       eta=eta, seed=e.seed, images_per_prompt=e.images_per_prompt, max_prompts=e.prompts or None,
+                       eta=eta, sampler=kind, seed=e.seed, images_per_prompt=e.images_per_prompt,
+                       max_prompts=e.prompts or None,
                        out=study.out / "eval", experiment=study.experiment, device=device, threads=1,
                        command=f"rtdmd-bench study run {study.path}", progress=progress,
                        tags={"study": study.name, "arm": arm.name, "seed": str(seed)})

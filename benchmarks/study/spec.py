@@ -66,6 +66,7 @@ class ArmSpec:
     steps: int = 0  # sampling steps at evaluation (0: eval.steps)
     guidance: float = -1.0  # CFG at evaluation (-1: eval.guidance)
     eta: float = -1.0  # CPS eta at evaluation (-1: the checkpoint's own)
+    sampler: str = ""  # "euler" | "cps" at evaluation ("": the checkpoint's own); cps on a teacher = the students' start
 
     @property
     def trains(self) -> bool:
@@ -80,6 +81,10 @@ class ArmSpec:
             raise UserError(f"arm '{self.name}' needs a list of distinct training seeds; fix its 'seeds'.")
         if self.init_from and not self.method:
             raise UserError(f"arm '{self.name}' has init_from but trains nothing; give it a method or drop init_from.")
+        if self.sampler not in ("", "euler", "cps"):
+            raise UserError(f"arm '{self.name}' has sampler '{self.sampler}'; use euler or cps, or leave it out for the checkpoint's own.")
+        if self.sampler == "euler" and self.eta >= 0:
+            raise UserError(f"arm '{self.name}' sets eta for the euler sampler, which has none; drop eta or use sampler: cps.")
 
 
 @dataclass

@@ -56,11 +56,12 @@ def mixture_log_density(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor
 
 
 def toy2d_units(checkpoint: Path, n_prompts: int, per_prompt: int, seed: int, steps: int | None,
-                eta: float | None) -> UnitScores:
+                eta: float | None, kind: str | None = None) -> UnitScores:
     """Sample point k of prompt i with seed (seed, i, k) and score it: the log density under the prompt's target
-    (the mixture for "", the mode's Gaussian for 'mode j') and whether it lies within 3 std of the target's modes."""
+    (the mixture for "", the mode's Gaussian for 'mode j') and whether it lies within 3 std of the target's modes.
+    ``kind`` (euler / cps) overrides the checkpoint's sampler."""
     _, backend, net, meta = load_for_inference(checkpoint)
-    sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, eta=eta)
+    sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, eta=eta, kind=kind)
     o = backend.options
     means, stds = torch.tensor(o.means, dtype=torch.float64), torch.tensor(o.stds, dtype=torch.float64)
     weights = torch.tensor(o.weights, dtype=torch.float64)
