@@ -18,6 +18,7 @@ clean-fid is imported when FID is computed (an optional extra).
 from __future__ import annotations
 
 import importlib.util
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from rtdmd.errors import UserError
+from rtdmd.fileio import atomic_write_bytes
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 #: looked up in order; the second is where clean-fid itself keeps the file on Linux
@@ -73,6 +75,28 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[0] < 2:
         raise UserError(f"FID needs at least 2 feature vectors of shape (N, D); got {f.shape}.")
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def save_fd_features(path: str | Path, units, features, ref_mu, ref_sigma) -> None:
+    """One evaluation's per-image features for FD intervals, written atomically as an .npz of plain arrays:
+    ``units`` (N, 2) (prompt index, image index), ``features`` (N, D), and the fixed reference statistics."""
+    buf = io.BytesIO()
+    np.savez(buf, units=np.asarray(units, np.int64).reshape(-1, 2), features=np.asarray(features, np.float64),
+             ref_mu=np.asarray(ref_mu, np.float64), ref_sigma=np.asarray(ref_sigma, np.float64))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_fd_features(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays save_fd_features wrote (no pickled objects are read), checked for consistent shapes."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("units", "features", "ref_mu", "ref_sigma")}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"FD feature file {path} is unreadable ({e}); delete it and score the checkpoint again.") from None
+    n, d = out["features"].shape if out["features"].ndim == 2 else (-1, -1)
+    if out["units"].shape != (n, 2) or out["ref_mu"].shape != (d,) or out["ref_sigma"].shape != (d, d):
+        raise UserError(f"FD feature file {path} has inconsistent shapes; delete it and score the checkpoint again.")
+    return out
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -78,3 +78,105 @@ def test_the_image_cache_keys_on_the_sampler(tmp_path, ckpt):
     assert (own.image_dir / png).read_bytes() != (euler.image_dir / png).read_bytes()
     with pytest.raises(UserError, match="sampler must be euler or cps"):
         runner.run_eval([ckpt], opts(sampler="ddim"))
+
+
+# ---------------------------------------------------------------------------- FD over images with a bootstrap CI
+
+
+def _gauss(n=2000, d=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_fd_bootstrap_by_hand_on_gaussian_features():
+    from benchmarks.fid import feature_statistics
+    from benchmarks.study.stats import fd_bootstrap
+
+    x = _gauss()
+    mu, sigma = feature_statistics(x)
+    assert abs(fd_bootstrap(x, mu, sigma, n_boot=100).diff) < 1e-9  # a sample against its own statistics
+    shift = np.array([2.0, 0.0, 0.0, 0.0])  # |shift|^2 = 4; the covariance is unchanged
+    d = fd_bootstrap(x + shift, mu, sigma, n_boot=400)
+    assert d.diff == pytest.approx(4.0, rel=1e-9) and d.lo < d.diff < d.hi
+    # FD ~ |shift + mean noise|^2: its sd is about 2 |shift| / sqrt(n), so the 95 % half-width about 1.96 x that
+    assert d.half_width == pytest.approx(1.96 * 2 * 2.0 / np.sqrt(len(x)), rel=0.25)
+
+
+def test_fd_bootstrap_paired_difference():
+    from benchmarks.fid import feature_statistics
+    from benchmarks.study.stats import fd_bootstrap
+
+    x = _gauss(seed=1)
+    mu, sigma = feature_statistics(_gauss(seed=2))  # an independent reference sample
+    same = fd_bootstrap(x, mu, sigma, b=x, n_boot=200)
+    assert same.diff == 0.0 and same.lo == 0.0 and same.hi == 0.0  # the same unit indices for both arms
+    far, near = x + np.array([2.0, 0, 0, 0]), x + np.array([1.5, 0, 0, 0])
+    d = fd_bootstrap(far, mu, sigma, b=near, n_boot=400)
+    alone = fd_bootstrap(far, mu, sigma, n_boot=400)
+    assert d.diff == pytest.approx(alone.diff - fd_bootstrap(near, mu, sigma, n_boot=100).diff)
+    assert d.lo < d.diff < d.hi and d.diff == pytest.approx(4 - 2.25, abs=0.2)
+    # FD(far) - FD(near) = 1.75 + 2 (mean noise) . (0.5, 0, 0, 0): paired, only the 0.5 part of the shared noise is
+    # left (independent resamples would leave sqrt(2^2 + 1.5^2) of it)
+    assert d.half_width == pytest.approx(1.96 * 2 * 0.5 / np.sqrt(len(x)), rel=0.3)
+    assert d.half_width < alone.half_width / 2
+    seeds = fd_bootstrap(np.stack([x, far]), mu, sigma, n_boot=100)  # two training seeds: the mean of their FDs
+    assert seeds.seed_means_a == pytest.approx([fd_bootstrap(x, mu, sigma, n_boot=100).diff, alone.diff])
+    assert seeds.diff == pytest.approx(np.mean(seeds.seed_means_a))
+
+
+def test_fd_features_are_stored_as_plain_arrays_and_compared_on_shared_units(tmp_path):
+    from benchmarks.fid import feature_statistics
+    from benchmarks.study.units import UnitScores, feature_difference, load_units, save_units
+
+    x = _gauss(n=40, seed=3)
+    mu, sigma = feature_statistics(_gauss(n=40, seed=4))
+    units = np.array([(i, k) for i in range(20) for k in range(2)])
+
+    def scores(feats, order):
+        s = UnitScores(summary={"fd_shapes": 0.0})
+        s.features["fd_shapes"] = {"units": units[order], "features": feats[order], "ref_mu": mu, "ref_sigma": sigma}
+        return s
+
+    save_units(tmp_path / "units" / "step_000003.json", scores(x, np.arange(40)))
+    back = load_units(tmp_path / "units" / "step_000003.json")
+    assert (tmp_path / "units" / "step_000003.fd_shapes.npz").is_file()
+    assert np.array_equal(back.features["fd_shapes"]["features"], x)
+    shuffled = scores(x, np.random.default_rng(0).permutation(40))  # rows in another order: matched by unit
+    assert feature_difference([back], [shuffled], "fd_shapes", 100).diff == 0.0
+    other = scores(x, np.arange(40))
+    other.features["fd_shapes"]["ref_mu"] = mu + 1
+    with pytest.raises(UserError, match="different reference statistics"):
+        feature_difference([back], [other], "fd_shapes", 100)
+    np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "units" / "step_000003.fd_shapes.npz").write_bytes((tmp_path / "evil.npy").read_bytes())
+    with pytest.raises(UserError, match="unreadable"):  # never unpickled
+        load_units(tmp_path / "units" / "step_000003.json")
+
+
+def test_a_tiny_shapes_study_keeps_fd_features_and_reports_fd_with_an_interval(tmp_path, ckpt, tiny_bundle, monkeypatch):
+    """Two arms of the tiny shapes checkpoint (its own cps sampler, and euler) on GenEval-shapes and FD-shapes."""
+    from benchmarks.study.report import write_study_report
+    from benchmarks.study.units import feature_difference, load_units
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = _write(tmp_path, {"name": "fd", "backend": "shapes", "out": str(tmp_path / "out"), "reference": "own",
+                             "eval": {"suites": ["geneval", "fid"], "prompts": 4, "images_per_prompt": 2, "steps": 2,
+                                      "bootstrap": 100},
+                             "arms": {"own": {"checkpoint": str(ckpt)}, "euler": {"checkpoint": str(ckpt), "sampler": "euler"}}})
+    execute.run_study(path, progress=False)
+    s = load_study(path)
+    finals = {a: load_units(s.out / json.loads((execute.arm_dir(s, a, 0) / "eval.json").read_text())["final"])
+              for a in ("own", "euler")}
+    for a, u in finals.items():
+        f = u.features["fd_shapes"]
+        assert f["features"].shape == (8, 16)  # 4 prompts x 2 images, the tiny bundle's 16 features
+        assert set(f"{i}:{k}" for i, k in f["units"].tolist()) == set(u.metrics["geneval"])  # the same units
+        alone = feature_difference([u], None, "fd_shapes", 100)
+        assert alone.diff == pytest.approx(u.summary["fd_shapes"], rel=1e-9)  # the logged FD-shapes, recomputed
+    d = feature_difference([finals["euler"]], [finals["own"]], "fd_shapes", 100)
+    assert d.diff == pytest.approx(finals["euler"].summary["fd_shapes"] - finals["own"].summary["fd_shapes"], rel=1e-9)
+    text = write_study_report(path, tmp_path / "rep" / "report.md").read_text()
+    head = next(line for line in text.splitlines() if line.startswith("| arm - own |"))
+    assert head == "| arm - own | geneval | fd_shapes |"
+    row = next(line for line in text.splitlines() if line.startswith("| euler |") and "[" in line and line.count("|") == 4)
+    assert f"{d.diff:+.3f}" in row.split("|")[3]

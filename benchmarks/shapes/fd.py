@@ -46,13 +46,19 @@ def encoder_features(images, encoder=None, batch_size: int = 256) -> np.ndarray:
 
 def fd_shapes(gen_images, ref_images, encoder=None, batch_size: int = 256) -> float:
     """Squared Frechet distance between the encoder features of two image sets (>= 2 images each)."""
+    return fd_shapes_parts(gen_images, ref_images, encoder, batch_size)[0]
+
+
+def fd_shapes_parts(gen_images, ref_images, encoder=None, batch_size: int = 256):
+    """FD-shapes with its parts: (value, the generated images' features (N, D), reference mean, reference
+    covariance), so a study can bootstrap FD over the generated images against the fixed reference."""
     gen = encoder_features(gen_images, encoder, batch_size)
     ref = encoder_features(ref_images, encoder, batch_size)
     if len(gen) < 2 or len(ref) < 2:
         raise UserError(f"FD-shapes needs at least 2 images per set, got {len(gen)} generated and {len(ref)} reference.")
     mu1, s1 = feature_statistics(gen)
     mu2, s2 = feature_statistics(ref)
-    return frechet_distance(mu1, s1, mu2, s2)
+    return frechet_distance(mu1, s1, mu2, s2), gen, mu2, s2
 
 
 def reference_renders(metadata_list: Sequence[dict], per_prompt: int = 4, seed: int = 0,

@@ -8,6 +8,7 @@ images that are missing.
     <out>/arms/<arm>/seed<s>/run/                  the training run (checkpoints every eval curve point)
     <out>/arms/<arm>/seed<s>/train.json            done: checkpoint, budget, seconds, commit
     <out>/arms/<arm>/seed<s>/units/step_NNNNNN.json   per-unit scores of that checkpoint
+    <out>/arms/<arm>/seed<s>/units/step_NNNNNN.fd_shapes.npz   its per-unit FD-shapes features (fid suite, shapes)
     <out>/eval/                                    generated images (the evaluation runner's layout)
 
 With ``jobs`` > 1 independent jobs run as separate processes with one torch thread each.
@@ -33,7 +34,7 @@ from rtdmd.tracking import git_commit
 
 from benchmarks.runner import EvalOptions, run_eval
 from benchmarks.study.spec import ArmSpec, Study, load_study
-from benchmarks.study.units import UnitScores, image_units, toy2d_units
+from benchmarks.study.units import UnitScores, image_units, save_units, toy2d_units
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def eval_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progres
         step = int(meta.get("step", 0))
         f = d / "units" / f"step_{step:06d}.json"
         if not f.is_file():
-            _write_json(f, score_checkpoint(study, arm, seed, step_dir, device, progress).to_json())
+            save_units(f, score_checkpoint(study, arm, seed, step_dir, device, progress))
         points.append({"step": step, "units": str(f.relative_to(study.out)), "train_seconds": meta.get("train_seconds")})
     record = {"points": points, "final": points[-1]["units"]}
     _write_json(d / "eval.json", record)

@@ -17,7 +17,7 @@ from rtdmd.errors import UserError
 from benchmarks.study.execute import arm_dir, is_done, plan, seeds_of
 from benchmarks.study.spec import Study, load_study
 from benchmarks.study.stats import Difference, arm_mean, mean_interval, paired_difference, verdict
-from benchmarks.study.units import UnitScores
+from benchmarks.study.units import UnitScores, feature_difference, feature_metrics, load_units
 
 #: what each per-unit metric measures, and its range (shown under the tables)
 METRIC_LEGEND = {
@@ -52,9 +52,9 @@ def load_scores(study: Study) -> dict[str, ArmScores]:
         for s in seeds:
             d = arm_dir(study, arm.name, s)
             ev = json.loads((d / "eval.json").read_text())
-            finals.append(UnitScores.from_json(json.loads((study.out / ev["final"]).read_text())))
+            finals.append(load_units(study.out / ev["final"]))
             curves[s] = [{"step": p["step"], "train_seconds": p.get("train_seconds"),
-                          "scores": UnitScores.from_json(json.loads((study.out / p["units"]).read_text()))}
+                          "scores": load_units(study.out / p["units"])}
                          for p in ev["points"]]
             t = d / "train.json"
             trains.append(json.loads(t.read_text()) if t.is_file() else {})
@@ -82,6 +82,8 @@ def metrics_of(arms: dict[str, ArmScores]) -> list[str]:
 
 def compare(arms: dict[str, ArmScores], a: str, b: str, metric: str, n_boot: int) -> Difference:
     """Paired difference a - b on the units both arms were scored on."""
+    if all(metric in s.features for s in arms[a].final + arms[b].final):  # FD: bootstrapped over the units' features
+        return feature_difference(arms[a].final, arms[b].final, metric, n_boot)
     keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in arms[a].final + arms[b].final)),
                   key=lambda k: tuple(int(x) for x in k.split(":")))
     if not keys:
@@ -208,7 +210,7 @@ def write_study_report(path: str | Path, out: Path | None = None) -> Path:
     lines += _arm_table(study, arms, metrics)
     lines += ["", f"## Paired differences against `{study.reference}`", "",
               "Difference of means on the shared units, 95 % paired bootstrap interval.", ""]
-    lines += _diff_table(study, arms, metrics)
+    lines += _diff_table(study, arms, metrics + feature_metrics(arms))
     if study.claims:
         lines += ["", "## Verdicts", "", "supported: the interval excludes 0 on the claimed side; not supported: it excludes "
                   "0 on the other side; inconclusive: it contains 0.", ""]

@@ -10,6 +10,9 @@ differences, which is GenEval's "overall = mean of the task scores". The 95 % in
 bootstrap that resamples units with replacement (within each stratum, the same resampled units for both arms:
 paired) and, independently per arm, training seeds with replacement, so the interval carries both the
 prompt/noise sampling error and the seed-to-seed spread of training.
+
+A distribution metric (FD) has no per-unit value: ``fd_bootstrap`` resamples the units' feature vectors instead and
+recomputes FD against the fixed reference statistics, with the same pairing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from benchmarks.fid import feature_statistics, frechet_distance
 
 
 @dataclass
@@ -86,6 +91,39 @@ def mean_interval(scores, strata=None, n_boot: int = 2000, seed: int = 0) -> tup
     """One arm's mean with its 95 % bootstrap interval (units and seeds resampled)."""
     d = paired_difference(scores, np.zeros((1, np.atleast_2d(scores).shape[1])), strata, n_boot, seed)
     return d.diff, d.lo, d.hi
+
+
+def fd_bootstrap(a, ref_mu, ref_sigma, b=None, n_boot: int = 2000, seed: int = 0) -> Difference:
+    """FD (benchmarks.fid.frechet_distance) of arm a's image features against fixed reference statistics, or with
+    ``b`` the paired difference FD(a) - FD(b), with its 95 % percentile bootstrap interval over images.
+
+    ``a``, ``b``: (seeds, units, D) or (units, D) features, b on the same units in the same order. An arm's FD is
+    the mean over its training seeds of each seed's FD. Each resample draws units with replacement, the same unit
+    indices for both arms (paired: a unit is one (prompt, image seed) pair of both), and, independently per arm,
+    training seeds with replacement; the reference statistics stay fixed. A resample's FD carries FD's upward
+    small-sample bias (repeated images), so for an FD near 0 the interval can lie above the point estimate."""
+    arms = [np.asarray(x, dtype=float) for x in ((a,) if b is None else (a, b))]
+    arms = [x[None] if x.ndim == 2 else x for x in arms]
+    if any(x.ndim != 3 or x.shape[1:] != arms[0].shape[1:] for x in arms):
+        raise ValueError(f"fd_bootstrap needs (seeds, units, D) features on the same units, got {[x.shape for x in arms]}")
+
+    def fd(x: np.ndarray, rows, units: np.ndarray) -> float:  # mean over the drawn seed rows, each row's FD once
+        per_row = {r: frechet_distance(*feature_statistics(x[r, units]), ref_mu, ref_sigma) for r in set(rows)}
+        return float(np.mean([per_row[r] for r in rows]))
+
+    def stat(units, rows) -> float:
+        return fd(arms[0], rows[0], units) - (fd(arms[1], rows[1], units) if len(arms) == 2 else 0.0)
+
+    n = arms[0].shape[1]
+    rng = np.random.default_rng(seed)
+    boots = [stat(rng.integers(0, n, size=n), [list(rng.integers(0, len(x), size=len(x))) for x in arms])
+             for _ in range(n_boot)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    every = np.arange(n)
+    per_seed = [[fd(x, [r], every) for r in range(len(x))] for x in arms]
+    b_seeds = per_seed[1] if len(arms) == 2 else []
+    return Difference(stat(every, [list(range(len(x))) for x in arms]), float(lo), float(hi), n,
+                      len(arms[0]), len(b_seeds), per_seed[0], b_seeds)
 
 
 def verdict(d: Difference, direction: str = "greater") -> str:

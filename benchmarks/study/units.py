@@ -3,7 +3,8 @@
 A unit is (prompt index, image index); its key is "i:k". Every metric maps unit keys to values, and a
 stratum per unit (the GenEval task, or the toy2d prompt kind) lets overall scores average tasks equally.
 Image backends are evaluated by the evaluation runner (images on disk, MLflow runs); toy2d, whose samples are
-2-D points, by the closed-form scores below.
+2-D points, by the closed-form scores below. FD-shapes has no per-unit value: its per-unit feature vectors are kept
+(``features``) and FD is bootstrapped over them (``feature_difference``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from benchmarks.fid import load_fd_features, save_fd_features
+from benchmarks.study.stats import Difference, fd_bootstrap
+from benchmarks.suites.fid import FD_FEATURES
 from rtdmd.checkpoint import load_for_inference
 from rtdmd.errors import UserError
+from rtdmd.fileio import atomic_write_bytes
 from rtdmd.generate import SamplingConfig, generate_batched, sample_seed
 
 
@@ -25,6 +31,9 @@ class UnitScores:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> unit key -> value
     strata: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> unit key -> stratum ("" : none)
     summary: dict[str, float] = field(default_factory=dict)  # metrics that are not per unit (FD), as logged
+    #: distribution metric (FD) -> per-unit features and the reference statistics (benchmarks.fid.load_fd_features);
+    #: stored beside the JSON as <stem>.<metric>.npz (save_units / load_units)
+    features: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "strata": self.strata, "summary": self.summary}
@@ -36,6 +45,53 @@ class UnitScores:
     def add(self, metric: str, key: str, value: float, stratum: str = "") -> None:
         self.metrics.setdefault(metric, {})[key] = float(value)
         self.strata.setdefault(metric, {})[key] = stratum
+
+
+def save_units(path: Path, scores: UnitScores) -> None:
+    """The unit file (JSON) and, first, one .npz of features per distribution metric beside it, all atomic: the JSON
+    is written last, so a unit file on disk always has its feature files."""
+    names = {}
+    for metric, f in scores.features.items():
+        names[metric] = f"{path.stem}.{metric.replace('/', '_')}.npz"
+        save_fd_features(path.parent / names[metric], f["units"], f["features"], f["ref_mu"], f["ref_sigma"])
+    data = {**scores.to_json(), **({"features": names} if names else {})}
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def load_units(path: Path) -> UnitScores:
+    """A unit file save_units wrote, with its feature files (read without pickle)."""
+    data = json.loads(Path(path).read_text())
+    out = UnitScores.from_json(data)
+    out.features = {m: load_fd_features(Path(path).parent / name) for m, name in data.get("features", {}).items()}
+    return out
+
+
+def feature_metrics(arms) -> list[str]:
+    """Distribution metrics every final checkpoint of every arm (report.ArmScores) has features of."""
+    finals = [s for a in arms.values() for s in a.final]
+    return sorted(set.intersection(*(set(s.features) for s in finals))) if finals else []
+
+
+def feature_difference(a: list[UnitScores], b: list[UnitScores] | None, metric: str, n_boot: int) -> Difference:
+    """A distribution metric (FD) with its 95 % interval over images (stats.fd_bootstrap): arm a's value (one
+    UnitScores per training seed), or with ``b`` the paired difference a - b, on the units every seed of both has."""
+    feats = [s.features[metric] for s in a + (b or [])]
+    keys = sorted(set.intersection(*({tuple(u) for u in f["units"].tolist()} for f in feats)))
+    if len(keys) < 2:
+        raise UserError(f"the arms share {len(keys)} evaluation units for '{metric}'; FD needs at least 2, on the same prompts and seeds.")
+    mu, sigma = feats[0]["ref_mu"], feats[0]["ref_sigma"]
+    if not all(np.allclose(f["ref_mu"], mu) and np.allclose(f["ref_sigma"], sigma) for f in feats):
+        raise UserError(f"the evaluations compared on '{metric}' have different reference statistics; score every arm "
+                        "on the same prompts and images per prompt.")
+
+    def stack(scores: list[UnitScores]) -> np.ndarray:
+        rows = []
+        for f in (s.features[metric] for s in scores):
+            pos = {tuple(u): j for j, u in enumerate(f["units"].tolist())}
+            rows.append(f["features"][[pos[k] for k in keys]])
+        return np.stack(rows)
+
+    return fd_bootstrap(stack(a), mu, sigma, None if b is None else stack(b), n_boot=n_boot)
 
 
 # ---------------------------------------------------------------------------- toy2d
@@ -107,8 +163,10 @@ def image_units(results) -> UnitScores:
         path = Path(r.eval_dir) / "results.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
         per = _per_image_metrics(r.suite, rows)
-        if not per:  # a distribution metric (FD / FID): one number per evaluation
+        if not per:  # a distribution metric (FD / FID): one number per evaluation, and FD-shapes' per-image features
             out.summary.update({k: float(v) for k, v in r.metrics.items()})
+            if "fd_shapes" in r.metrics and (Path(r.eval_dir) / FD_FEATURES).is_file():
+                out.features["fd_shapes"] = load_fd_features(Path(r.eval_dir) / FD_FEATURES)
         for metric, triples in per.items():
             for key, value, stratum in triples:
                 if not math.isfinite(value):

@@ -2,7 +2,9 @@
 
 Shapes: benchmarks.shapes.fd.fd_shapes between the generated images and renders of the
 same prompts by the world's renderer (reference_renders, the same number of images per
-prompt, a fixed reference seed so every model meets the same reference set).
+prompt, a fixed reference seed so every model meets the same reference set); the generated
+images' features and the reference statistics are kept in the eval folder (FD_FEATURES), for
+bootstrap intervals over images (benchmarks.study.stats.fd_bootstrap).
 Real backends: benchmarks.fid.clean_fid_score over a flat folder of the generated PNGs
 (hard links) against --fid-reference (a folder, an .npz of mu/sigma, or a clean-fid
 statistics name already on disk).
@@ -15,17 +17,19 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.fid import clean_fid_score, find_inception
+from benchmarks.fid import clean_fid_score, find_inception, save_fd_features
 from benchmarks.geneval.suite import default_metadata
 from benchmarks.scorers.common import identity_of
 from benchmarks.shapes import reward_models
-from benchmarks.shapes.fd import fd_shapes, reference_renders
+from benchmarks.shapes.fd import fd_shapes_parts, reference_renders
 from benchmarks.suites.base import BackendInfo, ImageItem, SuiteResult, load_images
 from rtdmd.errors import UserError
 from rtdmd.world.shapes import parse_caption
 
 #: seed of the shapes reference renders (fixed: all models and eval seeds share one reference)
 REFERENCE_SEED = 0
+#: the shapes FD's per-image features and reference statistics, in the suite's eval folder (benchmarks.fid.save_fd_features)
+FD_FEATURES = "fd_features.npz"
 
 
 def flat_folder(items: Sequence[ImageItem], folder: Path) -> Path:
@@ -89,7 +93,10 @@ class FIDSuite:
             gen = load_images(items)
             ref = reference_renders([_scene_metadata(by_index[i], info) for i in sorted(by_index)], per_prompt,
                                     REFERENCE_SEED, spec=info.spec)
-            value = float(fd_shapes(gen, ref))
+            value, feats, ref_mu, ref_sigma = fd_shapes_parts(gen, ref)
+            if work_dir is not None:  # per-image features: a study bootstraps FD over images (benchmarks.study.stats)
+                save_fd_features(Path(work_dir) / FD_FEATURES, [(it.index, it.k) for it in items], feats, ref_mu, ref_sigma)
+            value = float(value)
             return SuiteResult({"fd_shapes": value}, per_image, [],
                                {"fd_reference": f"renders seed {REFERENCE_SEED} x{per_prompt}", "scorers": self.identity})
         folder = flat_folder(items, Path(work_dir or Path(items[0].path).parents[2]) / "fid_flat")
