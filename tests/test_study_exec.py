@@ -180,3 +180,128 @@ def test_a_tiny_shapes_study_keeps_fd_features_and_reports_fd_with_an_interval(t
     assert head == "| arm - own | geneval | fd_shapes |"
     row = next(line for line in text.splitlines() if line.startswith("| euler |") and "[" in line and line.count("|") == 4)
     assert f"{d.diff:+.3f}" in row.split("|")[3]
+
+
+# ---------------------------------------------------------------------------- sweeps on held-out prompts
+
+
+def _sweep_study(tmp_path: Path, teacher: Path, name: str, **sweep) -> Path:
+    over = {**TINY, "backend": {**TINY["backend"], "teacher": str(teacher)}}
+    return _write(tmp_path, {
+        "name": name, "backend": "toy2d", "out": str(tmp_path / name), "reference": "teacher",
+        "eval": {"suites": ["toy2d"], "prompts": 3, "images_per_prompt": 8, "bootstrap": 100, "curves": False},
+        "arms": {"teacher": {"checkpoint": str(teacher), "steps": 8},
+                 "dmd2": {"method": "dmd2", "overrides": over,
+                          "sweep": {"key": "method.generator_optim.lr", "values": [1e-5, 3e-3], "max_steps": 2, **sweep}}},
+        "claims": [{"name": "c", "arm": "dmd2", "versus": "teacher", "metric": "toy2d/log_density"}]}, name)
+
+
+def test_sweep_choice_rule_and_spec_mistakes(tmp_path):
+    from benchmarks.study.sweep import choose
+
+    assert choose([3e-5, 1e-5, 1e-4], [0.5, 0.5, 0.4], "greater") == 1e-5  # a tie: the smaller value
+    assert choose([3e-5, 1e-5, 1e-4], [0.5, 0.6, 0.4], "less") == 1e-4
+    sw = {"key": "method.generator_optim.lr", "values": [1e-5, 3e-5], "max_steps": 2}
+    base = {"backend": "toy2d", "eval": {"suites": ["toy2d"], "prompts": 3},
+            "arms": {"a": {"method": "dmd2", "sweep": sw}}, "claims": [{"name": "c", "arm": "a", "versus": "a", "metric": "m"}]}
+    s = load_study(_write(tmp_path, base))
+    assert (s.arms["a"].sweep.metric, s.arms["a"].sweep.direction) == ("m", "greater")  # the first claim's
+    assert [j.label for j in execute.plan(s)] == ["sweep a value #0", "sweep a value #1", "train a seed 0", "eval a seed 0"]
+    cases = [({"eval": {"suites": ["toy2d"], "prompts": 0}}, "eval.prompts is 0"),
+             ({"arms": {"a": {"checkpoint": "x", "sweep": sw}}}, "trains nothing"),
+             ({"claims": []}, "no metric to choose by"),
+             ({"arms": {"a": {"method": "dmd2", "sweep": {**sw, "values": [1e-5]}}}}, "at least 2 distinct"),
+             ({"arms": {"a": {"method": "dmd2", "sweep": {**sw, "max_steps": 0}}}}, "max_steps must be a positive"),
+             ({"arms": {"a": {"method": "dmd2", "sweep": {**sw, "key": "method.generator_optim.lrr"}}}},
+              "unknown config key 'method.generator_optim.lrr'"),
+             ({"arms": {"a": {"method": "dmd2", "sweep": {**sw, "key": "lr"}}}}, "not a dotted config key")]
+    for change, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            load_study(_write(tmp_path, {**base, **change}))
+    with pytest.raises(UserError, match="leaves none of the 9 toy2d prompts"):  # the mixture and 8 modes, all evaluated
+        execute.run_study(_write(tmp_path, {**base, "eval": {"suites": ["toy2d"], "prompts": 9}}), progress=False)
+    from benchmarks.study.sweep import check_heldout
+
+    shapes = {**base, "backend": "shapes", "eval": {"suites": ["geneval"], "prompts": 200}}
+    check_heldout(load_study(_write(tmp_path, shapes)))  # 9 of GenEval-shapes' 209 prompts are left
+    with pytest.raises(UserError, match="takes all 209 prompts"):
+        check_heldout(load_study(_write(tmp_path, {**shapes, "eval": {"suites": ["geneval"], "prompts": 209}})))
+
+
+def test_geneval_heldout_prompts_never_overlap_the_evaluation_and_keep_every_task_left():
+    from benchmarks.eval_prompts import stratified_indices
+    from benchmarks.geneval.prompts import generate_metadata
+    from benchmarks.study.sweep import heldout_entries
+
+    entries = generate_metadata(["circle", "square", "triangle", "cross"], exclude_color_class=None)  # 4 single objects
+    for n, gone in ((12, []), (24, ["single_object"])):
+        used = [entries[i] for i in stratified_indices(entries, n)]
+        rest, missing = heldout_entries(entries, n)
+        assert len(rest) == len(entries) - n and not any(e in used for e in rest) and missing == gone
+        assert {e["tag"] for e in rest} | set(missing) == {e["tag"] for e in entries}
+        kept = [rest[i] for i in stratified_indices(rest, n)]  # what a sweep scores: every held-out task kept
+        assert {e["tag"] for e in kept} == {e["tag"] for e in rest}
+    with pytest.raises(UserError, match="none to hold out"):
+        heldout_entries(entries, len(entries))
+
+
+def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(tmp_path, toy_teacher, monkeypatch):
+    from benchmarks.study.report import write_study_report
+    from benchmarks.study.sweep import choose
+    from rtdmd.config import load_resolved
+
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_study(tmp_path, toy_teacher, "sw")
+    execute.run_study(path, progress=False)
+    s = load_study(path)
+    c = json.loads((s.out / "sweeps" / "dmd2.json").read_text())
+    assert c["values"] == [1e-5, 3e-3] and c["metric"] == "toy2d/log_density" and c["heldout_prompts"] == 9 - 3
+    means = [x["mean"] for x in c["scores"]]
+    assert means[0] != means[1] and c["choice"] == choose(c["values"], means, "greater")
+    assert all(x["lo"] <= x["mean"] <= x["hi"] and x["iterations"] == 2 for x in c["scores"])
+    held = json.loads((s.out / "sweeps/dmd2/value0/units.json").read_text())["metrics"]["toy2d/log_density"]
+    final = json.loads((s.out / json.loads((execute.arm_dir(s, "dmd2", 0) / "eval.json").read_text())["final"]).read_text())
+    evaluated = final["metrics"]["toy2d/log_density"]
+    assert {k.split(":")[0] for k in held} == {"3", "4", "5", "6", "7", "8"} and not set(held) & set(evaluated)
+    t = json.loads((execute.arm_dir(s, "dmd2", 0) / "train.json").read_text())
+    assert t["sweep"] == {"method.generator_optim.lr": c["choice"]} and t["iterations"] == 6  # the arm's own budget
+    assert load_resolved(s.out / t["checkpoint"] / "config.yaml").method.generator_optim.lr == c["choice"]
+    # resumable: a lost score is rescored from the finished run, and the study's numbers do not change
+    (s.out / "sweeps/dmd2/value1/score.json").unlink()
+    assert [j.label for j in execute.plan(s) if not execute.is_done(s, j)] == ["sweep dmd2 value #1"]
+    execute.run_study(path, progress=False)
+    assert json.loads((s.out / "sweeps" / "dmd2.json").read_text()) == c
+    text = write_study_report(path, tmp_path / "rep" / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| dmd2 | method.generator_optim.lr = ")]
+    assert len(rows) == 2 and sum("**chosen**" in r for r in rows) == 1
+    assert f"= {c['choice']:g} |" in next(r for r in rows if "**chosen**" in r)
+
+
+def test_sweep_jobs_run_in_parallel_to_the_same_choice(tmp_path, toy_teacher, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = _sweep_study(tmp_path, toy_teacher, "serial"), _sweep_study(tmp_path, toy_teacher, "parallel")
+    execute.run_study(a, progress=False)
+    execute.run_study(b, jobs=2, progress=False)
+    ca, cb = (json.loads((tmp_path / n / "sweeps" / "dmd2.json").read_text()) for n in ("serial", "parallel"))
+    assert ca == cb
+
+
+def test_image_sweep_scores_only_held_out_prompts(tmp_path, ckpt, monkeypatch):
+    """A sweep run's scoring on shapes: the prompt file holds what the evaluation leaves out, every task left kept."""
+    from benchmarks.eval_models import describe_checkpoint
+    from benchmarks.eval_prompts import stratified_indices
+    from benchmarks.geneval.suite import default_metadata
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = _write(tmp_path, {"backend": "shapes", "out": str(tmp_path / "out"),
+                             "eval": {"suites": ["geneval"], "prompts": 6, "images_per_prompt": 1, "steps": 2},
+                             "arms": {"a": {"checkpoint": str(ckpt)}}})
+    s = load_study(path)
+    scores = execute.score_checkpoint(s, s.arms["a"], 0, ckpt, "cpu", False, held_out=tmp_path / "v")
+    entries = default_metadata(describe_checkpoint(ckpt).info)
+    evaluated = [entries[i] for i in stratified_indices(entries, 6)]
+    held = [json.loads(line) for line in (tmp_path / "v" / "heldout.jsonl").read_text().splitlines()]
+    scored = [held[int(k.split(":")[0])] for k in scores.metrics["geneval"]]
+    assert len(scored) == 6 and not any(e in evaluated for e in scored)
+    assert {e["tag"] for e in scored} == {e["tag"] for e in entries}  # 6 prompts, 6 tasks: one of each

@@ -10,6 +10,7 @@ images that are missing.
     <out>/arms/<arm>/seed<s>/units/step_NNNNNN.json   per-unit scores of that checkpoint
     <out>/arms/<arm>/seed<s>/units/step_NNNNNN.fd_shapes.npz   its per-unit FD-shapes features (fid suite, shapes)
     <out>/eval/                                    generated images (the evaluation runner's layout)
+    <out>/sweeps/<arm>/value<j>/ and <arm>.json    an arm's sweep: short runs, held-out scores, the choice (sweep.py)
 
 With ``jobs`` > 1 independent jobs run as separate processes with one torch thread each.
 """
@@ -34,17 +35,20 @@ from rtdmd.tracking import git_commit
 
 from benchmarks.runner import EvalOptions, run_eval
 from benchmarks.study.spec import ArmSpec, Study, load_study
-from benchmarks.study.units import UnitScores, image_units, save_units, toy2d_units
+from benchmarks.study import sweep
+from benchmarks.study.units import UnitScores, image_units, load_units, save_units, toy2d_units
 
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # "train" | "eval"
+    kind: str  # "sweep" | "train" | "eval"
     arm: str
-    seed: int
+    seed: int  # the training seed; of a sweep job, the index of its value (its run trains seed 0)
 
     @property
     def label(self) -> str:
+        if self.kind == "sweep":
+            return f"sweep {self.arm} value #{self.seed}"
         return f"{self.kind} {self.arm} seed {self.seed}"
 
 
@@ -71,6 +75,7 @@ def plan(study: Study) -> list[Job]:
     """Every job of the study, in an order that respects dependencies (train before eval, init_from first)."""
     jobs = []
     for arm in study.order():
+        jobs += [Job("sweep", arm.name, j) for j in range(len(arm.sweep.values) if arm.sweep.key else 0)]
         for s in seeds_of(arm):
             if arm.trains:
                 jobs.append(Job("train", arm.name, s))
@@ -79,6 +84,8 @@ def plan(study: Study) -> list[Job]:
 
 
 def is_done(study: Study, job: Job) -> bool:
+    if job.kind == "sweep":
+        return (sweep.value_dir(study, job.arm, job.seed) / "score.json").is_file()
     d = arm_dir(study, job.arm, job.seed)
     if job.kind == "train":
         return (d / "train.json").is_file()
@@ -89,7 +96,11 @@ def depends_on(study: Study, job: Job) -> list[Job]:
     arm = study.arms[job.arm]
     if job.kind == "eval":
         return [Job("train", job.arm, job.seed)] if arm.trains else []
-    return [Job("train", arm.init_from, job.seed)] if arm.init_from else []
+    seed = 0 if job.kind == "sweep" else job.seed  # a sweep run trains seed 0
+    init = [Job("train", arm.init_from, seed)] if arm.init_from else []
+    if job.kind == "train" and arm.sweep.key:  # the arm trains with the value its sweep chose
+        init += [Job("sweep", arm.name, j) for j in range(len(arm.sweep.values))]
+    return init
 
 
 # ---------------------------------------------------------------------------- training
@@ -127,20 +138,41 @@ def run_budget(run_dir: Path) -> dict:
     return {"iterations": steps, "generator_updates": updates, "generator_images": images}
 
 
-def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
-    d = arm_dir(study, arm.name, seed)
-    run_dir = d / "run"
-    cfg = make_config(arm.method, backend=study.backend, overrides=_train_overrides(study, arm, seed, device),
-                      preset=arm.preset or None)
+def _train(study: Study, arm: ArmSpec, overrides: dict, run_dir: Path, progress: bool) -> dict:
+    """Train (or continue) one run; its checkpoint (relative to the study's folder), time, commit and budget."""
+    cfg = make_config(arm.method, backend=study.backend, overrides=overrides, preset=arm.preset or None)
     cpu0 = time.process_time()
     result = run_training(cfg, out=run_dir, resume="auto", command=f"rtdmd-bench study run {study.path}",
                           show_progress=progress)
     meta = read_meta(find_checkpoint(run_dir))
-    record = {"checkpoint": str(Path(result.checkpoint).relative_to(study.out)),
-              "cpu_seconds_last_attempt": round(time.process_time() - cpu0, 1),
-              "train_seconds": meta.get("train_seconds"), "git_commit": meta.get("git_commit") or git_commit(),
-              **run_budget(run_dir)}
+    return {"checkpoint": str(Path(result.checkpoint).relative_to(study.out)),
+            "cpu_seconds_last_attempt": round(time.process_time() - cpu0, 1),
+            "train_seconds": meta.get("train_seconds"), "git_commit": meta.get("git_commit") or git_commit(),
+            **run_budget(run_dir)}
+
+
+def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
+    d = arm_dir(study, arm.name, seed)
+    over = _train_overrides(study, arm, seed, device)
+    chosen = {}
+    if arm.sweep.key:  # the value the arm's sweep chose on held-out prompts (<out>/sweeps/<arm>.json)
+        chosen = {arm.sweep.key: sweep.write_choice(study, arm)}
+        over = _deep_merge(over, arm.sweep.nested(chosen[arm.sweep.key]))
+    record = {**_train(study, arm, over, d / "run", progress), **({"sweep": chosen} if chosen else {})}
     _write_json(d / "train.json", record)
+    return record
+
+
+def sweep_job(study: Study, arm: ArmSpec, j: int, device: str = "cpu", progress: bool = True) -> dict:
+    """Value j of the arm's sweep: a short run (seed 0), scored on the held-out prompts (benchmarks.study.sweep)."""
+    d = sweep.value_dir(study, arm.name, j)
+    over = sweep.run_overrides(study, arm, j, _train_overrides(study, arm, 0, device))
+    run = _train(study, arm, over, d / "run", progress)
+    if not (d / "units.json").is_file():
+        save_units(d / "units.json", score_checkpoint(study, arm, 0, study.out / run["checkpoint"], device, progress,
+                                                      held_out=d))
+    record = {**sweep.score_record(study, arm, j, load_units(d / "units.json")), **run}
+    _write_json(d / "score.json", record)
     return record
 
 
@@ -157,19 +189,24 @@ def curve_checkpoints(study: Study, arm: ArmSpec, seed: int) -> list[Path]:
     return sorted(p for p in final.parent.glob("step_*") if p.is_dir() and ".tmp" not in p.name and (p / "meta.json").is_file())
 
 
-def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, device: str, progress: bool) -> UnitScores:
+def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, device: str, progress: bool,
+                     held_out: Path | None = None) -> UnitScores:
+    """Per-unit scores of one checkpoint with the arm's sampler on the evaluation's units; with ``held_out`` (a sweep
+    value's folder), on the held-out prompts instead (benchmarks.study.sweep)."""
     e = study.eval
     steps = arm.steps or e.steps
     eta = None if arm.eta < 0 else arm.eta
     kind = arm.sampler or None
     if study.backend == "toy2d":
-        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta, kind)
+        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta, kind, held_out is not None)
+    prompts_file, n = sweep.heldout_prompt_file(study, step_dir, held_out) if held_out else (None, e.prompts or None)
     opts = EvalOptions(suites=list(e.suites), steps=steps, guidance=e.guidance if arm.guidance < 0 else arm.guidance,
                        eta=eta, sampler=kind, seed=e.seed, images_per_prompt=e.images_per_prompt,
-                       max_prompts=e.prompts or None,
+                       max_prompts=n, prompts_file=prompts_file,
                        out=study.out / "eval", experiment=study.experiment, device=device, threads=1,
                        command=f"rtdmd-bench study run {study.path}", progress=progress,
-                       tags={"study": study.name, "arm": arm.name, "seed": str(seed)})
+                       tags={"study": study.name, "arm": arm.name, "seed": str(seed),
+                             **({"split": "held-out"} if held_out else {})})
     return image_units(run_eval([step_dir], opts))
 
 
@@ -193,7 +230,9 @@ def eval_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progres
 
 def run_job(study: Study, job: Job, device: str = "cpu", progress: bool = True) -> None:
     arm = study.arms[job.arm]
-    if job.kind == "train":
+    if job.kind == "sweep":
+        sweep_job(study, arm, job.seed, device, progress)
+    elif job.kind == "train":
         train_job(study, arm, job.seed, device, progress)
     else:
         eval_job(study, arm, job.seed, device, progress)
@@ -208,6 +247,7 @@ def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bo
     study = load_study(path)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    sweep.check_heldout(study)
     todo = [j for j in plan(study) if not is_done(study, j)]
     _say(f"{study.name}: {len(plan(study)) - len(todo)} of {len(plan(study))} jobs already done")
     if jobs == 1:

@@ -16,6 +16,7 @@ from rtdmd.errors import UserError
 
 from benchmarks.study.execute import arm_dir, is_done, plan, seeds_of
 from benchmarks.study.spec import Study, load_study
+from benchmarks.study.sweep import sweep_lines
 from benchmarks.study.stats import Difference, arm_mean, mean_interval, paired_difference, verdict
 from benchmarks.study.units import UnitScores, feature_difference, feature_metrics, load_units
 
@@ -208,6 +209,7 @@ def write_study_report(path: str | Path, out: Path | None = None) -> Path:
              "Mean over training seeds and units with its 95 % bootstrap interval (units and training seeds resampled); "
              "the seed range shows the spread of the training seeds' own means.", ""]
     lines += _arm_table(study, arms, metrics)
+    lines += sweep_lines(study)
     lines += ["", f"## Paired differences against `{study.reference}`", "",
               "Difference of means on the shared units, 95 % paired bootstrap interval.", ""]
     lines += _diff_table(study, arms, metrics + feature_metrics(arms))

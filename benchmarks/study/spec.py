@@ -13,23 +13,26 @@
       - {name: "(b) AC-DMD vs DMD2", arm: ac-dmd, versus: dmd2, metric: toy2d/in_mode, direction: greater}
 
 An arm either trains (``method``, with ``preset`` and ``overrides`` as `rtdmd-bench train` takes them, one run
-per training seed) or evaluates a fixed ``checkpoint``. ``init_from`` names an arm whose checkpoint of the same
+per training seed) or evaluates a fixed ``checkpoint`` (``sampler: cps`` runs a teacher's weights as the few-step
+CPS generator). ``sweep`` first chooses one config value of a training arm on held-out prompts (benchmarks.study.sweep). ``init_from`` names an arm whose checkpoint of the same
 training seed initialises this arm (``method.init``), so arms train in dependency order. ``budget`` is recorded
 and checked: every training arm's generator updates x batch is reported beside it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.suites.registry import expand_suites
 from rtdmd import registry
-from rtdmd.config import build_dataclass, read_yaml
+from rtdmd.config import _deep_merge, build_dataclass, read_yaml, resolve
 from rtdmd.errors import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 @dataclass
@@ -55,6 +58,40 @@ class BudgetSpec:
 
 
 @dataclass
+class SweepSpec:
+    """Short runs of a training arm, one per value of ``key``, scored on held-out prompts; the arm then trains with
+    the best value (benchmarks.study.sweep)."""
+
+    key: str = ""  # a dotted config key, e.g. method.generator_optim.lr ("": no sweep)
+    values: list[float] = field(default_factory=list)
+    max_steps: int = 0  # training iterations of each sweep run (seed 0)
+    metric: str = ""  # the metric the choice is made by (default: the first claim's)
+    direction: str = ""  # greater | less (default: the first claim's direction; greater without claims)
+
+    def validate(self, prefix: str = "sweep"):
+        if not self.key:
+            return
+        if not _KEY.match(self.key):
+            raise UserError(f"{prefix}.key '{self.key}' is not a dotted config key like method.generator_optim.lr; fix it.")
+        if len(self.values) < 2 or len(set(self.values)) != len(self.values) or not all(math.isfinite(v) for v in self.values):
+            raise UserError(f"{prefix}.values needs at least 2 distinct finite numbers; fix the list.")
+        if self.max_steps <= 0:
+            raise UserError(f"{prefix}.max_steps must be a positive number of training iterations per sweep run; set it.")
+        if self.direction not in ("", "greater", "less"):
+            raise UserError(f"{prefix}.direction is '{self.direction}'; use 'greater' or 'less'.")
+
+    def nested(self, value: float) -> dict:
+        """``{key: value}`` as the nested override mapping a training config takes."""
+        out: dict = {}
+        *parents, leaf = self.key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        return out
+
+
+@dataclass
 class ArmSpec:
     name: str = ""
     method: str = ""  # trains this method ...
@@ -67,6 +104,7 @@ class ArmSpec:
     guidance: float = -1.0  # CFG at evaluation (-1: eval.guidance)
     eta: float = -1.0  # CPS eta at evaluation (-1: the checkpoint's own)
     sampler: str = ""  # "euler" | "cps" at evaluation ("": the checkpoint's own); cps on a teacher = the students' start
+    sweep: SweepSpec = field(default_factory=SweepSpec)  # choose a config value on held-out prompts first
 
     @property
     def trains(self) -> bool:
@@ -152,8 +190,31 @@ def load_study(path: str | Path) -> Study:
                   eval=build_dataclass(EvalSpec, data.get("eval") or {}, "eval"), arms=arms, claims=claims)
     _check_references(study)
     _check_names(study)
+    _check_sweeps(study)
     study.order()
     return study
+
+
+def _check_sweeps(study: Study) -> None:
+    """A sweep trains (seed 0, from its init_from arm's seed 0), has held-out prompts and a metric to choose by."""
+    for a in study.arms.values():
+        sw = a.sweep
+        if not sw.key:
+            continue
+        if not a.trains:
+            raise UserError(f"arm '{a.name}' sweeps '{sw.key}' but trains nothing; give it a method or drop the sweep.")
+        if a.init_from and 0 not in study.arms[a.init_from].seeds:
+            raise UserError(f"arm '{a.name}' sweeps with seed 0 from arm '{a.init_from}', which does not train seed 0; add it there.")
+        if study.eval.prompts == 0:
+            raise UserError(f"arm '{a.name}' sweeps on held-out prompts, but eval.prompts is 0 (every prompt is evaluated), "
+                            "so none is left; set eval.prompts below the prompt count.")
+        first = study.claims[0] if study.claims else None
+        if not sw.metric and first is None:
+            raise UserError(f"arm '{a.name}' sweeps '{sw.key}' with no metric to choose by; set its sweep.metric or add a claim.")
+        sw.metric = sw.metric or first.metric
+        sw.direction = sw.direction or (first.direction if first is not None and first.metric == sw.metric else "greater")
+        resolve(a.method, backend=study.backend, overrides=_deep_merge(a.overrides or {}, sw.nested(sw.values[0])),
+                preset=a.preset or None)  # an unknown key is one sentence now, not after the first sweep run
 
 
 def _check_names(study: Study) -> None:

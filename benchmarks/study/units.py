@@ -103,6 +103,15 @@ def toy2d_prompts(num_modes: int, n: int) -> list[str]:
     return prompts[:n] if n > 0 else prompts
 
 
+def toy2d_heldout(num_modes: int, n: int) -> list[tuple[int, str]]:
+    """(prompt index, prompt) of the toy2d prompts an evaluation of n prompts leaves out: 'mode n-1' onwards."""
+    every = toy2d_prompts(num_modes, 0)
+    if n <= 0 or n >= len(every):
+        raise UserError(f"eval.prompts {n} leaves none of the {len(every)} toy2d prompts to hold out for a sweep; "
+                        f"set eval.prompts between 1 and {len(every) - 1}.")
+    return list(enumerate(every))[n:]
+
+
 def mixture_log_density(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """log sum_j w_j N(x; mu_j, s_j^2 I) for isotropic 2-D Gaussians (weights normalised here); (N,)."""
     w = weights / weights.sum()
@@ -112,18 +121,19 @@ def mixture_log_density(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor
 
 
 def toy2d_units(checkpoint: Path, n_prompts: int, per_prompt: int, seed: int, steps: int | None,
-                eta: float | None, kind: str | None = None) -> UnitScores:
+                eta: float | None, kind: str | None = None, held_out: bool = False) -> UnitScores:
     """Sample point k of prompt i with seed (seed, i, k) and score it: the log density under the prompt's target
     (the mixture for "", the mode's Gaussian for 'mode j') and whether it lies within 3 std of the target's modes.
-    ``kind`` (euler / cps) overrides the checkpoint's sampler."""
+    ``kind`` (euler / cps) overrides the checkpoint's sampler; ``held_out`` scores the prompts the first
+    ``n_prompts`` leave out instead (toy2d_heldout)."""
     _, backend, net, meta = load_for_inference(checkpoint)
     sc = SamplingConfig.from_meta(meta.get("sampler", {}), steps=steps, eta=eta, kind=kind)
     o = backend.options
     means, stds = torch.tensor(o.means, dtype=torch.float64), torch.tensor(o.stds, dtype=torch.float64)
     weights = torch.tensor(o.weights, dtype=torch.float64)
-    prompts = toy2d_prompts(len(o.means), n_prompts)
+    prompts = toy2d_heldout(len(o.means), n_prompts) if held_out else list(enumerate(toy2d_prompts(len(o.means), n_prompts)))
     out = UnitScores()
-    for i, p in enumerate(prompts):
+    for i, p in prompts:
         items = [(p, sample_seed(seed, i, k)) for k in range(per_prompt)]
         x = generate_batched(backend, net, items, sc, batch_size=1024).double()
         modes = list(range(len(o.means))) if p == "" else [backend.parse_prompt(p) - 1]
