@@ -16,8 +16,8 @@ from rtdmd.errors import UserError
 
 from benchmarks.study.execute import arm_dir, is_done, plan, seeds_of
 from benchmarks.study.spec import Study, load_study
-from benchmarks.study.sweep import sweep_lines
 from benchmarks.study.stats import Difference, arm_mean, mean_interval, paired_difference, verdict
+from benchmarks.study.sweep import sweep_lines
 from benchmarks.study.units import UnitScores, feature_difference, feature_metrics, load_units
 
 #: what each per-unit metric measures, and its range (shown under the tables)
