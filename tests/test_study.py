@@ -193,6 +193,7 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
     assert (report.parent / "curve_toy2d_in_mode.png").is_file()
     t = json.loads((tmp_path / "full/arms/dmd2/seed1/train.json").read_text())
     assert t["iterations"] == 6 and t["generator_updates"] == 2 and t["generator_images"] == 32
+    assert "cpu_seconds_last_attempt" not in t and t["train_cpu_seconds"] > 0
 
 
 def test_parallel_jobs_give_the_same_numbers(tmp_path, toy_teacher, monkeypatch):
@@ -208,3 +209,29 @@ def test_report_of_an_unfinished_study_says_how_to_finish(tmp_path, toy_teacher)
 
     with pytest.raises(UserError, match="study run"):
         write_study_report(_study(tmp_path, toy_teacher, "new"))
+
+
+def test_checkpoint_cost_of_a_two_stage_run_adds_the_earlier_stage(tmp_path):
+    """A two-stage run folder (rtdmd: stage1/, stage2/): a stage-2 checkpoint costs stage 1's final checkpoint plus
+    stage 2 up to it, each from its own meta.json and config.yaml (ttur, batch, accumulate)."""
+    from rtdmd.api import make_config
+    from rtdmd.config import dump
+
+    def checkpoint(stage: str, step: int, cpu: float, method: str, over: dict) -> Path:
+        d = tmp_path / "run" / stage / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(dump(make_config(method, backend="toy2d", overrides=over)))
+        (d / "meta.json").write_text(json.dumps({"step": step, "run_train_cpu_seconds": cpu}))
+        (d.parent / "latest").write_text(d.name + "\n")
+        return d
+
+    checkpoint("stage1", 10, 5.0, "ac-dmd", {"method": {"ttur": 3}, "train": {"batch_size": 8}})
+    checkpoint("stage2", 4, 1.0, "dmd2", {"method": {"ttur": 2}, "train": {"batch_size": 4, "accumulate": 2}})
+    last = checkpoint("stage2", 7, 2.5, "dmd2", {"method": {"ttur": 2}, "train": {"batch_size": 4, "accumulate": 2}})
+    # stage 1: 10 iterations, ceil(10 / 3) = 4 updates x 8; stage 2 at step 7: ceil(7 / 2) = 4 updates x (4 x 2)
+    want = {"iterations": 17, "generator_updates": 8, "generator_images": 4 * 8 + 4 * 8, "run_train_cpu_seconds": 7.5}
+    assert execute.checkpoint_cost(last) == want
+    assert execute.checkpoint_cost(tmp_path / "run" / "stage2" / "checkpoints" / "step_000004")["iterations"] == 14
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("../stage2/checkpoints/step_000007\n")  # as rtdmd.stages
+    assert execute.run_budget(tmp_path / "run") == want
