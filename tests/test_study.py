@@ -310,7 +310,7 @@ def test_report_shows_costs_curves_losses_and_precision_without_absolute_paths(r
     text = report.read_text()
     assert "| ac-dmd | `ac-dmd` | 2 | - | 2 x 16 = 32 | 6 |" in text
     assert "| more | `ac-dmd` | 2 | ac-dmd | 2 x 16 = 32; with `ac-dmd`: 4 updates, 64 images | 6; with `ac-dmd`: 12 |" in text
-    assert "with the weights it started from outside the study" in text  # ac-dmd's method.init is the teacher
+    assert "counting the weights it started from outside the study" in text  # ac-dmd's method.init is the teacher
     assert "quiet machine" in text and "one torch thread" in text
     commit = json.loads((execute.arm_dir(study, "more", 1) / "train.json").read_text())["git_commit"][:10]
     assert f"`{commit}" in text

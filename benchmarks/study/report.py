@@ -69,7 +69,7 @@ def _cost_cells(study: Study, arms: dict[str, ArmScores], name: str) -> list[str
     meta = [t.get("train_cpu_seconds") for t in a.train]
     study_cpu = col(tot, "run_train_cpu_seconds")
     if None not in meta and None not in study_cpu and np.mean(meta) - np.mean(study_cpu) > 0.02 + 0.005 * np.mean(study_cpu):
-        cells[2] += f" ({_seconds(meta)} with the weights it started from outside the study)"
+        cells[2] += f"; {_seconds([float(np.mean(meta))])} counting the weights it started from outside the study"
     return cells
 
 
