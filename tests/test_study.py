@@ -4,6 +4,7 @@ end (run, interrupted run that resumes to the same numbers, parallel jobs, repor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,23 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
     text = report.read_text()
     assert "| (b) AC-DMD vs DMD2 | ac-dmd > dmd2 | toy2d/log_density |" in text
     assert any(w in text for w in ("**supported**", "**not supported**", "**inconclusive**"))
-    assert (report.parent / "curve_toy2d_in_mode.png").is_file()
+    assert (report.parent / "curve_toy2d_in_mode.png").is_file() and "](curve_toy2d_in_mode.png)" in text
     t = json.loads((tmp_path / "full/arms/dmd2/seed1/train.json").read_text())
     assert t["iterations"] == 6 and t["generator_updates"] == 2 and t["generator_images"] == 32
+    assert "cpu_seconds_last_attempt" not in t and t["train_cpu_seconds"] > 0
+    assert "| dmd2 | `dmd2` | 2 | - | 2 x 16 = 32 | 6 |" in text
+    assert "| teacher | no: checkpoint `teacher` | 1 | - | no cost shown | - | - | - |" in text
+    assert "without MLflow tracking" in text and not (report.parent / "losses.png").exists()  # tracking was off
+    _assert_no_absolute_paths(text)
+
+
+_ABSOLUTE = re.compile(r"(^|[\s(\[`'\"=:])(/[^\s/)]|[A-Za-z]:\\)", re.M)
+
+
+def _assert_no_absolute_paths(text: str) -> None:
+    assert "/work/" not in text and "/tmp/" not in text
+    hit = _ABSOLUTE.search(text)
+    assert hit is None, f"absolute path in the report: ...{text[max(0, hit.start() - 60):hit.end() + 60]}..."
 
 
 def test_parallel_jobs_give_the_same_numbers(tmp_path, toy_teacher, monkeypatch):
@@ -208,3 +223,160 @@ def test_report_of_an_unfinished_study_says_how_to_finish(tmp_path, toy_teacher)
 
     with pytest.raises(UserError, match="study run"):
         write_study_report(_study(tmp_path, toy_teacher, "new"))
+
+
+# ---------------------------------------------------------------------------- the report: costs, curves, losses, precision
+
+
+def _report_study(tmp_path: Path, teacher: Path) -> Path:
+    """teacher (checkpoint) <- ac-dmd (2 seeds) <- more (init_from ac-dmd), tracked in a throwaway MLflow store;
+    ttur 3 and checkpoints every 3 of 6 iterations: 1 then 2 generator updates per run."""
+    over = {**TINY, "backend": {**TINY["backend"], "teacher": str(teacher)},
+            "train": {**TINY["train"], "log_every": 1},
+            "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    data = {"name": "rep", "backend": "toy2d", "out": str(tmp_path / "rep"), "reference": "teacher",
+            "experiment": "study-report-test",
+            "eval": {"suites": ["toy2d"], "prompts": 3, "images_per_prompt": 8, "bootstrap": 200},
+            "arms": {"teacher": {"checkpoint": str(teacher), "steps": 8},
+                     "ac-dmd": {"method": "ac-dmd", "seeds": [0, 1],
+                                "overrides": {**over, "method": {"init": str(teacher), "ttur": 3}}},
+                     "more": {"method": "ac-dmd", "init_from": "ac-dmd", "seeds": [0, 1],
+                              "overrides": {**over, "method": {"ttur": 3}}}}}
+    p = tmp_path / "rep.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, toy_teacher):
+    """The report study, run and reported once (cwd: its folder, as `study run` and `study report` are used)."""
+    import os
+
+    from benchmarks.study.report import write_study_report
+
+    tmp = tmp_path_factory.mktemp("report")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        path = _report_study(tmp, toy_teacher)
+        execute.run_study(path, progress=False)
+        report = write_study_report(path, tmp / "reports" / "report.md")
+    finally:
+        os.chdir(cwd)
+    return load_study(path), report
+
+
+def _meta(study, arm: str, seed: int, step: int) -> dict:
+    return json.loads((execute.arm_dir(study, arm, seed) / f"run/checkpoints/step_{step:06d}/meta.json").read_text())
+
+
+def test_train_json_records_cpu_seconds_of_the_final_checkpoint(reported):
+    study, _ = reported
+    for arm in ("ac-dmd", "more"):
+        for seed in (0, 1):
+            t = json.loads((execute.arm_dir(study, arm, seed) / "train.json").read_text())
+            meta = _meta(study, arm, seed, 6)
+            assert t["train_cpu_seconds"] == meta["train_cpu_seconds"] and "cpu_seconds_last_attempt" not in t
+            assert t["run_train_cpu_seconds"] == pytest.approx(meta["run_train_cpu_seconds"])
+    # a run's train_cpu_seconds includes the weights it started from: more's = ac-dmd's final + its own run
+    parent = json.loads((execute.arm_dir(study, "ac-dmd", 0) / "train.json").read_text())
+    child = json.loads((execute.arm_dir(study, "more", 0) / "train.json").read_text())
+    assert child["train_cpu_seconds"] == pytest.approx(parent["train_cpu_seconds"] + child["run_train_cpu_seconds"], abs=0.02)
+
+
+def test_curve_points_are_read_from_each_checkpoint_and_an_init_from_arm_continues_its_parent(reported):
+    from benchmarks.study.plots import all_curve_rows
+    from benchmarks.study.scores import load_scores
+
+    study, _ = reported
+    rows = all_curve_rows(study, load_scores(study), "toy2d/in_mode")
+    assert set(rows) == {"ac-dmd", "more"}  # the checkpoint arm has no curve
+    cpu = {(a, st): np.mean([_meta(study, a, s, st)["run_train_cpu_seconds"] for s in (0, 1)])
+           for a in ("ac-dmd", "more") for st in (3, 6)}
+    np.testing.assert_allclose(rows["ac-dmd"][:, 0], [1, 2])
+    np.testing.assert_allclose(rows["ac-dmd"][:, 1], [cpu["ac-dmd", 3], cpu["ac-dmd", 6]], atol=0.02)
+    # more starts at ac-dmd's final point (same weights), then adds its own checkpoints' costs
+    np.testing.assert_allclose(rows["more"][0], rows["ac-dmd"][-1])
+    np.testing.assert_allclose(rows["more"][1:, 0], [3, 4])
+    np.testing.assert_allclose(rows["more"][1:, 1], [cpu["ac-dmd", 6] + cpu["more", 3], cpu["ac-dmd", 6] + cpu["more", 6]], atol=0.02)
+    assert np.all(rows["ac-dmd"][:, 3] <= rows["ac-dmd"][:, 2]) and np.all(rows["ac-dmd"][:, 2] <= rows["ac-dmd"][:, 4])
+
+
+def test_report_shows_costs_curves_losses_and_precision_without_absolute_paths(reported):
+    from benchmarks.study.plots import loss_histories
+    from benchmarks.study.scores import load_scores
+
+    study, report = reported
+    text = report.read_text()
+    assert "| ac-dmd | `ac-dmd` | 2 | - | 2 x 16 = 32 | 6 |" in text
+    assert "| more | `ac-dmd` | 2 | ac-dmd | 2 x 16 = 32; with `ac-dmd`: 4 updates, 64 images | 6; with `ac-dmd`: 12 |" in text
+    assert "counting the weights it started from outside the study" in text  # ac-dmd's method.init is the teacher
+    assert "quiet machine" in text and "one torch thread" in text
+    commit = json.loads((execute.arm_dir(study, "more", 1) / "train.json").read_text())["git_commit"][:10]
+    assert f"`{commit}" in text
+    for png in ("curve_toy2d_in_mode.png", "curve_toy2d_log_density.png", "losses.png"):
+        assert (report.parent / png).is_file() and f"]({png})" in text
+    hist = loss_histories(study, load_scores(study))
+    assert set(hist) == {"ac-dmd", "more"} and set(hist["more"]) == {0, 1}
+    assert {"loss/generator", "loss/fake_score"} <= set(hist["more"][1])
+    assert len(hist["more"][1]["loss/fake_score"]) == 6  # log_every 1: every iteration
+    assert "## Per-task precision (`toy2d/in_mode`)" in text and "Prompts per task: mixture 1, mode 2 (x 8 images each)." in text
+    assert "`toy2d/log_density`: toy2d: log density" in text  # the metric legend
+    _assert_no_absolute_paths(text)
+
+
+def test_precision_table_flags_wide_intervals_and_prices_the_target():
+    from types import SimpleNamespace
+
+    from benchmarks.study.precision import images_needed, precision_section
+    from benchmarks.study.scores import ArmScores
+    from benchmarks.study.units import UnitScores
+
+    assert images_needed(4, 0.04) == 16 and images_needed(4, 0.01) == 4  # 4 x (0.04 / 0.02)^2; never fewer than now
+    rng = np.random.default_rng(0)
+    ref, arm = UnitScores(), UnitScores()
+    for i in range(20):  # prompts 0-9: task x, the same scores in both arms; 10-19: task y, ref 0 and arm coin flips
+        for k in range(4):
+            task, v = ("x", float(rng.integers(0, 2))) if i < 10 else ("y", 0.0)
+            ref.add("geneval", f"{i}:{k}", v, task)
+            arm.add("geneval", f"{i}:{k}", v if task == "x" else float(rng.integers(0, 2)), task)
+    arms = {"ref": ArmScores("ref", [0], [ref], {}, [{}]), "arm": ArmScores("arm", [0], [arm], {}, [{}])}
+    study = SimpleNamespace(reference="ref", eval=SimpleNamespace(bootstrap=500, images_per_prompt=4))
+    lines = precision_section(study, arms, ["geneval"])
+    assert "Prompts per task: x 10, y 10 (x 4 images each)." in lines
+    table = lines[lines.index("**arm**"):]
+    x = next(line for line in table if line.startswith("| x |")).split(" | ")
+    y = next(line for line in table if line.startswith("| y |")).split(" | ")
+    assert x[3:] == ["+0.000", "0.000", "met |"]  # identical scores: the paired difference is exact
+    hw = float(y[4].strip("*"))
+    assert y[2].startswith("**") and y[4].startswith("**") and hw > 0.1  # 40 coin flips: about +-0.15
+    need = int(y[5].rstrip(" |").replace(",", ""))  # 4 x (hw / 0.02)^2, hw unrounded in the table
+    assert need == pytest.approx(4 * (hw / 0.02) ** 2, rel=0.02) and need > 100
+    ref_y = next(line for line in lines[lines.index("**ref**"):] if line.startswith("| y |"))
+    assert ref_y == "| y | 0.000 | 0.000 | - | - | - |"
+
+
+def test_checkpoint_cost_of_a_two_stage_run_adds_the_earlier_stage(tmp_path):
+    """A two-stage run folder (rtdmd: stage1/, stage2/): a stage-2 checkpoint costs stage 1's final checkpoint plus
+    stage 2 up to it, each from its own meta.json and config.yaml (ttur, batch, accumulate)."""
+    from rtdmd.api import make_config
+    from rtdmd.config import dump
+
+    def checkpoint(stage: str, step: int, cpu: float, method: str, over: dict) -> Path:
+        d = tmp_path / "run" / stage / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(dump(make_config(method, backend="toy2d", overrides=over)))
+        (d / "meta.json").write_text(json.dumps({"step": step, "run_train_cpu_seconds": cpu}))
+        (d.parent / "latest").write_text(d.name + "\n")
+        return d
+
+    checkpoint("stage1", 10, 5.0, "ac-dmd", {"method": {"ttur": 3}, "train": {"batch_size": 8}})
+    checkpoint("stage2", 4, 1.0, "dmd2", {"method": {"ttur": 2}, "train": {"batch_size": 4, "accumulate": 2}})
+    last = checkpoint("stage2", 7, 2.5, "dmd2", {"method": {"ttur": 2}, "train": {"batch_size": 4, "accumulate": 2}})
+    # stage 1: 10 iterations, ceil(10 / 3) = 4 updates x 8; stage 2 at step 7: ceil(7 / 2) = 4 updates x (4 x 2)
+    want = {"iterations": 17, "generator_updates": 8, "generator_images": 4 * 8 + 4 * 8, "run_train_cpu_seconds": 7.5}
+    assert execute.checkpoint_cost(last) == want
+    assert execute.checkpoint_cost(tmp_path / "run" / "stage2" / "checkpoints" / "step_000004")["iterations"] == 14
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("../stage2/checkpoints/step_000007\n")  # as rtdmd.stages
+    assert execute.run_budget(tmp_path / "run") == want

@@ -31,7 +31,7 @@ def run_cmd(study_file, jobs, device, quiet):
 @click.argument("study_file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<study>/report.md).")
 def report_cmd(study_file, out):
-    """Markdown report: arms, paired differences with 95 % CIs, verdicts per claim, learning curves."""
+    """Markdown report: budgets, paired differences with 95 % CIs, verdicts, per-task precision, curves, losses."""
     from benchmarks.study.report import write_study_report  # lazy: keeps --help free of numpy and torch
 
     click.echo(f"wrote {write_study_report(study_file, out)}")

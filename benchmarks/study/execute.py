@@ -6,7 +6,7 @@ resumes from its last checkpoint (exactly, see rtdmd.trainer), an interrupted ev
 images that are missing.
 
     <out>/arms/<arm>/seed<s>/run/                  the training run (checkpoints every eval curve point)
-    <out>/arms/<arm>/seed<s>/train.json            done: checkpoint, budget, seconds, commit
+    <out>/arms/<arm>/seed<s>/train.json            done: checkpoint, budget, CPU-seconds, commit
     <out>/arms/<arm>/seed<s>/units/step_NNNNNN.json   per-unit scores of that checkpoint
     <out>/arms/<arm>/seed<s>/units/step_NNNNNN.fd_shapes.npz   its per-unit FD-shapes features (fid suite, shapes)
     <out>/eval/                                    generated images (the evaluation runner's layout)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,32 +122,56 @@ def _train_overrides(study: Study, arm: ArmSpec, seed: int, device: str) -> dict
     return over
 
 
+def _earlier_stages(stage_dir: Path) -> list[Path]:
+    """The stage folders trained before ``stage_dir`` in a multi-stage run folder (stage1 before stage2, ...)."""
+    m = re.fullmatch(r"stage(\d+)", stage_dir.name)
+    if m is None:
+        return []
+    return [p for k in range(1, int(m.group(1))) if (p := stage_dir.parent / f"stage{k}").is_dir()]
+
+
+def _segment(step_dir: Path) -> dict:
+    """One stage's cost up to the checkpoint ``step_dir``, from that checkpoint's meta.json and config.yaml: its step,
+    generator updates (``method.ttur``: one every ttur-th iteration), images per update (``train.batch_size`` x
+    ``train.accumulate``) and this run's CPU-seconds (``run_train_cpu_seconds``; None when the checkpoint predates it)."""
+    meta = read_meta(step_dir)
+    cfg = load_resolved(step_dir / "config.yaml")
+    n = int(meta.get("step", 0))
+    updates = -(-n // int(getattr(cfg.method, "ttur", 1) or 1))
+    per_update = int(cfg.train.batch_size) * int(getattr(cfg.train, "accumulate", 1) or 1)
+    cpu = meta.get("run_train_cpu_seconds")
+    return {"iterations": n, "generator_updates": updates, "generator_images": updates * per_update,
+            "run_train_cpu_seconds": None if cpu is None else float(cpu)}
+
+
+def checkpoint_cost(step_dir: Path) -> dict:
+    """What the weights of ``step_dir`` cost inside their run folder: iterations, generator updates, generator images
+    and CPU-seconds of this checkpoint's stage up to it plus every earlier stage's final checkpoint (a two-stage
+    rtdmd run: stage 1 + stage 2 so far). Weights the run started from (``method.init``) are not counted here."""
+    step_dir = Path(os.path.normpath(step_dir))
+    parts = [_segment(find_checkpoint(p)) for p in _earlier_stages(step_dir.parent.parent)] + [_segment(step_dir)]
+    out = {k: sum(p[k] for p in parts) for k in ("iterations", "generator_updates", "generator_images")}
+    cpu = [p["run_train_cpu_seconds"] for p in parts]
+    out["run_train_cpu_seconds"] = None if None in cpu else round(sum(cpu), 2)
+    return out
+
+
 def run_budget(run_dir: Path) -> dict:
-    """Iterations trained, generator updates and generator images of every stage in a run folder: each stage's
-    newest checkpoint step (a run stopped by train.max_minutes counts what it trained), its config's generator
-    update ratio (``method.ttur``) and images per update (``train.batch_size`` x ``train.accumulate``)."""
-    staged = [p for p in (run_dir / "stage1", run_dir / "stage2") if (p / "config.yaml").is_file()]
-    steps = updates = images = 0
-    for p in staged or [run_dir]:
-        cfg = load_resolved(p / "config.yaml")
-        every = int(getattr(cfg.method, "ttur", 1) or 1)
-        n = int(read_meta(find_checkpoint(p)).get("step", 0))
-        per_update = int(cfg.train.batch_size) * int(getattr(cfg.train, "accumulate", 1) or 1)
-        steps += n
-        updates += -(-n // every)
-        images += -(-n // every) * per_update
-    return {"iterations": steps, "generator_updates": updates, "generator_images": images}
+    """Iterations trained, generator updates, generator images and CPU-seconds of a run folder (every stage), at its
+    newest checkpoint (a run stopped by train.max_minutes counts what it trained)."""
+    return checkpoint_cost(find_checkpoint(run_dir))
 
 
 def _train(study: Study, arm: ArmSpec, overrides: dict, run_dir: Path, progress: bool) -> dict:
-    """Train (or continue) one run; its checkpoint (relative to the study's folder), time, commit and budget."""
+    """Train (or continue) one run; its checkpoint (relative to the study's folder), cost, commit and budget."""
     cfg = make_config(arm.method, backend=study.backend, overrides=overrides, preset=arm.preset or None)
-    cpu0 = time.process_time()
     result = run_training(cfg, out=run_dir, resume="auto", command=f"rtdmd-bench study run {study.path}",
                           show_progress=progress)
     meta = read_meta(find_checkpoint(run_dir))
+    # train_cpu_seconds: the final checkpoint's (every attempt, every stage, plus what its method.init weights cost);
+    # run_train_cpu_seconds (from run_budget): this run folder's stages alone; train_seconds: wall-clock
     return {"checkpoint": str(Path(result.checkpoint).relative_to(study.out)),
-            "cpu_seconds_last_attempt": round(time.process_time() - cpu0, 1),
+            "train_cpu_seconds": meta.get("train_cpu_seconds"),
             "train_seconds": meta.get("train_seconds"), "git_commit": meta.get("git_commit") or git_commit(),
             **run_budget(run_dir)}
 
@@ -219,7 +244,8 @@ def eval_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progres
         f = d / "units" / f"step_{step:06d}.json"
         if not f.is_file():
             save_units(f, score_checkpoint(study, arm, seed, step_dir, device, progress))
-        points.append({"step": step, "units": str(f.relative_to(study.out)), "train_seconds": meta.get("train_seconds")})
+        points.append({"step": step, "units": str(f.relative_to(study.out)), "train_seconds": meta.get("train_seconds"),
+                       **({"cost": checkpoint_cost(step_dir)} if arm.trains else {})})
     record = {"points": points, "final": points[-1]["units"]}
     _write_json(d / "eval.json", record)
     return record

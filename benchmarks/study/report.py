@@ -1,126 +1,118 @@
-"""The study report: arms with their budgets, paired differences against the reference arm, the verdict per
-claim and learning curves, from the files `study run` wrote (no MLflow query needed).
+"""The study report: what each arm cost and scored, paired differences against the reference arm, the verdict per
+claim, per-task precision, learning curves and training losses, from the files `study run` wrote (and, for the
+losses, the study's MLflow experiment).
 
-    rtdmd-bench study report studies/shapes.yaml      # -> reports/<study name>/report.md
+    rtdmd-bench study report studies/shapes.yaml      # -> reports/<study name>/report.md (+ PNGs beside it)
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rtdmd.errors import UserError
+from rtdmd.tracking import portable_path
 
-from benchmarks.study.execute import arm_dir, is_done, plan, seeds_of
+from benchmarks.metric_legend import legend
+from benchmarks.study import plots
+from benchmarks.study.precision import precision_section
+from benchmarks.study.scores import ArmScores, compare, final_cost, load_scores, metrics_of, own_cost, unit_matrix
 from benchmarks.study.spec import Study, load_study
-from benchmarks.study.stats import Difference, arm_mean, mean_interval, paired_difference, verdict
+from benchmarks.study.stats import arm_mean, mean_interval, verdict
 from benchmarks.study.sweep import sweep_lines
-from benchmarks.study.units import UnitScores, feature_difference, feature_metrics, load_units
-
-#: what each per-unit metric measures, and its range (shown under the tables)
-METRIC_LEGEND = {
-    "geneval": "GenEval(-shapes) accuracy: share of images whose objects, counts, colours and positions match the "
-               "prompt under the official rules; overall = mean of the task accuracies; 0-1, higher is better",
-    "reward/oracle": "shapes preference oracle (ground-truth faithfulness and quality of the rendered scene); 0-1, higher is better",
-    "reward/shapes_pref": "learned shapes preference model (trained on oracle-labelled pairs); about 0-1, higher is better",
-    "reward/shapes_aes": "learned shapes aesthetic model; about 0-1, higher is better",
-    "toy2d/in_mode": "share of toy2d samples within 3 std of a mode of the prompt's target; 0-1, higher is better",
-    "toy2d/log_density": "log density of toy2d samples under the prompt's true target; higher is better",
-}
-
-
-@dataclass
-class ArmScores:
-    name: str
-    seeds: list[int]
-    final: list[UnitScores]  # one per training seed
-    curves: dict[int, list[dict]]  # seed -> [{"step", "train_seconds", "scores": UnitScores}]
-    train: list[dict]  # train.json per seed ({} for a fixed checkpoint)
-
-
-def load_scores(study: Study) -> dict[str, ArmScores]:
-    missing = [j.label for j in plan(study) if not is_done(study, j)]
-    if missing:
-        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0]}'); "
-                        f"run 'rtdmd-bench study run {study.path}' first.")
-    out = {}
-    for arm in study.order():
-        seeds = seeds_of(arm)
-        finals, curves, trains = [], {}, []
-        for s in seeds:
-            d = arm_dir(study, arm.name, s)
-            ev = json.loads((d / "eval.json").read_text())
-            finals.append(load_units(study.out / ev["final"]))
-            curves[s] = [{"step": p["step"], "train_seconds": p.get("train_seconds"),
-                          "scores": load_units(study.out / p["units"])}
-                         for p in ev["points"]]
-            t = d / "train.json"
-            trains.append(json.loads(t.read_text()) if t.is_file() else {})
-        out[arm.name] = ArmScores(arm.name, seeds, finals, curves, trains)
-    return out
-
-
-def unit_matrix(scores: list[UnitScores], metric: str, keys: list[str] | None = None):
-    """(seeds, units) matrix of ``metric`` on ``keys`` (default: the units every seed has) and the strata."""
-    if keys is None:
-        common = set.intersection(*(set(s.metrics.get(metric, {})) for s in scores))
-        keys = sorted(common, key=lambda k: tuple(int(x) for x in k.split(":")))
-    m = np.array([[s.metrics[metric][k] for k in keys] for s in scores], dtype=float)
-    strata = [scores[0].strata.get(metric, {}).get(k, "") for k in keys]
-    return m, (np.array(strata) if any(strata) else None), keys
-
-
-def metrics_of(arms: dict[str, ArmScores]) -> list[str]:
-    names = None
-    for a in arms.values():
-        for s in a.final:
-            names = set(s.metrics) if names is None else names & set(s.metrics)
-    return sorted(names or [])
-
-
-def compare(arms: dict[str, ArmScores], a: str, b: str, metric: str, n_boot: int) -> Difference:
-    """Paired difference a - b on the units both arms were scored on."""
-    if all(metric in s.features for s in arms[a].final + arms[b].final):  # FD: bootstrapped over the units' features
-        return feature_difference(arms[a].final, arms[b].final, metric, n_boot)
-    keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in arms[a].final + arms[b].final)),
-                  key=lambda k: tuple(int(x) for x in k.split(":")))
-    if not keys:
-        raise UserError(f"arms '{a}' and '{b}' share no evaluation units for '{metric}'; evaluate them on the same prompts and seeds.")
-    ma, strata, _ = unit_matrix(arms[a].final, metric, keys)
-    mb, _, _ = unit_matrix(arms[b].final, metric, keys)
-    return paired_difference(ma, mb, strata, n_boot=n_boot)
+from benchmarks.study.units import feature_metrics
 
 
 def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def _budget(t: list[dict]) -> str:
-    if not t or not t[0]:
-        return "fixed checkpoint"
-    r = t[0]
-    secs = [x.get("train_seconds") for x in t if x.get("train_seconds") is not None]
-    cost = f"{np.mean(secs) / 60:.1f} min" if secs else "?"
-    return f"{r['generator_updates']} x {r['generator_images'] // max(r['generator_updates'], 1)} ({r['iterations']} it), {cost}"
+def _count(values: list) -> str:
+    """Mean over training seeds of a count, with the seeds' range when they differ; '?' when one is unknown."""
+    if not values or None in values:
+        return "?"
+    if len(set(values)) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{np.mean(values):,.0f} (seeds {min(values):,.0f} to {max(values):,.0f})"
 
 
-def _arm_table(study: Study, arms: dict[str, ArmScores], metrics: list[str]) -> list[str]:
-    n_boot = study.eval.bootstrap
-    lines = ["| arm | method | seeds | budget: generator updates x batch (iterations), training minutes | "
-             + " | ".join(metrics) + " |", "|" + "---|" * (4 + len(metrics))]
+def _seconds(values: list) -> str:
+    """Mean CPU-seconds over training seeds, with the seeds' range when there are several."""
+    if not values or None in values:
+        return "?"
+    digits = 0 if max(values) >= 100 else 1 if max(values) >= 10 else 2
+    f = lambda v: f"{v:,.{digits}f}"  # noqa: E731
+    return f(np.mean(values)) + (f" (seeds {f(min(values))} to {f(max(values))})" if len(values) > 1 else "")
+
+
+def _short_commits(train: list[dict]) -> str:
+    commits = sorted({t.get("git_commit") or "" for t in train if t})
+    return ", ".join(f"`{c[:10]}{'+dirty' if c.endswith('+dirty') else ''}`" for c in commits if c) or "?"
+
+
+def _cost_cells(study: Study, arms: dict[str, ArmScores], name: str) -> list[str]:
+    """Generator updates x batch = images, iterations and CPU-seconds of a training arm: its own run, and for an
+    init_from arm also the total with the arm it starts from."""
+    a, parent = arms[name], study.arms[name].init_from
+    own = [own_cost(t) or {} for t in a.train]
+    tot = [final_cost(study, arms, name, s) or {} for s in a.seeds]
+
+    def col(costs, key):
+        return [c.get(key) for c in costs]
+
+    batch = (own[0].get("generator_images") or 0) // max(own[0].get("generator_updates") or 1, 1)
+    cells = [f"{_count(col(own, 'generator_updates'))} x {batch:,} = {_count(col(own, 'generator_images'))}",
+             _count(col(own, "iterations")), _seconds(col(own, "run_train_cpu_seconds"))]
+    if parent:
+        cells[0] += f"; with `{parent}`: {_count(col(tot, 'generator_updates'))} updates, {_count(col(tot, 'generator_images'))} images"
+        cells[1] += f"; with `{parent}`: {_count(col(tot, 'iterations'))}"
+        cells[2] += f"; with `{parent}`: {_seconds(col(tot, 'run_train_cpu_seconds'))}"
+    meta = [t.get("train_cpu_seconds") for t in a.train]
+    study_cpu = col(tot, "run_train_cpu_seconds")
+    if None not in meta and None not in study_cpu and np.mean(meta) - np.mean(study_cpu) > 0.02 + 0.005 * np.mean(study_cpu):
+        cells[2] += f"; {_seconds([float(np.mean(meta))])} counting the weights it started from outside the study"
+    return cells
+
+
+def _budget_table(study: Study, arms: dict[str, ArmScores]) -> list[str]:
+    lines = ["| arm | trains | seeds | starts from | generator updates x batch = generator images | iterations "
+             "| CPU-seconds | trained at |", "|---|---|---|---|---|---|---|---|"]
     for name, a in arms.items():
         spec = study.arms[name]
+        if spec.trains:
+            cells = _cost_cells(study, arms, name)
+            what, commit = f"`{spec.method}`" + (f" (preset `{spec.preset}`)" if spec.preset else ""), _short_commits(a.train)
+        else:
+            cells = ["no cost shown"] + ["-"] * 2
+            what, commit = f"no: checkpoint `{portable_path(spec.checkpoint)}`", "-"
+        lines.append(f"| {name} | {what} | {len(a.seeds)} | {spec.init_from or '-'} | " + " | ".join(cells) + f" | {commit} |")
+    return lines
+
+
+BUDGET_NOTE = ("Cost per training arm, mean over its training seeds: generator updates (one every `method.ttur`-th "
+               "iteration) x images per update (`train.batch_size` x `train.accumulate`), iterations and CPU-seconds, "
+               "read from each run's final checkpoint (meta.json, config.yaml) and summed over its stages. An arm with "
+               "`starts from` also shows the total with the arm whose checkpoint it starts from. CPU-seconds are process "
+               "CPU time (each study job trains with one torch thread), summed over resumed attempts; on a shared machine "
+               "contention inflates them, so they compare arms only approximately there, and the committed numbers "
+               "should come from a quiet machine. Wall-clock minutes are not shown: they measure the machine's load as "
+               "much as the method. Checkpoint arms were trained outside the study: no cost is shown for them, as a "
+               "number would compare unlike things; likewise weights an arm starts from outside the study (a teacher as "
+               "`method.init`) are not charged in the CPU-seconds column, only noted beside it.")
+
+
+def _score_table(study: Study, arms: dict[str, ArmScores], metrics: list[str]) -> list[str]:
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|" + "---|" * (1 + len(metrics))]
+    for name, a in arms.items():
         cells = []
         for m in metrics:
             mat, strata, _ = unit_matrix(a.final, m)
-            mean, lo, hi = mean_interval(mat, strata, n_boot=n_boot)
+            mean, lo, hi = mean_interval(mat, strata, n_boot=study.eval.bootstrap)
             per_seed = [arm_mean(r[None], strata) for r in mat]
             spread = "" if len(a.seeds) == 1 else f" (seeds {min(per_seed):.3f} to {max(per_seed):.3f})"
             cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{spread}")
-        lines.append(f"| {name} | {spec.method or spec.checkpoint} | {len(a.seeds)} | {_budget(a.train)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -148,67 +140,61 @@ def _claims_table(study: Study, arms: dict[str, ArmScores]) -> list[str]:
     return lines
 
 
-def plot_curves(study: Study, arms: dict[str, ArmScores], metric: str, path: Path) -> Path | None:
-    """Metric against the final stage's training iterations and against training minutes, one line per arm with
-    its 95 % band (units and seeds resampled at each checkpoint)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
-    for name, a in arms.items():
-        if not study.arms[name].trains:
-            continue
-        steps = sorted(set.intersection(*(set(p["step"] for p in a.curves[s]) for s in a.seeds)))
-        rows = []
-        for st in steps:
-            pts = [next(p for p in a.curves[s] if p["step"] == st) for s in a.seeds]
-            mat, strata, _ = unit_matrix([p["scores"] for p in pts], metric)
-            mean, lo, hi = mean_interval(mat, strata, n_boot=200)
-            secs = [p["train_seconds"] or 0.0 for p in pts]
-            rows.append((st, float(np.mean(secs)) / 60, mean, lo, hi))
-        if len(rows) < 1:
-            continue
-        r = np.array(rows)
-        for ax, x in ((axes[0], r[:, 0]), (axes[1], r[:, 1])):
-            ax.plot(x, r[:, 2], marker="o", label=name)
-            ax.fill_between(x, r[:, 3], r[:, 4], alpha=0.2)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    axes[0].set_xlabel("training iterations (final stage)")
-    axes[1].set_xlabel("training minutes (all stages)")
-    for ax in axes:
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{study.name}: {metric} over training (95 % bands)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _curve_section(study: Study, arms: dict[str, ArmScores], metrics: list[str], folder: Path) -> list[str]:
+    points = ("every kept checkpoint (`eval.curves: true`)" if study.eval.curves
+              else "the final checkpoint only (`eval.curves: false`, so each training arm is one point)")
+    lines = ["", "## Learning curves", "",
+             f"Each metric against generator updates (left) and training CPU-seconds (right), scored at {points}. A "
+             "point's x is that checkpoint's own cost, read from its meta.json and config.yaml (not interpolated); an "
+             "arm that starts from another arm adds that arm's final cost, so its line continues the other's. Lines: "
+             "mean over training seeds; shaded: 95 % bootstrap band (units and training seeds resampled). Dashed: "
+             "checkpoint arms, not trained in the study.", ""]
+    drawn = 0
+    for m in (m for m in plots.CURVE_METRICS if m in metrics):
+        p = plots.plot_curves(study, arms, m, folder / f"curve_{m.replace('/', '_')}.png")
+        if p is not None:
+            lines += [f"![{m} against generator updates and CPU-seconds]({p.name})", ""]
+            drawn += 1
+    return lines[:-1] if drawn else lines + ["No training arm has a scored checkpoint with a recorded cost: no curve."]
 
 
-def write_study_report(path: str | Path, out: Path | None = None) -> Path:
-    study = load_study(path)
-    arms = load_scores(study)
+def _loss_section(study: Study, arms: dict[str, ArmScores], folder: Path) -> list[str]:
+    lines = ["", "## Training losses", ""]
+    try:
+        if not plots.tracked_uris(study, arms):
+            return lines + ["The study trained without MLflow tracking (`tracking.enabled: false`): no training losses to show."]
+        found = plots.loss_histories(study, arms)
+    except UserError as exc:
+        return lines + [f"The training losses could not be read from MLflow: {exc}"]
+    hist = {a: found[a] for a in arms if any(found.get(a, {}).values())}
+    if not hist:
+        return lines + [f"MLflow experiment `{study.experiment}` holds no training run of this study with losses "
+                        "(was the store moved or cleared?): no training losses to show."]
+    path, symlog = plots.plot_losses(hist, folder / "losses.png")
+    scale = ("y is logarithmic in every panel" if not symlog else
+             f"y is logarithmic, except symlog (linear near 0, logarithmic beyond) in the panels of {', '.join(symlog)}, "
+             "whose losses reach 0 or below")
+    return lines + [f"The losses each training run logged to MLflow (keys `loss/...`; a logged point is the mean over "
+                    f"the iterations since the previous one), one panel per training arm, one colour per loss, one line "
+                    f"style per training seed; a later stage continues the iteration count of the earlier; {scale}.", "",
+                    f"![training losses]({path.name})"]
+
+
+def _header(study: Study) -> list[str]:
+    e, path = study.eval, portable_path(study.path)
+    return [f"# Study: {study.name}", "",
+            f"Made by `rtdmd-bench study report {path}` from `rtdmd-bench study run {path}`. "
+            f"Backend `{study.backend}`; evaluation: suites {', '.join(e.suites)}, {e.steps} sampling steps unless an arm "
+            f"says otherwise, {e.prompts or 'all'} prompts x {e.images_per_prompt} images, image seed {e.seed}, "
+            f"{e.bootstrap} bootstrap resamples; every arm is scored on the same (prompt, image seed) units."]
+
+
+def report_lines(study: Study, arms: dict[str, ArmScores], folder: Path) -> list[str]:
     metrics = metrics_of(arms)
-    out = Path(out) if out is not None else Path("reports") / study.name / "report.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    e = study.eval
-    lines = [f"# Study: {study.name}", "",
-             f"Made by `rtdmd-bench study report {study.path}` from `rtdmd-bench study run {study.path}`. "
-             f"Backend `{study.backend}`; evaluation: suites {', '.join(e.suites)}, {e.steps} sampling steps unless an arm "
-             f"says otherwise, {e.prompts or 'all'} prompts x {e.images_per_prompt} images, image seed {e.seed}; "
-             f"every arm is scored on the same (prompt, image seed) units.",
-             "", "## Arms", "",
-             "Mean over training seeds and units with its 95 % bootstrap interval (units and training seeds resampled); "
-             "the seed range shows the spread of the training seeds' own means.", ""]
-    lines += _arm_table(study, arms, metrics)
+    lines = _header(study) + ["", "## Arms", "", BUDGET_NOTE, ""] + _budget_table(study, arms)
+    lines += ["", "Scores: mean over training seeds and units with its 95 % bootstrap interval (units and training seeds "
+              "resampled); the seed range shows the spread of the training seeds' own means.", ""]
+    lines += _score_table(study, arms, metrics)
     lines += sweep_lines(study)
     lines += ["", f"## Paired differences against `{study.reference}`", "",
               "Difference of means on the shared units, 95 % paired bootstrap interval.", ""]
@@ -217,14 +203,16 @@ def write_study_report(path: str | Path, out: Path | None = None) -> Path:
         lines += ["", "## Verdicts", "", "supported: the interval excludes 0 on the claimed side; not supported: it excludes "
                   "0 on the other side; inconclusive: it contains 0.", ""]
         lines += _claims_table(study, arms)
-    lines += ["", "## Learning curves", ""]
-    for m in metrics:
-        p = plot_curves(study, arms, m, out.parent / f"curve_{m.replace('/', '_')}.png")
-        if p is not None:
-            lines.append(f"![{m}]({p.name})")
-    lines += ["", "## What the metrics measure", ""]
-    lines += [f"- `{m}`: {METRIC_LEGEND.get(m, 'per-unit score of the suite')}" for m in metrics]
-    commits = sorted({t.get("git_commit", "") for a in arms.values() for t in a.train if t})
-    lines += ["", f"Trained at commit(s): {', '.join(c[:10] for c in commits if c) or 'n/a'}.", ""]
-    out.write_text("\n".join(lines))
+    lines += precision_section(study, arms, metrics)
+    lines += _curve_section(study, arms, metrics, folder)
+    lines += _loss_section(study, arms, folder)
+    return lines + [""] + legend(metrics)
+
+
+def write_study_report(path: str | Path, out: Path | None = None) -> Path:
+    study = load_study(path)
+    arms = load_scores(study)
+    out = Path(out) if out is not None else Path("reports") / study.name / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report_lines(study, arms, out.parent)))
     return out

@@ -1,0 +1,150 @@
+"""A finished study's scores and costs, read from the files `study run` wrote: the report's tables and figures
+(benchmarks.study.report, benchmarks.study.plots) are made from these.
+
+Costs are counted inside the study: an arm's own run (every stage of its run folder, every resumed attempt) plus,
+for an ``init_from`` arm, the cost of the parent arm's checkpoint it starts from (recursively). Weights an arm
+starts from outside the study (a teacher given as ``method.init``) are not charged, as checkpoint arms are not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtdmd.errors import UserError
+
+from benchmarks.study.execute import arm_dir, checkpoint_cost, is_done, plan, seeds_of
+from benchmarks.study.spec import Study
+from benchmarks.study.stats import Difference, paired_difference
+from benchmarks.study.units import UnitScores, feature_difference, load_units
+
+#: the cost of a trained checkpoint: summed along an init_from chain
+COST_KEYS = ("iterations", "generator_updates", "generator_images", "run_train_cpu_seconds")
+
+
+@dataclass
+class ArmScores:
+    name: str
+    seeds: list[int]
+    final: list[UnitScores]  # one per training seed
+    curves: dict[int, list[dict]]  # seed -> [{"step", "cost" (own run, or None), "scores": UnitScores}]
+    train: list[dict]  # train.json per seed ({} for a fixed checkpoint)
+
+
+def _read(path: Path):
+    return json.loads(path.read_text())
+
+
+def _point_cost(study: Study, train: dict, point: dict) -> dict | None:
+    """A curve point's own-run cost: recorded by `study run`, or (an eval.json written before costs were recorded)
+    read from the checkpoint beside the final one."""
+    if "cost" in point or not train:
+        return point.get("cost")
+    step_dir = (study.out / train["checkpoint"]).parent / f"step_{int(point['step']):06d}"
+    return checkpoint_cost(step_dir) if (step_dir / "meta.json").is_file() else None
+
+
+def load_scores(study: Study) -> dict[str, ArmScores]:
+    missing = [j.label for j in plan(study) if not is_done(study, j)]
+    if missing:
+        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0]}'); "
+                        f"run 'rtdmd-bench study run {study.path}' first.")
+    out = {}
+    for arm in study.order():
+        seeds = seeds_of(arm)
+        finals, curves, trains = [], {}, []
+        for s in seeds:
+            d = arm_dir(study, arm.name, s)
+            ev = _read(d / "eval.json")
+            train = _read(d / "train.json") if (d / "train.json").is_file() else {}
+            finals.append(load_units(study.out / ev["final"]))
+            curves[s] = [{"step": p["step"], "cost": _point_cost(study, train, p),
+                          "scores": load_units(study.out / p["units"])} for p in ev["points"]]
+            trains.append(train)
+        out[arm.name] = ArmScores(arm.name, seeds, finals, curves, trains)
+    return out
+
+
+def _unit_order(key: str) -> tuple:
+    return tuple(int(x) for x in key.split(":"))
+
+
+def unit_matrix(scores: list[UnitScores], metric: str, keys: list[str] | None = None):
+    """(seeds, units) matrix of ``metric`` on ``keys`` (default: the units every seed has), the strata (None when
+    the metric has none) and the keys."""
+    if keys is None:
+        keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in scores)), key=_unit_order)
+    m = np.array([[s.metrics[metric][k] for k in keys] for s in scores], dtype=float)
+    strata = [scores[0].strata.get(metric, {}).get(k, "") for k in keys]
+    return m, (np.array(strata) if any(strata) else None), keys
+
+
+def metrics_of(arms: dict[str, ArmScores]) -> list[str]:
+    """The per-unit metrics every arm and seed was scored on."""
+    names = None
+    for a in arms.values():
+        for s in a.final:
+            names = set(s.metrics) if names is None else names & set(s.metrics)
+    return sorted(names or [])
+
+
+def shared_keys(arms: dict[str, ArmScores], a: str, b: str, metric: str) -> list[str]:
+    keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in arms[a].final + arms[b].final)),
+                  key=_unit_order)
+    if not keys:
+        raise UserError(f"arms '{a}' and '{b}' share no evaluation units for '{metric}'; evaluate them on the same prompts and seeds.")
+    return keys
+
+
+def compare(arms: dict[str, ArmScores], a: str, b: str, metric: str, n_boot: int) -> Difference:
+    """Paired difference a - b on the units both arms were scored on (FD: bootstrapped over the units' features)."""
+    if all(metric in s.features for s in arms[a].final + arms[b].final):
+        return feature_difference(arms[a].final, arms[b].final, metric, n_boot)
+    keys = shared_keys(arms, a, b, metric)
+    ma, strata, _ = unit_matrix(arms[a].final, metric, keys)
+    mb, _, _ = unit_matrix(arms[b].final, metric, keys)
+    return paired_difference(ma, mb, strata, n_boot=n_boot)
+
+
+# ---------------------------------------------------------------------------- costs
+
+
+def add_costs(a: dict | None, b: dict | None) -> dict | None:
+    """Cost a + b, None when either is unknown (CPU-seconds alone None when either's are unknown)."""
+    if a is None or b is None:
+        return None
+    out = {k: a.get(k, 0) + b.get(k, 0) for k in COST_KEYS if k != "run_train_cpu_seconds"}
+    cpu = [a.get("run_train_cpu_seconds"), b.get("run_train_cpu_seconds")]
+    out["run_train_cpu_seconds"] = None if None in cpu else cpu[0] + cpu[1]
+    return out
+
+
+ZERO_COST = {k: 0 for k in COST_KEYS}
+
+
+def own_cost(train: dict) -> dict | None:
+    """An arm's own run cost from its train.json (CPU-seconds None in one written before they were recorded)."""
+    if "generator_updates" not in train:
+        return None
+    return {k: train.get(k) for k in COST_KEYS}
+
+
+def start_cost(study: Study, arms: dict[str, ArmScores], arm: str, seed: int) -> dict | None:
+    """What the weights an arm starts from cost inside the study: its init_from parent's final checkpoint of the same
+    training seed, with that parent's own start cost (zero for an arm that does not start from another arm)."""
+    parent = study.arms[arm].init_from
+    if not parent:
+        return dict(ZERO_COST)
+    p = arms[parent]
+    return add_costs(start_cost(study, arms, parent, seed), own_cost(p.train[p.seeds.index(seed)]))
+
+
+def final_cost(study: Study, arms: dict[str, ArmScores], arm: str, seed: int) -> dict | None:
+    """An arm's final checkpoint's cost inside the study (its start cost + its own run); None for a checkpoint arm."""
+    if not study.arms[arm].trains:
+        return None
+    a = arms[arm]
+    return add_costs(start_cost(study, arms, arm, seed), own_cost(a.train[a.seeds.index(seed)]))
