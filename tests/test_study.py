@@ -380,3 +380,36 @@ def test_checkpoint_cost_of_a_two_stage_run_adds_the_earlier_stage(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "latest").write_text("../stage2/checkpoints/step_000007\n")  # as rtdmd.stages
     assert execute.run_budget(tmp_path / "run") == want
+
+
+def test_every_budget_arm_plans_the_study_budget(tmp_path):
+    """Arms held to the budget plan exactly generator_updates x batch images (max_steps / ttur x batch x
+    accumulate), with no wall-clock limit; an arm on another axis says budget: false."""
+    base = {"name": "b", "backend": "toy2d", "out": str(tmp_path / "b"), "budget": {"generator_updates": 2, "batch": 16},
+            "eval": {"suites": ["toy2d"], "prompts": 3},
+            "arms": {"teacher": {"checkpoint": "runs/t"},
+                     "dmd2": {"method": "dmd2", "overrides": TINY}}}  # 6 steps, ttur 5: 2 updates x 16
+    p = tmp_path / "b.yaml"
+    p.write_text(yaml.safe_dump(base))
+    load_study(p)
+    longer = {**base, "arms": {**base["arms"], "dmd2": {"method": "dmd2",
+                                                       "overrides": {**TINY, "train": {**TINY["train"], "max_steps": 11}}}}}
+    p.write_text(yaml.safe_dump(longer))
+    with pytest.raises(UserError, match=r"arm 'dmd2' plans 3 generator updates x 16 images = 48, not the study budget 2 x 16 = 32"):
+        load_study(p)
+    timed = {**base, "arms": {**base["arms"], "dmd2": {"method": "dmd2",
+                                                      "overrides": {**TINY, "train": {**TINY["train"], "max_minutes": 5}}}}}
+    p.write_text(yaml.safe_dump(timed))
+    with pytest.raises(UserError, match="max_minutes"):
+        load_study(p)
+    longer["arms"]["dmd2"]["budget"] = False
+    p.write_text(yaml.safe_dump(longer))
+    load_study(p)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_study_files_load(path):
+    """Every shipped study file passes the checks `study run` makes first (methods, suites, budgets, sweeps)."""
+    s = load_study(path)
+    assert s.arms and all(a.name in s.arms for a in s.order())

@@ -15,8 +15,9 @@
 An arm either trains (``method``, with ``preset`` and ``overrides`` as `rtdmd-bench train` takes them, one run
 per training seed) or evaluates a fixed ``checkpoint`` (``sampler: cps`` runs a teacher's weights as the few-step
 CPS generator). ``sweep`` first chooses one config value of a training arm on held-out prompts (benchmarks.study.sweep). ``init_from`` names an arm whose checkpoint of the same
-training seed initialises this arm (``method.init``), so arms train in dependency order. ``budget`` is recorded
-and checked: every training arm's generator updates x batch is reported beside it.
+training seed initialises this arm (``method.init``), so arms train in dependency order. Every training arm
+is held to ``budget`` (generator updates x batch, checked from its resolved config when the file is read) unless
+it says ``budget: false``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class EvalSpec:
 
 @dataclass
 class BudgetSpec:
-    generator_updates: int = 0  # per training arm (0: not fixed)
-    batch: int = 0
+    generator_updates: int = 0  # per training arm held to the budget (0: not fixed)
+    batch: int = 0  # generator images per update (train.batch_size x train.accumulate)
 
 
 @dataclass
@@ -105,6 +106,9 @@ class ArmSpec:
     eta: float = -1.0  # CPS eta at evaluation (-1: the checkpoint's own)
     sampler: str = ""  # "euler" | "cps" at evaluation ("": the checkpoint's own); cps on a teacher = the students' start
     sweep: SweepSpec = field(default_factory=SweepSpec)  # choose a config value on held-out prompts first
+    #: a training arm is held to the study's budget (generator updates x batch), checked before anything runs;
+    #: false for arms whose budget is another axis (an RL stage on top of a distilled arm)
+    budget: bool = True
 
     @property
     def trains(self) -> bool:
@@ -191,8 +195,37 @@ def load_study(path: str | Path) -> Study:
     _check_references(study)
     _check_names(study)
     _check_sweeps(study)
+    _check_budgets(study)
     study.order()
     return study
+
+
+def planned_budget(study: Study, arm: ArmSpec) -> tuple[int, int]:
+    """(generator updates, images per update) the arm's config will train: train.max_steps iterations with a
+    generator update every method.ttur-th, train.batch_size x train.accumulate images each."""
+    from rtdmd.api import make_config
+
+    cfg = make_config(arm.method, backend=study.backend, overrides=arm.overrides, preset=arm.preset or None)
+    if cfg.train.max_minutes > 0:
+        raise UserError(f"arm '{arm.name}' has train.max_minutes={cfg.train.max_minutes}, so its budget would depend on the "
+                        "machine; set train.max_minutes: 0 in its overrides (the study budget is in generator updates).")
+    every = int(getattr(cfg.method, "ttur", 1) or 1)
+    return -(-int(cfg.train.max_steps) // every), int(cfg.train.batch_size) * int(cfg.train.accumulate)
+
+
+def _check_budgets(study: Study) -> None:
+    """Every training arm held to the budget plans exactly budget.generator_updates x budget.batch images."""
+    b = study.budget
+    if b.generator_updates <= 0:
+        return
+    for a in study.arms.values():
+        if not (a.trains and a.budget):
+            continue
+        updates, batch = planned_budget(study, a)
+        if updates * batch != b.generator_updates * b.batch:
+            raise UserError(f"arm '{a.name}' plans {updates} generator updates x {batch} images = {updates * batch}, not the "
+                            f"study budget {b.generator_updates} x {b.batch} = {b.generator_updates * b.batch}; set its "
+                            "train.max_steps / train.batch_size in overrides, or budget: false for an arm on another axis.")
 
 
 def _check_sweeps(study: Study) -> None:
