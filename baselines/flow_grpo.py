@@ -62,6 +62,7 @@ class FlowGRPOOptions:
 
 class FlowGRPOMethod(Method):
     inference_network = "generator"
+    accumulates = True  # train.accumulate micro-batches of grouped rollouts per optimiser step, advantages over all
 
     def __init__(self, cfg: RunConfig, backend):
         super().__init__(cfg, backend)
@@ -106,6 +107,7 @@ class FlowGRPOMethod(Method):
         self.rollout = grpo.GroupRollout(backend, self.rewards, policy, self.n_groups, o.group_size,
                                          grpo.Advantages(o.advantage_clip, o.advantage_eps, o.rewards))
         self.policy_loss = grpo.PolicyLoss(backend, policy, o.clip_eps, o.kl_weight, self._reference(), o.mean_over_dims)
+        self.batches: list[grpo.GRPOBatch] = []  # this step's micro-batches (train.accumulate)
         self.batch: grpo.GRPOBatch | None = None
         self.term_grads = diagnostics.TermGradients("diag", cosine_terms=("policy",))
 
@@ -116,8 +118,12 @@ class FlowGRPOMethod(Method):
         return lambda c, u: blocks.policy_velocity_fn(b, self.reference_net, c, w, u)
 
     def before_step(self, ctx: StepContext) -> None:
+        """The step's rollouts: one grouped rollout per micro-batch (train.accumulate, each from its own context),
+        their group advantages over all of them together; the trained steps are shared by the micro-batches."""
         o = self.options
-        self.batch = self.rollout(self.networks["generator"], ctx)
+        gen, micro = self.networks["generator"], [ctx.micro_batch(j) for j in range(ctx.micro_batches)]
+        self.batches = self.rollout.with_advantages([self.rollout.sample(gen, c) for c in micro], ctx)
+        self.batch = self.batches[0]
         stoch = self.batch.rollout.stochastic_steps
         if o.train_steps and o.train_steps < len(stoch):
             pick = torch.randperm(len(stoch), generator=ctx.generator)[: o.train_steps]
@@ -126,11 +132,12 @@ class FlowGRPOMethod(Method):
             self.steps = list(stoch)
 
     def loss(self, network: str, ctx: StepContext):
-        batch = self.batch
+        batch = self.batch = self.batches[ctx.micro]
         terms, logs = self.policy_loss.terms(self.networks["generator"], batch, self.steps)
         loss = terms["policy"] + terms["kl"] if "kl" in terms else terms["policy"]
         if ctx.diagnose:
-            self.term_grads.add(terms, list(self.backend.trainable_parameters(self.networks["generator"])))
+            self.term_grads.add(terms, list(self.backend.trainable_parameters(self.networks["generator"])),
+                                scale=1.0 / ctx.micro_batches)
         logs.update({f"reward/{k}": float(v.mean()) for k, v in batch.rewards.items()})
         logs["grpo/adv_abs"] = float(batch.advantages.abs().mean())
         return loss, logs

@@ -220,3 +220,29 @@ def test_every_shipped_flow_grpo_yaml_resolves(path):
     cfg = make_config("flow-grpo", backend=backend, preset=preset)
     assert cfg.method.sde_a == 0.7 and cfg.method.clip_eps == 1e-4  # docs/paper.md s6.5
     assert cfg.train.batch_size % cfg.method.group_size == 0
+
+
+def test_micro_batches_share_advantages_and_average_the_loss(toy_teacher):
+    """train.accumulate: each micro-batch is its own grouped rollout, the group advantages are computed over all
+    of them together (objectives.group_advantages on the joined rewards), and each loss call trains its own
+    micro-batch (the trainer divides each by their number: tests/test_semantics.py)."""
+    from rtdmd import objectives
+    from rtdmd.registry import get_backend
+
+    over = _deep_merge(TOY, {"backend": {"teacher": str(toy_teacher)},
+                             "method": {"group_size": 4, "sampling_steps": 4, "train_steps": 2},
+                             "train": {"batch_size": 8, "accumulate": 2}})
+    cfg = make_config("flow-grpo", backend="toy2d", overrides=over)
+    from baselines.flow_grpo import FlowGRPOMethod
+
+    m = FlowGRPOMethod(cfg, get_backend("toy2d").factory(cfg.backend, "cpu"))
+    ctx = StepContext(step=0, generator=torch_generator(3), seed=3, micro_batches=2)
+    m.before_step(ctx)
+    assert len(m.batches) == 2 and not torch.equal(m.batches[0].rollout.final, m.batches[1].rollout.final)
+    joined = {"near01": torch.cat([b.rewards["near01"] for b in m.batches])}
+    want = objectives.group_advantages(joined, torch.arange(4).repeat_interleave(4), clip=m.options.advantage_clip,
+                                       eps=m.options.advantage_eps, weights=m.options.rewards)
+    assert torch.allclose(torch.cat([b.advantages for b in m.batches]), want)
+    losses = [m.loss("generator", ctx.micro_batch(j))[0] for j in range(2)]
+    assert m.batch is m.batches[1]
+    assert all(torch.isfinite(x) for x in losses)
