@@ -22,6 +22,7 @@ Prints a markdown table and the line ``cases: N, passed: M (max error <= 0.05), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -31,6 +32,7 @@ import torch
 
 from benchmarks.toy2d_exact_check import TAU, _train, exact_overrides, exact_tilted_weights, mode_reward, mode_weights
 from rtdmd.api import make_config
+from rtdmd.config import _deep_merge, parse_set
 from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
 from rtdmd.rewards.registry import register_reward
 
@@ -98,10 +100,12 @@ def ramp_values(k: int) -> list[float]:
     return [i / (k - 1) for i in range(k)]
 
 
-def run_mixture(seed: int, out: Path, preset: str, betas=BETAS, threads: int = 1, budget: dict | None = None) -> list[dict]:
-    """Init, stage 1, stage 2 per (reward, beta) for mixture ``seed``: a stage-1 row, then one row per (reward,
-    beta). ``budget`` (keys of QUICK, each optional): shorter runs than the shipped configs, fewer samples."""
-    budget = budget or {}
+def run_mixture(seed: int, out: Path, preset: str, betas=BETAS, threads: int = 1, budget: dict | None = None,
+                train_seeds=(0,), sets: dict | None = None) -> list[dict]:
+    """Init, stage 1, stage 2 per (reward, beta, training seed) for mixture ``seed``: a stage-1 row, then one row per
+    (reward, beta, seed). ``budget`` (keys of QUICK, each optional): shorter runs than the shipped configs, fewer
+    samples. ``sets``: stage-2 overrides over the preset (a variant: its runs go to their own folder)."""
+    budget, sets = budget or {}, sets or {}
     samples = budget.get("samples", 20000)
     mix = random_mixture(seed)
     backend_opts = {**mix, "teacher": "exact"}
@@ -130,33 +134,44 @@ def run_mixture(seed: int, out: Path, preset: str, betas=BETAS, threads: int = 1
     m2 = make_config("rtdmd", backend="toy2d", preset=preset).method
     group_size = m2.group_size
     t_range = {"t0": m2.dm_t_min, "t1": m2.dm_t_max if m2.dm_level_weight == "kl" else None}
-    train2 = train("stage2_steps")
+    folder = out / (preset + variant_tag(sets))
     for beta in betas:
         for rname, (reg_name, fn) in rewards.items():
-            run_dir = out / preset / ("stage2-beta0" if beta == 0 else f"stage2-{rname}-beta{beta:g}")
-            over = {**base, "train": train2,
-                    "method": {"rewards": {reg_name: 1.0}, **exact_overrides(beta, group_size, **t_range)}}
-            t = time.perf_counter()
-            ck, _ = _train("rtdmd", run_dir, over, preset=preset, stage="2", init=str(stage1))
-            w, _ = mode_weights(ck, samples)
-            if rname == "linear":
-                target = linear_tilted_weights(mix["weights"], mix["means"], mix["stds"], a, beta)
-            else:
-                target = exact_tilted_weights(backend, fn, beta)
-            rows.append({"seed": seed, "modes": k, "reward": rname, "beta": beta, "stage": 2, "weights": w.tolist(),
-                         "target": target.tolist(), "max_error": float((w - target).abs().max()),
-                         "seconds": time.perf_counter() - t})
-            print(f"mixture {seed}, {rname}, beta {beta:g}: max error {rows[-1]['max_error']:.3f}", flush=True)
+            for ts in train_seeds:
+                run_dir = folder / ("stage2-beta0" if beta == 0 else f"stage2-{rname}-beta{beta:g}")
+                run_dir = run_dir.with_name(run_dir.name + (f"-seed{ts}" if ts else ""))
+                over = _deep_merge({**base, "train": {**train("stage2_steps"), "seed": ts},
+                                    "method": {"rewards": {reg_name: 1.0}, **exact_overrides(beta, group_size, **t_range)}},
+                                   sets)
+                t = time.perf_counter()
+                ck, _ = _train("rtdmd", run_dir, over, preset=preset, stage="2", init=str(stage1))
+                w, _ = mode_weights(ck, samples)
+                if rname == "linear":
+                    target = linear_tilted_weights(mix["weights"], mix["means"], mix["stds"], a, beta)
+                else:
+                    target = exact_tilted_weights(backend, fn, beta)
+                rows.append({"seed": seed, "modes": k, "reward": rname, "beta": beta, "stage": 2, "train_seed": ts,
+                             "weights": w.tolist(), "target": target.tolist(),
+                             "max_error": float((w - target).abs().max()), "seconds": time.perf_counter() - t})
+                print(f"mixture {seed}, {rname}, beta {beta:g}, training seed {ts}: max error "
+                      f"{rows[-1]['max_error']:.3f}", flush=True)
     return rows
 
 
+def variant_tag(sets: dict) -> str:
+    """A folder suffix naming a stage-2 variant by its overrides ("" for the preset as shipped)."""
+    if not sets:
+        return ""
+    return "+" + hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| mixture | modes | stage | reward | beta | max error | generator weights | target weights |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mixture | modes | stage | reward | beta | training seed | max error | generator weights | target weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         beta = "-" if r["beta"] is None else f"{r['beta']:g}"
-        lines.append(f"| {r['seed']} | {r['modes']} | {r['stage']} | {r['reward']} | {beta} | {r['max_error']:.3f} | "
-                     f"{_fmt(r['weights'])} | {_fmt(r['target'])} |")
+        lines.append(f"| {r['seed']} | {r['modes']} | {r['stage']} | {r['reward']} | {beta} | {r.get('train_seed', '-')} | "
+                     f"{r['max_error']:.3f} | {_fmt(r['weights'])} | {_fmt(r['target'])} |")
     return "\n".join(lines)
 
 
@@ -165,7 +180,16 @@ def summary(rows: list[dict], tolerance: float = TOLERANCE) -> str:
     cases = [r for r in rows if r["stage"] == 2]
     passed = sum(r["max_error"] <= tolerance for r in cases)
     worst = max((r["max_error"] for r in cases), default=float("nan"))
-    return f"cases: {len(cases)}, passed: {passed} (max error <= {tolerance:g}), worst: {worst:.3f}"
+    line = f"cases: {len(cases)}, passed: {passed} (max error <= {tolerance:g}), worst: {worst:.3f}"
+    by_case: dict[tuple, list[float]] = {}
+    for r in cases:
+        by_case.setdefault((r["seed"], r["reward"], r["beta"]), []).append(r["max_error"])
+    if any(len(v) > 1 for v in by_case.values()):
+        means = [sum(v) / len(v) for v in by_case.values()]
+        spread = max(max(v) - min(v) for v in by_case.values())
+        line += (f"; over training seeds: {sum(m <= tolerance for m in means)} of {len(means)} cases with mean max error "
+                 f"<= {tolerance:g}, worst mean {max(means):.3f}, largest seed-to-seed range {spread:.3f}")
+    return line
 
 
 def _fmt(w) -> str:
@@ -183,6 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="stage-2 training seeds per case (0..N-1): separates run-to-run spread from bias")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a stage-2 override over the preset, as rtdmd-bench train --set (a variant: its own folder)")
     return ap
 
 
@@ -190,14 +218,16 @@ def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    sets = parse_set(args.sets)
     budget = {**(QUICK if args.quick else {}), "samples": min(args.samples, QUICK["samples"]) if args.quick else args.samples}
     if args.stage2_steps:
         budget["stage2_steps"] = args.stage2_steps
     rows: list[dict] = []
     for seed in args.seeds if args.seeds is not None else range(args.cases):
-        rows += run_mixture(seed, args.out / f"mixture{seed}", args.preset, args.betas, args.threads, budget)
-        (args.out / "results.json").write_text(json.dumps({"preset": args.preset, "quick": args.quick, "rows": rows},
-                                                          indent=2) + "\n")
+        rows += run_mixture(seed, args.out / f"mixture{seed}", args.preset, args.betas, args.threads, budget,
+                            range(args.train_seeds), sets)
+        (args.out / "results.json").write_text(json.dumps({"preset": args.preset, "sets": args.sets, "quick": args.quick,
+                                                           "rows": rows}, indent=2) + "\n")
     text = table(rows) + "\n\n" + summary(rows)
     (args.out / "table.md").write_text(text + "\n")
     print(text)

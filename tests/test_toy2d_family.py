@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.toy2d_exact_check import exact_overrides, exact_tilted_weights
-from benchmarks.toy2d_family import (linear_reward, linear_tilted_weights, random_mixture, run_mixture, summary,
+from benchmarks.toy2d_family import (linear_reward, linear_tilted_weights, random_mixture, run_mixture, summary, variant_tag,
                                      table)
 from rtdmd.api import make_config
 from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
@@ -95,7 +95,20 @@ def test_tiny_family_case_end_to_end(tmp_path):
     assert rows[1]["weights"] == rows[2]["weights"]  # one beta-0 run serves both rewards
     assert (tmp_path / "exact-range" / "stage2-linear-beta1" / "checkpoints" / "latest").is_file()
     line = summary(rows)
-    assert line.startswith("cases: 4, passed: ") and "| 10 | 3 | 2 | linear | 1 |" in table(rows)
+    assert line.startswith("cases: 4, passed: ") and "| 10 | 3 | 2 | linear | 1 | 0 |" in table(rows)
+    assert "over training seeds" not in line
+    # a variant (stage-2 overrides) with two training seeds: its own folder, one row per seed, the spread in the summary
+    sets = {"method": {"generator_optim": {"schedule": "cosine"}}}
+    rows = run_mixture(10, tmp_path, "exact-range", betas=(0.0,), budget=budget, train_seeds=(0, 1), sets=sets)
+    assert [(r["reward"], r.get("train_seed")) for r in rows[1:]] == [("ramp", 0), ("ramp", 1), ("linear", 0), ("linear", 1)]
+    variant = tmp_path / ("exact-range" + variant_tag(sets))
+    assert variant != tmp_path / "exact-range"
+    assert (variant / "stage2-beta0-seed1" / "checkpoints" / "latest").is_file()
+    from rtdmd.config import load_resolved
+    cfg = load_resolved(variant / "stage2-beta0-seed1" / "config.yaml")
+    assert cfg.method.generator_optim.schedule == "cosine" and cfg.train.seed == 1
+    assert rows[1]["weights"] != rows[2]["weights"]  # two seeds, two runs
+    assert "over training seeds: " in summary(rows) and "largest seed-to-seed range" in summary(rows)
 
 
 def test_tracking_interval_hand_values():
