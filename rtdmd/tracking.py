@@ -6,6 +6,8 @@ Compare runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import re
 import os
@@ -19,8 +21,10 @@ from rtdmd.errors import UserError
 from rtdmd.runlock import DirLock
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the code that ran ('+dirty' if the tree has local changes), or 'unknown'."""
+    """The commit of the code that ran ('+dirty' if the tree has local changes), or 'unknown'. Read once per
+    process: a long run records the code it loaded, not a commit made while it trained."""
     root = Path(cwd or Path(__file__).resolve().parent.parent)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

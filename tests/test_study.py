@@ -284,6 +284,19 @@ def test_train_json_records_cpu_seconds_of_the_final_checkpoint(reported):
     assert child["train_cpu_seconds"] == pytest.approx(parent["train_cpu_seconds"] + child["run_train_cpu_seconds"], abs=0.02)
 
 
+def test_a_train_json_without_cpu_seconds_takes_them_from_its_checkpoint(reported):
+    from benchmarks.study.scores import _train_record
+
+    study, _ = reported
+    d = execute.arm_dir(study, "ac-dmd", 0)
+    t = json.loads((d / "train.json").read_text())
+    old = {k: v for k, v in t.items() if k not in ("train_cpu_seconds", "run_train_cpu_seconds")}
+    legacy = d.parent / "legacy"
+    legacy.mkdir()
+    (legacy / "train.json").write_text(json.dumps(old))
+    assert _train_record(study, legacy)["run_train_cpu_seconds"] == pytest.approx(t["run_train_cpu_seconds"])
+
+
 def test_curve_points_are_read_from_each_checkpoint_and_an_init_from_arm_continues_its_parent(reported):
     from benchmarks.study.plots import all_curve_rows
     from benchmarks.study.scores import load_scores

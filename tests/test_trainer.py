@@ -189,3 +189,20 @@ def test_ctrl_c_anywhere_in_a_step_resumes_exactly(cli, tmp_path, toy_reference,
     _ok(cli(*train_args("toy2d", run, 6, "train.checkpoint_every=3", extra=("--resume",))))
     assert_same_tensors(checkpoint_tensors(_latest(run)), checkpoint_tensors(_latest(toy_reference)))
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+def test_git_commit_is_the_code_loaded_not_a_later_commit(tmp_path):
+    """A run records the commit of the code it started with: a commit made while it trains does not change it."""
+    import subprocess
+
+    from rtdmd.tracking import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "one")
+    first = git_commit(tmp_path)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "two")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert len(first) == 40 and first != head and git_commit(tmp_path) == first

@@ -47,6 +47,18 @@ def _point_cost(study: Study, train: dict, point: dict) -> dict | None:
     return checkpoint_cost(step_dir) if (step_dir / "meta.json").is_file() else None
 
 
+def _train_record(study: Study, d: Path) -> dict:
+    """An arm seed's train.json; one written before CPU-seconds were recorded there takes them from its final
+    checkpoint's meta.json, when the trainer recorded them."""
+    if not (d / "train.json").is_file():
+        return {}
+    train = _read(d / "train.json")
+    step_dir = study.out / train.get("checkpoint", "")
+    if "run_train_cpu_seconds" not in train and (step_dir / "meta.json").is_file():
+        train["run_train_cpu_seconds"] = checkpoint_cost(step_dir)["run_train_cpu_seconds"]
+    return train
+
+
 def load_scores(study: Study) -> dict[str, ArmScores]:
     missing = [j.label for j in plan(study) if not is_done(study, j)]
     if missing:
@@ -59,7 +71,7 @@ def load_scores(study: Study) -> dict[str, ArmScores]:
         for s in seeds:
             d = arm_dir(study, arm.name, s)
             ev = _read(d / "eval.json")
-            train = _read(d / "train.json") if (d / "train.json").is_file() else {}
+            train = _train_record(study, d)
             finals.append(load_units(study.out / ev["final"]))
             curves[s] = [{"step": p["step"], "cost": _point_cost(study, train, p),
                           "scores": load_units(study.out / p["units"])} for p in ev["points"]]
