@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -66,3 +67,17 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     diff = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
+
+
+@contextlib.contextmanager
+def registered_rewards(**rewards):
+    """Register test rewards for the block: name=(fn, differentiable); unregistered afterwards."""
+    from rtdmd.rewards.registry import register_reward, unregister_reward
+
+    for name, (fn, diff) in rewards.items():
+        register_reward(name, fn, differentiable=diff)
+    try:
+        yield
+    finally:
+        for name in rewards:
+            unregister_reward(name)

@@ -13,6 +13,7 @@ from rtdmd import diagnostics
 from rtdmd.api import run_training
 from rtdmd.checkpoint import find_checkpoint, load_model_state
 from rtdmd.tracking import LogWindow
+from tests.runhelp import registered_rewards
 
 
 def test_flat_grad_and_cosine_by_hand():
@@ -78,13 +79,8 @@ def _truth(x, prompts):  # a monitor: the "oracle" the learned reward stands for
 
 @pytest.fixture(autouse=True)
 def toy_rewards():
-    from rtdmd.rewards.registry import register_reward, unregister_reward
-
-    register_reward("diag_right", _right, differentiable=True)
-    register_reward("diag_truth", _truth, differentiable=False)
-    yield
-    unregister_reward("diag_right")
-    unregister_reward("diag_truth")
+    with registered_rewards(diag_right=(_right, True), diag_truth=(_truth, False)):
+        yield
 
 
 def _stage2(**method):

@@ -17,6 +17,7 @@ from rtdmd.methods import blocks
 from rtdmd.methods.base import StepContext
 from rtdmd.rewards.registry import register_reward, unregister_reward
 from rtdmd.seeding import torch_generator
+from tests.runhelp import registered_rewards
 
 BASE = {"backend": {"hidden": 16, "depth": 2},
         "train": {"device": "cpu", "log_every": 1, "checkpoint_every": 1000, "num_threads": 1},
@@ -33,11 +34,8 @@ def _upper(x, prompts):  # piecewise constant: whole groups can tie (zero advant
 
 @pytest.fixture(autouse=True)
 def toy_rewards():
-    register_reward("test_right", _right, differentiable=True)
-    register_reward("test_upper", _upper, differentiable=False)
-    yield
-    unregister_reward("test_right")
-    unregister_reward("test_upper")
+    with registered_rewards(test_right=(_right, True), test_upper=(_upper, False)):
+        yield
 
 
 def _over(**method):
