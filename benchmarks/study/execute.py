@@ -35,7 +35,7 @@ from rtdmd.fileio import atomic_write_bytes
 from rtdmd.tracking import git_commit
 
 from benchmarks.runner import EvalOptions, run_eval
-from benchmarks.study.spec import ArmSpec, Study, load_study
+from benchmarks.study.spec import ArmSpec, Study, generator_budget, load_study
 from benchmarks.study import sweep
 from benchmarks.study.units import UnitScores, image_units, load_units, save_units, toy2d_units
 
@@ -137,8 +137,7 @@ def _segment(step_dir: Path) -> dict:
     meta = read_meta(step_dir)
     cfg = load_resolved(step_dir / "config.yaml")
     n = int(meta.get("step", 0))
-    updates = -(-n // int(getattr(cfg.method, "ttur", 1) or 1))
-    per_update = int(cfg.train.batch_size) * int(getattr(cfg.train, "accumulate", 1) or 1)
+    updates, per_update = generator_budget(cfg, n)
     cpu = meta.get("run_train_cpu_seconds")
     return {"iterations": n, "generator_updates": updates, "generator_images": updates * per_update,
             "run_train_cpu_seconds": None if cpu is None else float(cpu)}

@@ -200,6 +200,13 @@ def load_study(path: str | Path) -> Study:
     return study
 
 
+def generator_budget(cfg, iterations: int) -> tuple[int, int]:
+    """(generator updates, images per update) of ``iterations`` iterations of a resolved run config: a generator
+    update every method.ttur-th iteration (the first included), train.batch_size x train.accumulate images each."""
+    every = int(getattr(cfg.method, "ttur", 1) or 1)
+    return -(-int(iterations) // every), int(cfg.train.batch_size) * int(getattr(cfg.train, "accumulate", 1) or 1)
+
+
 def planned_budget(study: Study, arm: ArmSpec) -> tuple[int, int]:
     """(generator updates, images per update) the arm's config will train: train.max_steps iterations with a
     generator update every method.ttur-th, train.batch_size x train.accumulate images each."""
@@ -209,8 +216,7 @@ def planned_budget(study: Study, arm: ArmSpec) -> tuple[int, int]:
     if cfg.train.max_minutes > 0:
         raise UserError(f"arm '{arm.name}' has train.max_minutes={cfg.train.max_minutes}, so its budget would depend on the "
                         "machine; set train.max_minutes: 0 in its overrides (the study budget is in generator updates).")
-    every = int(getattr(cfg.method, "ttur", 1) or 1)
-    return -(-int(cfg.train.max_steps) // every), int(cfg.train.batch_size) * int(cfg.train.accumulate)
+    return generator_budget(cfg, cfg.train.max_steps)
 
 
 def _check_budgets(study: Study) -> None:
