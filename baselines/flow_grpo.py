@@ -134,7 +134,7 @@ class FlowGRPOMethod(Method):
     def loss(self, network: str, ctx: StepContext):
         batch = self.batch = self.batches[ctx.micro]
         terms, logs = self.policy_loss.terms(self.networks["generator"], batch, self.steps)
-        loss = terms["policy"] + terms["kl"] if "kl" in terms else terms["policy"]
+        loss = self.policy_loss.total(terms)
         if ctx.diagnose:
             self.term_grads.add(terms, list(self.backend.trainable_parameters(self.networks["generator"])),
                                 scale=1.0 / ctx.micro_batches)

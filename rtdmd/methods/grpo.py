@@ -205,10 +205,12 @@ class PolicyLoss:
 
     def __call__(self, net, batch: GRPOBatch, steps: list[int]) -> tuple[torch.Tensor, dict]:
         terms, logs = self.terms(net, batch, steps)
-        loss = terms["policy"]
-        if "kl" in terms:
-            loss = loss + terms["kl"]
-        return loss, logs
+        return self.total(terms), logs
+
+    @staticmethod
+    def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of ``terms``: the policy term plus, when present, the weighted KL."""
+        return terms["policy"] + terms["kl"] if "kl" in terms else terms["policy"]
 
     def terms(self, net, batch: GRPOBatch, steps: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
         """The loss by term: ``policy`` (PPO-clip) and, with a positive kl_weight, ``kl`` (weighted)."""
