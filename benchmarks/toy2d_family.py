@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch
 from benchmarks.toy2d_exact_check import TAU, _train, exact_overrides, exact_tilted_weights, mode_reward, mode_weights
 from rtdmd.api import make_config
 from rtdmd.config import _deep_merge, parse_set
+from rtdmd.errors import UserError
 from rtdmd.backends.toy2d import Toy2DOptions, make_toy2d
 from rtdmd.rewards.registry import register_reward
 
@@ -219,6 +221,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     sets = parse_set(args.sets)
+    make_config("rtdmd", backend="toy2d", preset=args.preset, overrides=sets)  # a bad --set fails before any training
     budget = {**(QUICK if args.quick else {}), "samples": min(args.samples, QUICK["samples"]) if args.quick else args.samples}
     if args.stage2_steps:
         budget["stage2_steps"] = args.stage2_steps
@@ -235,4 +238,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -126,3 +126,11 @@ def test_fake_score_tracking_smoke(tmp_path):
     assert [(r["updates"], r["k"]) for r in res["rows"]] == [(u, k) for u in (1, 3) for k in range(1, 5)]
     assert all(math.isfinite(v) for r in res["rows"] for v in (*r["ac_dmd"], *r["dmd2"], *r["difference"]))
     assert (tmp_path / "table.md").is_file()
+
+
+def test_a_bad_stage2_override_fails_before_any_training(tmp_path):
+    from benchmarks.toy2d_family import main
+
+    with pytest.raises(UserError, match="unknown config key 'method.nope'"):
+        main(["--out", str(tmp_path / "f"), "--seeds", "0", "--set", "method.nope=1"])
+    assert not (tmp_path / "f" / "mixture0").exists()
