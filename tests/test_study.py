@@ -338,6 +338,35 @@ def test_report_shows_costs_curves_losses_and_precision_without_absolute_paths(r
     _assert_no_absolute_paths(text)
 
 
+def test_monitor_section_shows_the_learned_reward_gap_of_the_arms_that_logged_it(reported, tmp_path):
+    """No arm of the toy study monitors a reward: no section. Monitor values logged to one arm's training run are
+    read back by key and iteration and drawn, and the section names them."""
+    from benchmarks.study import report as R
+    from benchmarks.study.plots import loss_histories, tracked_uris
+    from benchmarks.study.scores import load_scores
+    from rtdmd.tracking import mlflow_at, search_runs
+
+    study, report = reported
+    assert "Learned rewards against the oracle" not in report.read_text()
+    arms = load_scores(study)
+    assert R._monitor_section(study, arms, tmp_path) == []
+    uri = sorted(tracked_uris(study, arms))[0]
+    run = search_runs(uri, study.experiment, f"tags.study = '{study.name}' AND tags.arm = 'more' AND tags.seed = '1'")
+    client = mlflow_at(uri, True).tracking.MlflowClient()
+    run_id = run.iloc[0]["run_id"]
+    for step, gap in ((2, 0.05), (4, 0.12)):
+        client.log_metric(run_id, "monitor/gap/learned", gap, step=step)
+        client.log_metric(run_id, "monitor/oracle", 0.5, step=step)
+    hist = loss_histories(study, arms, prefix="monitor/")
+    assert {a for a, seeds in hist.items() if any(seeds.values())} == {"more"}
+    assert set(hist["more"][1]) == {"monitor/gap/learned", "monitor/oracle"} and not hist["more"][0]
+    # more's iterations continue ac-dmd's 6 (a later stage of the same arm would do the same)
+    assert [v for _, v in hist["more"][1]["monitor/gap/learned"]] == [0.05, 0.12]
+    lines = R._monitor_section(study, arms, tmp_path)
+    assert "## Learned rewards against the oracle over training" in lines and "reward hacking" in " ".join(lines)
+    assert (tmp_path / "monitor.png").is_file() and lines[-1] == "![learned rewards against the oracle](monitor.png)"
+
+
 def test_precision_table_flags_wide_intervals_and_prices_the_target():
     from types import SimpleNamespace
 

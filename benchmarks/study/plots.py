@@ -135,9 +135,10 @@ def _newest_runs(runs) -> list:
     return [r for _, r in runs.sort_values("start_time").iterrows()]
 
 
-def loss_histories(study: Study, arms: dict[str, ArmScores]) -> dict[str, dict[int, dict[str, list]]]:
-    """arm -> training seed -> loss key -> [(iteration, value)] from the study's MLflow experiment (runs tagged with
-    the study, arm and seed); a multi-stage arm's later stages continue the iteration count of the earlier ones."""
+def loss_histories(study: Study, arms: dict[str, ArmScores], prefix: str = "loss/") -> dict[str, dict[int, dict[str, list]]]:
+    """arm -> training seed -> metric key -> [(iteration, value)] of the keys starting with ``prefix`` from the study's
+    MLflow experiment (runs tagged with the study, arm and seed); a multi-stage arm's later stages continue the
+    iteration count of the earlier ones."""
     from rtdmd.tracking import metric_history, search_runs
 
     out: dict = {}
@@ -152,7 +153,7 @@ def loss_histories(study: Study, arms: dict[str, ArmScores]) -> dict[str, dict[i
             arm, seed = r["tags.arm"], int(r.get("tags.seed") or 0)
             if arm not in arms or not study.arms[arm].trains:
                 continue
-            keys = [c[len("metrics."):] for c in runs.columns if c.startswith("metrics.loss/") and not _missing(r[c])]
+            keys = [c[len("metrics."):] for c in runs.columns if c.startswith("metrics." + prefix) and not _missing(r[c])]
             start = offsets.get((arm, seed), 0)
             per_key = out.setdefault(arm, {}).setdefault(seed, {})
             for key in keys:
@@ -175,9 +176,9 @@ def _y_scale(ax, values: np.ndarray) -> bool:
     return True
 
 
-def plot_losses(histories: dict, path: Path) -> tuple[Path, list[str]]:
-    """One panel per arm: each loss key one colour, each training seed one line style; returns the figure and the
-    arms whose panel is symlog (a loss at or below zero)."""
+def plot_losses(histories: dict, path: Path, log: bool = True) -> tuple[Path, list[str]]:
+    """One panel per arm: each key one colour, each training seed one line style; returns the figure and the arms
+    whose panel is symlog (a value at or below zero). ``log`` False: linear y in every panel."""
     plt = _pyplot()
     n = len(histories)
     cols = min(3, n)
@@ -193,8 +194,10 @@ def plot_losses(histories: dict, path: Path) -> tuple[Path, list[str]]:
                 values.append(h[:, 1])
                 ax.plot(h[:, 0], h[:, 1], color=f"C{i}", ls=_SEED_STYLES[j % len(_SEED_STYLES)], lw=1,
                         label=f"{key} (seed {seed})")
-        if _y_scale(ax, np.concatenate(values) if values else np.zeros(0)):
+        if log and _y_scale(ax, np.concatenate(values) if values else np.zeros(0)):
             symlog.append(arm)
+        if not log:
+            ax.axhline(0.0, color="0.5", lw=0.6)
         ax.set_title(arm, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -180,6 +180,26 @@ def _loss_section(study: Study, arms: dict[str, ArmScores], folder: Path) -> lis
                     f"![training losses]({path.name})"]
 
 
+def _monitor_section(study: Study, arms: dict[str, ArmScores], folder: Path) -> list[str]:
+    """The learned rewards' gap to the oracle over training (``monitor/...``), for the arms that logged it; nothing
+    when none did."""
+    try:
+        found = plots.loss_histories(study, arms, prefix="monitor/") if plots.tracked_uris(study, arms) else {}
+    except UserError:
+        return []  # the loss section already says that MLflow could not be read
+    hist = {a: found[a] for a in arms if any(found.get(a, {}).values())}
+    if not hist:
+        return []
+    path, _ = plots.plot_losses(hist, folder / "monitor.png", log=False)
+    return ["", "## Learned rewards against the oracle over training", "",
+            "Logged by the RL arms with `method.monitor` on the rollouts of every diagnosed epoch (docs/rtdmd.md, "
+            "\"Diagnostics\"): `monitor/<m>` is the mean of a reward m that is never trained on (on shapes the "
+            "preference oracle), `monitor/gap/<r>` the mean of r - m for the training reward r that stands for it (the "
+            "learned preference model). A gap that grows while the oracle stalls is reward hacking: the generator "
+            "learns what the learned model over-scores. Linear y; iterations as in the losses.", "",
+            f"![learned rewards against the oracle]({path.name})"]
+
+
 def _header(study: Study) -> list[str]:
     e, path = study.eval, portable_path(study.path)
     return [f"# Study: {study.name}", "",
@@ -206,6 +226,7 @@ def report_lines(study: Study, arms: dict[str, ArmScores], folder: Path) -> list
     lines += precision_section(study, arms, metrics)
     lines += _curve_section(study, arms, metrics, folder)
     lines += _loss_section(study, arms, folder)
+    lines += _monitor_section(study, arms, folder)
     return lines + [""] + legend(metrics)
 
 
