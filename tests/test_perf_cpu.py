@@ -61,3 +61,18 @@ def test_compile_option_compiles_the_networks_only_when_asked(tmp_path):
     assert on.method.networks["teacher"]._compiled_call_impl is not None
     # the state dict keeps the module's own names (checkpoints unchanged)
     assert list(on.method.networks["teacher"].state_dict()) == list(off.method.networks["teacher"].state_dict())
+
+
+def test_diagnostics_bench_times_the_steps_a_log_point_can_fall_on():
+    """bench_diagnostics times generator steps: with TTUR 5 those are 0, 5, 10 ...; a method with one update
+    (Flow-GRPO's policy) steps every iteration."""
+    from types import SimpleNamespace
+
+    import bench_diagnostics as BD
+
+    from rtdmd.methods.base import Update
+
+    ac_dmd = SimpleNamespace(updates=[Update("fake_score", every=1), Update("generator", every=5)])
+    assert BD.generator_steps(ac_dmd, 3) == [0, 5, 10]
+    grpo = SimpleNamespace(updates=[Update("generator", every=1)])
+    assert BD.generator_steps(grpo, 3) == [0, 1, 2]
