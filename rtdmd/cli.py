@@ -103,6 +103,7 @@ def train(method, backend, config_file, sets, preset, out, max_steps, resume, re
         result = run_training(method, backend=backend, config_file=config_file, overrides=overrides, preset=preset,
                               out=out, resume=how, stage=stage, init=init,
                               command=_command_line(), show_progress=not quiet)
+        distributed.barrier()  # every rank done before any leaves its process group
     finally:
         main_rank = distributed.rank() == 0
         distributed.shutdown()  # inside a launch, every rank leaves its process group before exiting

@@ -130,10 +130,16 @@ def _spawn_entry(local_rank: int, fn: Callable, args: tuple, world: int, port: i
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         fn(*args)
-        if is_distributed():  # every rank done before any tears its group down (a rank torn down early can abort another)
-            torch.distributed.barrier()
+        barrier()
     finally:
         shutdown()
+
+
+def barrier() -> None:
+    """Wait until every rank of this process group gets here (nothing outside one). Called by a finished rank before
+    ``shutdown``: a rank that tears its group down while another still uses it can abort that one."""
+    if is_distributed():
+        torch.distributed.barrier()
 
 
 def shutdown() -> None:
