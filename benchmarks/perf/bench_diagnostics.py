@@ -30,20 +30,11 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import method_driver as D  # noqa: E402
+from bench_cpu_train import stage1_init  # noqa: E402
 from rtdmd.api import make_config  # noqa: E402
 
 WORKLOADS = {"ac-dmd": "AC-DMD stage 1 (generator step)", "rtdmd": "RTDMD stage-2 epoch",
              "flow-grpo": "Flow-GRPO iteration"}
-
-
-def stage1_init(tmp: Path) -> Path:
-    """A stage-1 checkpoint before any update (generator and fake score = the shipped teacher)."""
-    cfg = make_config("ac-dmd", backend="shapes", overrides={"train": {"device": "cpu", "num_threads": 1}})
-    tr = D.setup_trainer(cfg, tmp / "init")
-    try:
-        return D.save_checkpoint(tr, 0)
-    finally:
-        D.release(tr)
 
 
 def generator_steps(method, n: int) -> list[int]:
@@ -98,7 +89,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         wl = [w for w in a.workloads.split(",") if w]
-        init = stage1_init(tmp) if "rtdmd" in wl else None
+        init = stage1_init(tmp, 1) if "rtdmd" in wl else None
         for m in wl:
             off, info = timed_steps(m, init, tmp, False, a.repeats)
             on, _ = timed_steps(m, init, tmp, True, a.repeats)
