@@ -23,7 +23,6 @@ checkpoint (``--init``; a few-step checkpoint is a CPS policy). One thread; CPU-
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import tempfile
 import time
@@ -46,10 +45,15 @@ def signal_of(cosines: list[float], n: int) -> float | None:
     return n * (1 - c) / c if c > 0 else None
 
 
-def batch_bootstrap(grads: list[torch.Tensor], n_boot: int, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the mean pairwise cosine, resampling the batches (pairs of one batch with itself skipped)."""
-    m = len(grads)
-    cos = torch.tensor([[cosine(x, y) for y in grads] for x in grads])
+def cosine_matrix(grads: list[torch.Tensor]) -> torch.Tensor:
+    """(M, M) cosines of every pair of the M gradients."""
+    return torch.tensor([[cosine(x, y) for y in grads] for x in grads])
+
+
+def batch_bootstrap(cos: torch.Tensor, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the mean pairwise cosine of a ``cosine_matrix``, resampling the batches (pairs of one batch
+    with itself skipped)."""
+    m = cos.shape[0]
     g = torch.Generator().manual_seed(seed)
     boot = []
     for _ in range(n_boot):
@@ -117,8 +121,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = cfg.train.batch_size
-    pairs = [cosine(x, y) for x, y in itertools.combinations(grads, 2)]
-    lo, hi = batch_bootstrap(grads, a.bootstrap)
+    cos = cosine_matrix(grads)
+    i, j = torch.triu_indices(len(grads), len(grads), 1)
+    pairs = cos[i, j].tolist()
+    lo, hi = batch_bootstrap(cos, a.bootstrap)
     c = sum(pairs) / len(pairs)
     need = signal_of(pairs, n)
     fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731

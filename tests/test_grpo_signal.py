@@ -29,11 +29,11 @@ def test_batch_bootstrap_brackets_the_mean_cosine():
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(200, generator=g)
     grads = [mu + 2.0 * torch.randn(200, generator=g) for _ in range(6)]
-    lo, hi = G.batch_bootstrap(grads, 500)
+    lo, hi = G.batch_bootstrap(G.cosine_matrix(grads), 500)
     pairs = [G.cosine(a, b) for i, a in enumerate(grads) for b in grads[i + 1:]]
     assert lo <= sum(pairs) / len(pairs) <= hi
     identical = [mu.clone() for _ in range(3)]
-    assert G.batch_bootstrap(identical, 100) == pytest.approx((1.0, 1.0))
+    assert G.batch_bootstrap(G.cosine_matrix(identical), 100) == pytest.approx((1.0, 1.0))
 
 
 def test_one_batch_is_refused_with_exit_2(capsys):
