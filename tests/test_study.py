@@ -297,6 +297,52 @@ def test_a_train_json_without_cpu_seconds_takes_them_from_its_checkpoint(reporte
     assert _train_record(study, legacy)["run_train_cpu_seconds"] == pytest.approx(t["run_train_cpu_seconds"])
 
 
+def test_first_difference_names_the_dotted_key():
+    from benchmarks.study.records import first_difference
+
+    a = {"method": "ac-dmd", "overrides": {"method": {"ttur": 3, "optim": {"lr": 1e-4}}}, "sweep": None}
+    assert first_difference(a, json.loads(json.dumps(a))) is None
+    b = json.loads(json.dumps(a))
+    b["overrides"]["method"]["optim"]["lr"] = 3e-4
+    assert first_difference(a, b) == "overrides.method.optim.lr"
+    assert first_difference(a, {**a, "preset": "no-dm"}) == "preset"  # a key only one side has
+    assert first_difference(1, 2) == "(the whole record)"
+
+
+def test_a_done_job_whose_study_settings_changed_stops_run_and_report(reported, tmp_path):
+    """Editing an arm after it trained is caught, naming the setting and the folder to delete; a change to an arm
+    that another starts from (init_from) reaches that arm's record too."""
+    from benchmarks.study.report import write_study_report
+
+    study, _ = reported
+    data = yaml.safe_load(study.path.read_text())
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert all(execute.is_done(load_study(same), j) for j in execute.plan(load_study(same)))  # unchanged: all done
+
+    edited = json.loads(json.dumps(data))
+    edited["arms"]["ac-dmd"]["overrides"]["method"]["ttur"] = 2
+    p = tmp_path / "edited.yaml"
+    p.write_text(yaml.safe_dump(edited, sort_keys=False))
+    with pytest.raises(UserError, match=r"'train ac-dmd seed 0' is done but was run with another 'overrides\.method\.ttur'"
+                                        r".*delete .*arms/ac-dmd/seed0 to run it again"):
+        execute.run_study(p, progress=False)
+    with pytest.raises(UserError, match="overrides.method.ttur"):
+        write_study_report(p, tmp_path / "r" / "report.md")
+    s = load_study(p)
+    with pytest.raises(UserError, match=r"'train more seed 0' .* 'init_from\.overrides\.method\.ttur'"):
+        execute.is_done(s, execute.Job("train", "more", 0))
+
+    edited = json.loads(json.dumps(data))
+    edited["eval"]["images_per_prompt"] = 4
+    p.write_text(yaml.safe_dump(edited, sort_keys=False))
+    with pytest.raises(UserError, match=r"'eval teacher seed 0' .* 'eval\.images_per_prompt'.*eval\.json and .*units"):
+        execute.run_study(p, progress=False)
+    edited["eval"]["images_per_prompt"], edited["eval"]["bootstrap"] = data["eval"]["images_per_prompt"], 300
+    p.write_text(yaml.safe_dump(edited, sort_keys=False))
+    assert all(execute.is_done(load_study(p), j) for j in execute.plan(load_study(p)))  # bootstrap: report-time only
+
+
 def test_curve_points_are_read_from_each_checkpoint_and_an_init_from_arm_continues_its_parent(reported):
     from benchmarks.study.plots import all_curve_rows
     from benchmarks.study.scores import load_scores

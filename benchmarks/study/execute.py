@@ -36,7 +36,7 @@ from rtdmd.tracking import git_commit
 
 from benchmarks.runner import EvalOptions, run_eval
 from benchmarks.study.spec import ArmSpec, Study, generator_budget, load_study
-from benchmarks.study import sweep
+from benchmarks.study import records, sweep
 from benchmarks.study.units import UnitScores, image_units, load_units, save_units, toy2d_units
 
 
@@ -84,13 +84,27 @@ def plan(study: Study) -> list[Job]:
     return jobs
 
 
-def is_done(study: Study, job: Job) -> bool:
+def _record(study: Study, job: Job) -> tuple[Path, str]:
+    """The file whose presence marks ``job`` done, and what to delete to redo it."""
     if job.kind == "sweep":
-        return (sweep.value_dir(study, job.arm, job.seed) / "score.json").is_file()
+        d = sweep.value_dir(study, job.arm, job.seed)
+        return d / "score.json", f"{d} and {d.parent.parent / (job.arm + '.json')}"
     d = arm_dir(study, job.arm, job.seed)
     if job.kind == "train":
-        return (d / "train.json").is_file()
-    return (d / "eval.json").is_file()
+        return d / "train.json", str(d)
+    return d / "eval.json", f"{d / 'eval.json'} and {d / 'units'}"
+
+
+def is_done(study: Study, job: Job) -> bool:
+    """Whether ``job`` has its record; a record made from other study-file settings stops the study
+    (benchmarks.study.records)."""
+    path, remove = _record(study, job)
+    if not path.is_file():
+        return False
+    record = _read_json(path)
+    if isinstance(record, dict):
+        records.check(study, job.kind, study.arms[job.arm], record, job.label, remove)
+    return True
 
 
 def depends_on(study: Study, job: Job) -> list[Job]:
@@ -182,7 +196,8 @@ def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progre
     if arm.sweep.key:  # the value the arm's sweep chose on held-out prompts (<out>/sweeps/<arm>.json)
         chosen = {arm.sweep.key: sweep.write_choice(study, arm)}
         over = _deep_merge(over, arm.sweep.nested(chosen[arm.sweep.key]))
-    record = {**_train(study, arm, over, d / "run", progress), **({"sweep": chosen} if chosen else {})}
+    record = {**_train(study, arm, over, d / "run", progress), **({"sweep": chosen} if chosen else {}),
+              "inputs": records.inputs(study, "train", arm)}
     _write_json(d / "train.json", record)
     return record
 
@@ -195,7 +210,8 @@ def sweep_job(study: Study, arm: ArmSpec, j: int, device: str = "cpu", progress:
     if not (d / "units.json").is_file():
         save_units(d / "units.json", score_checkpoint(study, arm, 0, study.out / run["checkpoint"], device, progress,
                                                       held_out=d))
-    record = {**sweep.score_record(study, arm, j, load_units(d / "units.json")), **run}
+    record = {**sweep.score_record(study, arm, j, load_units(d / "units.json")), **run,
+              "inputs": records.inputs(study, "sweep", arm)}
     _write_json(d / "score.json", record)
     return record
 
@@ -245,7 +261,7 @@ def eval_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progres
             save_units(f, score_checkpoint(study, arm, seed, step_dir, device, progress))
         points.append({"step": step, "units": str(f.relative_to(study.out)), "train_seconds": meta.get("train_seconds"),
                        **({"cost": checkpoint_cost(step_dir)} if arm.trains else {})})
-    record = {"points": points, "final": points[-1]["units"]}
+    record = {"points": points, "final": points[-1]["units"], "inputs": records.inputs(study, "eval", arm)}
     _write_json(d / "eval.json", record)
     return record
 
