@@ -216,6 +216,41 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path, toy_teacher, monkeypatch)
     execute.run_study(a, progress=False)
     execute.run_study(b, jobs=2, progress=False)
     assert _finals(a) == _finals(b)
+    s = load_study(b)
+    for job in execute.plan(s):  # each job's output went to its log, its progress bar included
+        log = execute.job_log(s, job)
+        assert log.is_file(), job.label
+        if job.kind == "train":
+            assert f"train {job.arm}" in log.read_text(errors="replace")
+
+
+def test_last_line_counts_progress_updates_as_lines(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_bytes(b"first\ntrain dmd2:  10%|#   | 1/10\rtrain dmd2:  20%|##  | 2/10\r\n\n")
+    assert execute.last_line(log) == "train dmd2:  20%|##  | 2/10"
+    assert execute.last_line(tmp_path / "missing.log") == ""
+
+
+def test_a_failed_parallel_job_names_its_error_and_its_log(tmp_path, toy_teacher, monkeypatch):
+    import shutil
+
+    from rtdmd.checkpoint import find_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_teacher, broken)
+    weights = next(p for p in find_checkpoint(broken).iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the checksum in meta.json no longer matches
+    weights.write_bytes(bytes(data))
+    p = _study(tmp_path, toy_teacher, "fails")
+    d = yaml.safe_load(p.read_text())
+    d["arms"] = {"teacher": {"checkpoint": str(toy_teacher), "steps": 8}, "broken": {"checkpoint": str(broken), "steps": 8}}
+    d.pop("claims")
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    with pytest.raises(UserError, match=r"'eval broken seed 0' failed \(exit 2: 'error: .*'; its whole output is in "
+                                        r".*arms/broken/seed0/eval\.log\)"):
+        execute.run_study(p, jobs=2, progress=False)
 
 
 def test_report_of_an_unfinished_study_says_how_to_finish(tmp_path, toy_teacher):

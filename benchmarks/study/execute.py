@@ -300,27 +300,60 @@ def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bo
     return study
 
 
-def _run_parallel(study: Study, todo: list[Job], jobs: int, device: str) -> None:
+def job_log(study: Study, job: Job) -> Path:
+    """Where a parallel job's output (progress bars, errors) goes: beside its record, appended per attempt."""
+    if job.kind == "sweep":
+        return sweep.value_dir(study, job.arm, job.seed) / "sweep.log"
+    return arm_dir(study, job.arm, job.seed) / f"{job.kind}.log"
+
+
+def last_line(path: Path, tail: int = 4096) -> str:
+    """The last non-empty line of a log, progress-bar updates (carriage returns) counted as lines."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]", text) if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _run_parallel(study: Study, todo: list[Job], jobs: int, device: str, status_every: float = 60.0) -> None:
+    """Run ``todo`` in up to ``jobs`` worker processes. Each writes its progress bars and errors to its job_log; every
+    ``status_every`` seconds one line per running job repeats the last line of its log."""
     running: dict[Job, subprocess.Popen] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # one torch thread per job; progress bars redrawn every 10 s at most, as they go to a file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_MININTERVAL": "10"}
     pending = list(todo)
+    last_status = time.monotonic()
     try:
         while pending or running:
             for job, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[job]
                     if proc.returncode != 0:
-                        raise UserError(f"study job '{job.label}' failed (exit {proc.returncode}, its error is above); "
+                        log = job_log(study, job)
+                        raise UserError(f"study job '{job.label}' failed (exit {proc.returncode}: "
+                                        f"'{last_line(log)[:300]}'; its whole output is in {log}); "
                                         "fix it and run the same command to continue.")
                     _say(f"done: {job.label}")
             ready = [j for j in pending if all(is_done(study, d) for d in depends_on(study, j))]
             for job in ready[:max(0, jobs - len(running))]:
                 pending.remove(job)
-                _say(f"start: {job.label}")
-                running[job] = subprocess.Popen([sys.executable, "-m", "benchmarks.study.execute", str(study.path),
-                                                 job.kind, job.arm, str(job.seed), device], env=env)
+                log = job_log(study, job)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                _say(f"start: {job.label} (output: {log})")
+                with open(log, "ab") as out:
+                    running[job] = subprocess.Popen([sys.executable, "-m", "benchmarks.study.execute", str(study.path),
+                                                     job.kind, job.arm, str(job.seed), device],
+                                                    env=env, stdout=out, stderr=subprocess.STDOUT)
             if pending and not running and not ready:
                 raise UserError("study jobs wait on each other and none can start; check the arms' init_from.")
+            if running and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                for job in running:
+                    _say(f"{job.label}: {last_line(job_log(study, job))[:160] or 'starting'}")
             time.sleep(0.5)
     except KeyboardInterrupt:
         for proc in running.values():
@@ -334,7 +367,7 @@ def _worker(argv: list[str]) -> int:
     path, kind, arm, seed, device = argv
     study = load_study(path)
     try:
-        run_job(study, Job(kind, arm, int(seed)), device, progress=False)
+        run_job(study, Job(kind, arm, int(seed)), device, progress=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
