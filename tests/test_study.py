@@ -183,6 +183,13 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
     s = load_study(cut)
     done = [j for j in execute.plan(s) if execute.is_done(s, j)]
     assert [j.label for j in done] == ["eval teacher seed 0", "train dmd2 seed 0", "eval dmd2 seed 0"]
+    from benchmarks.study.status import status_lines
+
+    lines = status_lines(cut)
+    assert lines[0].startswith("study cut: 3 of 9 jobs done, 1 started, 5 waiting")
+    assert re.search(r"^  started  train dmd2 seed 1 +checkpoint at step 3$", "\n".join(lines), re.M)
+    assert re.search(r"^  done     train dmd2 seed 0 +[\d,]+ CPU-s$", "\n".join(lines), re.M)
+    assert lines[-1] == f"continue with: rtdmd-bench study run {cut} --jobs 2"
     monkeypatch.setattr(T.Trainer, "_one_step", real_step)
     execute.run_study(cut, progress=False)  # the same command continues
     assert _finals(cut) == _finals(full)
@@ -222,6 +229,17 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path, toy_teacher, monkeypatch)
         assert log.is_file(), job.label
         if job.kind == "train":
             assert f"train {job.arm}" in log.read_text(errors="replace")
+
+
+def test_study_status_command_of_a_finished_study(reported, cli):
+    study, _ = reported
+    r = cli("study", "status", study.path)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("study rep: 9 of 9 jobs done, 0 started, 0 waiting; training CPU-seconds of the done jobs: ")
+    cpu = sum(json.loads((execute.arm_dir(study, a, s) / "train.json").read_text())["run_train_cpu_seconds"]
+              for a in ("ac-dmd", "more") for s in (0, 1))
+    assert f"done jobs: {cpu:,.0f} (" in r.output
+    assert r.output.rstrip().endswith(f"every job is done; report it with: rtdmd-bench study report {study.path}")
 
 
 def test_last_line_counts_progress_updates_as_lines(tmp_path):

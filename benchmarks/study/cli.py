@@ -1,4 +1,4 @@
-"""`rtdmd-bench study run STUDY.yaml` and `rtdmd-bench study report STUDY.yaml`.
+"""`rtdmd-bench study run STUDY.yaml`, `rtdmd-bench study status STUDY.yaml` and `rtdmd-bench study report STUDY.yaml`.
 
 The study modules (torch, the trainer, the runner) load inside the commands, so `rtdmd-bench --help` stays fast."""
 
@@ -25,6 +25,15 @@ def run_cmd(study_file, jobs, device, quiet):
 
     s = run_study(study_file, jobs=jobs, device=device, progress=not quiet)
     click.echo(f"study {s.name}: every job is done; report it with: rtdmd-bench study report {study_file}")
+
+
+@study.command("status")
+@click.argument("study_file", type=click.Path(path_type=Path))
+def status_cmd(study_file):
+    """Which jobs are done, started or waiting, with CPU-seconds and progress; starts nothing."""
+    from benchmarks.study.status import status_lines  # lazy: keeps --help free of numpy and torch
+
+    click.echo("\n".join(status_lines(study_file)))
 
 
 @study.command("report")

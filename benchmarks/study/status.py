@@ -1,0 +1,88 @@
+"""`rtdmd-bench study status STUDY.yaml`: where a study stands, read from its files (it starts nothing).
+
+Each job is done (its record exists), started (a training run folder or a log exists, no record yet) or
+waiting; a started job shows its newest checkpoint and the last line of its log, a done training job its
+CPU-seconds. A study that runs over several sessions is followed with this between `study run` calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rtdmd.checkpoint import find_checkpoint, read_meta
+from rtdmd.errors import UserError
+
+from benchmarks.study import sweep
+from benchmarks.study.execute import Job, arm_dir, is_done, job_log, last_line, plan
+from benchmarks.study.spec import Study, load_study
+
+
+def _run_dir(study: Study, job: Job) -> Path | None:
+    if job.kind == "sweep":
+        return sweep.value_dir(study, job.arm, job.seed) / "run"
+    return arm_dir(study, job.arm, job.seed) / "run" if job.kind == "train" else None
+
+
+def _record(study: Study, job: Job) -> dict:
+    if job.kind == "sweep":
+        path = sweep.value_dir(study, job.arm, job.seed) / "score.json"
+    else:
+        path = arm_dir(study, job.arm, job.seed) / f"{job.kind}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _cpu(record: dict) -> float | None:
+    v = record.get("run_train_cpu_seconds", record.get("train_cpu_seconds"))
+    return None if v is None else float(v)
+
+
+def _checkpoint_step(run_dir: Path | None) -> int | None:
+    if run_dir is None or not run_dir.is_dir():
+        return None
+    try:
+        return int(read_meta(find_checkpoint(run_dir)).get("step", 0))
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def job_states(study: Study) -> list[dict]:
+    """One row per job: label, state (done | started | waiting), CPU-seconds (done training) and what it is at."""
+    rows = []
+    for job in plan(study):
+        log = job_log(study, job)
+        row = {"job": job.label, "state": "waiting", "cpu_seconds": None, "detail": ""}
+        if is_done(study, job):
+            row["state"] = "done"
+            row["cpu_seconds"] = _cpu(_record(study, job)) if job.kind != "eval" else None
+        else:
+            step = _checkpoint_step(_run_dir(study, job))
+            if step is not None or log.is_file():
+                row["state"] = "started"
+                parts = [f"checkpoint at step {step}"] if step is not None else []
+                if (line := last_line(log)):
+                    parts.append(line[:120])
+                row["detail"] = "; ".join(parts)
+        rows.append(row)
+    return rows
+
+
+def status_lines(path: str | Path) -> list[str]:
+    study = load_study(path)
+    rows = job_states(study)
+    count = {s: sum(r["state"] == s for r in rows) for s in ("done", "started", "waiting")}
+    cpu = sum(r["cpu_seconds"] or 0.0 for r in rows)
+    out = [f"study {study.name}: {count['done']} of {len(rows)} jobs done, {count['started']} started, "
+           f"{count['waiting']} waiting; training CPU-seconds of the done jobs: {cpu:,.0f} ({cpu / 3600:.1f} h)"]
+    width = max(len(r["job"]) for r in rows)
+    for r in rows:
+        extra = f"{r['cpu_seconds']:,.0f} CPU-s" if r["cpu_seconds"] is not None else r["detail"]
+        out.append(f"  {r['state']:<8} {r['job']:<{width}}  {extra}".rstrip())
+    if count["done"] < len(rows):
+        out.append(f"continue with: rtdmd-bench study run {path} --jobs 2")
+    else:
+        out.append(f"every job is done; report it with: rtdmd-bench study report {path}")
+    return out
