@@ -190,6 +190,12 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
     assert re.search(r"^  started  train dmd2 seed 1 +checkpoint at step 3$", "\n".join(lines), re.M)
     assert re.search(r"^  done     train dmd2 seed 0 +[\d,]+ CPU-s$", "\n".join(lines), re.M)
     assert lines[-1] == f"continue with: rtdmd-bench study run {cut} --jobs 2"
+    with pytest.raises(UserError, match="report the finished arms with --partial"):
+        write_study_report(cut, tmp_path / "partial" / "report.md")
+    text = write_study_report(cut, tmp_path / "partial" / "report.md", partial=True).read_text()
+    assert "**Partial report: 3 of 9 jobs are done.**" in text and "not yet: dmd2, ac-dmd." in text
+    assert "| (b) AC-DMD vs DMD2 | ac-dmd > dmd2 | toy2d/log_density | - | not run yet |" in text
+    assert re.search(r"^\| teacher \| [0-9.]+ \[", text, re.M) and not re.search(r"^\| dmd2 \|", text, re.M)
     monkeypatch.setattr(T.Trainer, "_one_step", real_step)
     execute.run_study(cut, progress=False)  # the same command continues
     assert _finals(cut) == _finals(full)
@@ -276,6 +282,8 @@ def test_report_of_an_unfinished_study_says_how_to_finish(tmp_path, toy_teacher)
 
     with pytest.raises(UserError, match="study run"):
         write_study_report(_study(tmp_path, toy_teacher, "new"))
+    with pytest.raises(UserError, match="has not scored its reference arm 'teacher' yet"):
+        write_study_report(_study(tmp_path, toy_teacher, "new"), partial=True)
 
 
 # ---------------------------------------------------------------------------- the report: costs, curves, losses, precision

@@ -39,8 +39,9 @@ def status_cmd(study_file):
 @study.command("report")
 @click.argument("study_file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Markdown file (default reports/<study>/report.md).")
-def report_cmd(study_file, out):
+@click.option("--partial", is_flag=True, help="Report the arms finished so far of a study with jobs left.")
+def report_cmd(study_file, out, partial):
     """Markdown report: budgets, paired differences with 95 % CIs, verdicts, per-task precision, curves, losses."""
     from benchmarks.study.report import write_study_report  # lazy: keeps --help free of numpy and torch
 
-    click.echo(f"wrote {write_study_report(study_file, out)}")
+    click.echo(f"wrote {write_study_report(study_file, out, partial=partial)}")

@@ -16,6 +16,7 @@ from rtdmd.tracking import portable_path
 
 from benchmarks.metric_legend import legend
 from benchmarks.study import plots
+from benchmarks.study.execute import is_done, plan
 from benchmarks.study.precision import precision_section
 from benchmarks.study.scores import ArmScores, compare, final_cost, load_scores, metrics_of, own_cost, unit_matrix
 from benchmarks.study.spec import Study, load_study
@@ -133,8 +134,11 @@ def _diff_table(study: Study, arms: dict[str, ArmScores], metrics: list[str]) ->
 def _claims_table(study: Study, arms: dict[str, ArmScores]) -> list[str]:
     lines = ["| claim | comparison | metric | difference [95 % CI] | verdict |", "|---|---|---|---|---|"]
     for c in study.claims:
-        d = compare(arms, c.arm, c.versus, c.metric, study.eval.bootstrap)
         sign = ">" if c.direction == "greater" else "<"
+        if c.arm not in arms or c.versus not in arms:
+            lines.append(f"| {c.name} | {c.arm} {sign} {c.versus} | {c.metric} | - | not run yet |")
+            continue
+        d = compare(arms, c.arm, c.versus, c.metric, study.eval.bootstrap)
         lines.append(f"| {c.name} | {c.arm} {sign} {c.versus} | {c.metric} | {d.diff:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}] "
                      f"| **{verdict(d, c.direction)}** |")
     return lines
@@ -230,10 +234,24 @@ def report_lines(study: Study, arms: dict[str, ArmScores], folder: Path) -> list
     return lines + [""] + legend(metrics)
 
 
-def write_study_report(path: str | Path, out: Path | None = None) -> Path:
+def _partial_note(study: Study, arms: dict[str, ArmScores]) -> list[str]:
+    jobs = plan(study)
+    done = sum(is_done(study, j) for j in jobs)
+    if done == len(jobs):
+        return []
+    left = [a for a in study.arms if a not in arms]
+    return ["", f"**Partial report: {done} of {len(jobs)} jobs are done.** Shown are the arms whose every job is done "
+            f"(and the arms they start from); not yet: {', '.join(left)}. A claim with an arm not yet run has no verdict. "
+            f"`rtdmd-bench study run {portable_path(study.path)}` continues the study."]
+
+
+def write_study_report(path: str | Path, out: Path | None = None, partial: bool = False) -> Path:
+    """The study's report (default reports/<study>/report.md); with ``partial``, of the arms finished so far."""
     study = load_study(path)
-    arms = load_scores(study)
+    arms = load_scores(study, partial=partial)
     out = Path(out) if out is not None else Path("reports") / study.name / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(report_lines(study, arms, out.parent)))
+    lines = report_lines(study, arms, out.parent)
+    lines[1:1] = _partial_note(study, arms)
+    out.write_text("\n".join(lines))
     return out

@@ -59,13 +59,29 @@ def _train_record(study: Study, d: Path) -> dict:
     return train
 
 
-def load_scores(study: Study) -> dict[str, ArmScores]:
-    missing = [j.label for j in plan(study) if not is_done(study, j)]
-    if missing:
-        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0]}'); "
-                        f"run 'rtdmd-bench study run {study.path}' first.")
-    out = {}
+def finished_arms(study: Study) -> list[str]:
+    """The arms whose every job is done, and every job of the arms they start from (init_from), in study order."""
+    missing = {j.arm for j in plan(study) if not is_done(study, j)}
+    done: list[str] = []
     for arm in study.order():
+        if arm.name not in missing and (not arm.init_from or arm.init_from in done):
+            done.append(arm.name)
+    return done
+
+
+def load_scores(study: Study, partial: bool = False) -> dict[str, ArmScores]:
+    """Every arm's scores; a study with jobs left is refused, or with ``partial`` read as its finished arms
+    (finished_arms)."""
+    missing = [j.label for j in plan(study) if not is_done(study, j)]
+    if missing and not partial:
+        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0]}'); "
+                        f"run 'rtdmd-bench study run {study.path}' first, or report the finished arms with --partial.")
+    names = finished_arms(study)
+    if study.reference not in names:
+        raise UserError(f"study '{study.name}' has not scored its reference arm '{study.reference}' yet, so no difference "
+                        f"can be shown; run 'rtdmd-bench study run {study.path}' until it is done.")
+    out = {}
+    for arm in (a for a in study.order() if a.name in names):
         seeds = seeds_of(arm)
         finals, curves, trains = [], {}, []
         for s in seeds:
