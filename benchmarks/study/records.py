@@ -4,7 +4,7 @@ A job's record (``train.json``, ``eval.json``, a sweep value's ``score.json``) c
 study file that determine what the job computed. Training: backend, method, preset, overrides, sweep and the
 inputs of the ``init_from`` arm it starts from. Evaluation: the arm's sampling settings, the evaluation (less the
 report-time ``bootstrap``) and, for a training arm, its training inputs. A sweep value: its arm's training inputs
-and the evaluation. When the study file now gives other inputs for a job that is done, ``check`` stops with the
+and the evaluation less ``curves``. When the study file now gives other inputs for a job that is done, ``check`` stops with the
 setting that changed and the folder to delete, instead of mixing old results under new settings. A record written
 without ``inputs`` is taken as it is.
 """
@@ -39,7 +39,8 @@ def eval_inputs(study: Study, arm: ArmSpec) -> dict:
 
 
 def sweep_inputs(study: Study, arm: ArmSpec) -> dict:
-    return {"train": train_inputs(study, arm), "eval": _eval_settings(study)}
+    """A sweep run is scored once, on held-out prompts drawn by the evaluation's settings (curves do not apply)."""
+    return {"train": train_inputs(study, arm), "eval": {k: v for k, v in _eval_settings(study).items() if k != "curves"}}
 
 
 def inputs(study: Study, kind: str, arm: ArmSpec) -> dict:
