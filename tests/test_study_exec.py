@@ -178,8 +178,11 @@ def test_a_tiny_shapes_study_keeps_fd_features_and_reports_fd_with_an_interval(t
     text = write_study_report(path, tmp_path / "rep" / "report.md").read_text()
     head = next(line for line in text.splitlines() if line.startswith("| arm - own |"))
     assert head == "| arm - own | geneval | fd_shapes |"
-    row = next(line for line in text.splitlines() if line.startswith("| euler |") and "[" in line and line.count("|") == 4)
-    assert f"{d.diff:+.3f}" in row.split("|")[3]
+    rows = [line for line in text.splitlines() if line.startswith("| euler |") and "[" in line and line.count("|") == 4]
+    score_row, diff_row = rows[0], rows[1]  # the score table (absolute FD, its interval over images), then the differences
+    assert f"{d.diff:+.3f}" in diff_row.split("|")[3]
+    assert score_row.split("|")[3].strip().startswith(f"{finals['euler'].summary['fd_shapes']:.2f} [")
+    assert next(line for line in text.splitlines() if line.startswith("| arm | geneval")) == "| arm | geneval | fd_shapes |"
 
 
 # ---------------------------------------------------------------------------- sweeps on held-out prompts

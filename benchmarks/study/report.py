@@ -22,7 +22,7 @@ from benchmarks.study.scores import ArmScores, compare, final_cost, load_scores,
 from benchmarks.study.spec import Study, load_study
 from benchmarks.study.stats import arm_mean, mean_interval, verdict
 from benchmarks.study.sweep import sweep_lines
-from benchmarks.study.units import feature_metrics
+from benchmarks.study.units import feature_difference, feature_metrics
 
 
 def _fmt(v: float) -> str:
@@ -104,7 +104,9 @@ BUDGET_NOTE = ("Cost per training arm, mean over its training seeds: generator u
 
 
 def _score_table(study: Study, arms: dict[str, ArmScores], metrics: list[str]) -> list[str]:
-    lines = ["| arm | " + " | ".join(metrics) + " |", "|" + "---|" * (1 + len(metrics))]
+    """Per arm and metric the mean [95 % CI]; distribution metrics (FD) last, their interval over images."""
+    features = feature_metrics(arms)
+    lines = ["| arm | " + " | ".join(metrics + features) + " |", "|" + "---|" * (1 + len(metrics) + len(features))]
     for name, a in arms.items():
         cells = []
         for m in metrics:
@@ -113,6 +115,10 @@ def _score_table(study: Study, arms: dict[str, ArmScores], metrics: list[str]) -
             per_seed = [arm_mean(r[None], strata) for r in mat]
             spread = "" if len(a.seeds) == 1 else f" (seeds {min(per_seed):.3f} to {max(per_seed):.3f})"
             cells.append(f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{spread}")
+        for m in features:
+            d = feature_difference(a.final, None, m, study.eval.bootstrap)
+            spread = "" if len(a.seeds) == 1 else f" (seeds {min(d.seed_means_a):.2f} to {max(d.seed_means_a):.2f})"
+            cells.append(f"{d.diff:.2f} [{d.lo:.2f}, {d.hi:.2f}]{spread}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
