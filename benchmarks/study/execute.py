@@ -95,16 +95,26 @@ def _record(study: Study, job: Job) -> tuple[Path, str]:
     return d / "eval.json", f"{d / 'eval.json'} and {d / 'units'}"
 
 
-def is_done(study: Study, job: Job) -> bool:
-    """Whether ``job`` has its record; a record made from other study-file settings stops the study
-    (benchmarks.study.records)."""
+def done_record(study: Study, job: Job) -> dict | None:
+    """The record of a done ``job`` (None while it is not done); a record made from other study-file settings stops
+    the study (benchmarks.study.records)."""
     path, remove = _record(study, job)
     if not path.is_file():
-        return False
+        return None
     record = _read_json(path)
-    if isinstance(record, dict):
-        records.check(study, job.kind, study.arms[job.arm], record, job.label, remove)
-    return True
+    if not isinstance(record, dict):
+        return {}
+    records.check(study, job.kind, study.arms[job.arm], record, job.label, remove)
+    return record
+
+
+def is_done(study: Study, job: Job) -> bool:
+    return done_record(study, job) is not None
+
+
+def missing_jobs(study: Study) -> list[Job]:
+    """The jobs of the study that are not done, in plan order."""
+    return [j for j in plan(study) if not is_done(study, j)]
 
 
 def depends_on(study: Study, job: Job) -> list[Job]:
@@ -196,7 +206,8 @@ def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progre
     if arm.sweep.key:  # the value the arm's sweep chose on held-out prompts (<out>/sweeps/<arm>.json)
         chosen = {arm.sweep.key: sweep.write_choice(study, arm)}
         over = _deep_merge(over, arm.sweep.nested(chosen[arm.sweep.key]))
-    record = {**_train(study, arm, over, d / "run", progress), **({"sweep": chosen} if chosen else {}),
+    record = {**_train(study, arm, over, run_dir(study, Job("train", arm.name, seed)), progress),
+              **({"sweep": chosen} if chosen else {}),
               "inputs": records.inputs(study, "train", arm)}
     _write_json(d / "train.json", record)
     return record
@@ -206,7 +217,7 @@ def sweep_job(study: Study, arm: ArmSpec, j: int, device: str = "cpu", progress:
     """Value j of the arm's sweep: a short run (seed 0), scored on the held-out prompts (benchmarks.study.sweep)."""
     d = sweep.value_dir(study, arm.name, j)
     over = sweep.run_overrides(study, arm, j, _train_overrides(study, arm, 0, device))
-    run = _train(study, arm, over, d / "run", progress)
+    run = _train(study, arm, over, run_dir(study, Job("sweep", arm.name, j)), progress)
     if not (d / "units.json").is_file():
         save_units(d / "units.json", score_checkpoint(study, arm, 0, study.out / run["checkpoint"], device, progress,
                                                       held_out=d))
@@ -289,7 +300,7 @@ def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bo
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
     sweep.check_heldout(study)
-    todo = [j for j in plan(study) if not is_done(study, j)]
+    todo = missing_jobs(study)
     _say(f"{study.name}: {len(plan(study)) - len(todo)} of {len(plan(study))} jobs already done")
     if jobs == 1:
         for k, job in enumerate(todo, 1):
@@ -298,6 +309,13 @@ def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bo
         return study
     _run_parallel(study, todo, jobs, device)
     return study
+
+
+def run_dir(study: Study, job: Job) -> Path | None:
+    """The training run folder of a train or sweep job (None for an eval job)."""
+    if job.kind == "sweep":
+        return sweep.value_dir(study, job.arm, job.seed) / "run"
+    return arm_dir(study, job.arm, job.seed) / "run" if job.kind == "train" else None
 
 
 def job_log(study: Study, job: Job) -> Path:
@@ -326,6 +344,7 @@ def _run_parallel(study: Study, todo: list[Job], jobs: int, device: str, status_
     # one torch thread per job; progress bars redrawn every 10 s at most, as they go to a file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_MININTERVAL": "10"}
     pending = list(todo)
+    done = set(plan(study)) - set(todo)  # records checked by run_study; a job joins when its worker succeeds
     last_status = time.monotonic()
     try:
         while pending or running:
@@ -337,8 +356,9 @@ def _run_parallel(study: Study, todo: list[Job], jobs: int, device: str, status_
                         raise UserError(f"study job '{job.label}' failed (exit {proc.returncode}: "
                                         f"'{last_line(log)[:300]}'; its whole output is in {log}); "
                                         "fix it and run the same command to continue.")
+                    done.add(job)
                     _say(f"done: {job.label}")
-            ready = [j for j in pending if all(is_done(study, d) for d in depends_on(study, j))]
+            ready = [j for j in pending if all(d in done for d in depends_on(study, j))]
             for job in ready[:max(0, jobs - len(running))]:
                 pending.remove(job)
                 log = job_log(study, job)

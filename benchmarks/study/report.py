@@ -16,7 +16,7 @@ from rtdmd.tracking import portable_path
 
 from benchmarks.metric_legend import legend
 from benchmarks.study import plots
-from benchmarks.study.execute import is_done, plan
+from benchmarks.study.execute import Job, missing_jobs, plan
 from benchmarks.study.precision import precision_section
 from benchmarks.study.scores import ArmScores, compare, final_cost, load_scores, metrics_of, own_cost, unit_matrix
 from benchmarks.study.spec import Study, load_study
@@ -240,13 +240,12 @@ def report_lines(study: Study, arms: dict[str, ArmScores], folder: Path) -> list
     return lines + [""] + legend(metrics)
 
 
-def _partial_note(study: Study, arms: dict[str, ArmScores]) -> list[str]:
-    jobs = plan(study)
-    done = sum(is_done(study, j) for j in jobs)
-    if done == len(jobs):
+def _partial_note(study: Study, arms: dict[str, ArmScores], missing: list[Job]) -> list[str]:
+    if not missing:
         return []
+    total = len(plan(study))
     left = [a for a in study.arms if a not in arms]
-    return ["", f"**Partial report: {done} of {len(jobs)} jobs are done.** Shown are the arms whose every job is done "
+    return ["", f"**Partial report: {total - len(missing)} of {total} jobs are done.** Shown are the arms whose every job is done "
             f"(and the arms they start from); not yet: {', '.join(left)}. A claim with an arm not yet run has no verdict. "
             f"`rtdmd-bench study run {portable_path(study.path)}` continues the study."]
 
@@ -254,10 +253,11 @@ def _partial_note(study: Study, arms: dict[str, ArmScores]) -> list[str]:
 def write_study_report(path: str | Path, out: Path | None = None, partial: bool = False) -> Path:
     """The study's report (default reports/<study>/report.md); with ``partial``, of the arms finished so far."""
     study = load_study(path)
-    arms = load_scores(study, partial=partial)
+    missing = missing_jobs(study)
+    arms = load_scores(study, partial=partial, missing=missing)
     out = Path(out) if out is not None else Path("reports") / study.name / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = report_lines(study, arms, out.parent)
-    lines[1:1] = _partial_note(study, arms)
+    lines[1:1] = _partial_note(study, arms, missing)
     out.write_text("\n".join(lines))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from rtdmd.errors import UserError
 
-from benchmarks.study.execute import arm_dir, checkpoint_cost, is_done, plan, seeds_of
+from benchmarks.study.execute import Job, arm_dir, checkpoint_cost, missing_jobs, seeds_of
 from benchmarks.study.spec import Study
 from benchmarks.study.stats import Difference, paired_difference
 from benchmarks.study.units import UnitScores, feature_difference, load_units
@@ -59,24 +59,24 @@ def _train_record(study: Study, d: Path) -> dict:
     return train
 
 
-def finished_arms(study: Study) -> list[str]:
-    """The arms whose every job is done, and every job of the arms they start from (init_from), in study order."""
-    missing = {j.arm for j in plan(study) if not is_done(study, j)}
+def finished_arms(study: Study, missing: list[Job]) -> list[str]:
+    """The arms with no job in ``missing`` whose init_from arms are finished too, in study order."""
+    left = {j.arm for j in missing}
     done: list[str] = []
     for arm in study.order():
-        if arm.name not in missing and (not arm.init_from or arm.init_from in done):
+        if arm.name not in left and (not arm.init_from or arm.init_from in done):
             done.append(arm.name)
     return done
 
 
-def load_scores(study: Study, partial: bool = False) -> dict[str, ArmScores]:
-    """Every arm's scores; a study with jobs left is refused, or with ``partial`` read as its finished arms
-    (finished_arms)."""
-    missing = [j.label for j in plan(study) if not is_done(study, j)]
+def load_scores(study: Study, partial: bool = False, missing: list[Job] | None = None) -> dict[str, ArmScores]:
+    """Every arm's scores; a study with jobs left (``missing``, found here when not given) is refused, or with
+    ``partial`` read as its finished arms (finished_arms)."""
+    missing = missing_jobs(study) if missing is None else missing
     if missing and not partial:
-        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0]}'); "
+        raise UserError(f"study '{study.name}' is not finished ({len(missing)} jobs left, e.g. '{missing[0].label}'); "
                         f"run 'rtdmd-bench study run {study.path}' first, or report the finished arms with --partial.")
-    names = finished_arms(study)
+    names = finished_arms(study, missing)
     if study.reference not in names:
         raise UserError(f"study '{study.name}' has not scored its reference arm '{study.reference}' yet, so no difference "
                         f"can be shown; run 'rtdmd-bench study run {study.path}' until it is done.")

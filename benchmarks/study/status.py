@@ -7,37 +7,14 @@ CPU-seconds. A study that runs over several sessions is followed with this betwe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rtdmd.checkpoint import find_checkpoint, read_meta
 from rtdmd.errors import UserError
 
-from benchmarks.study import sweep
-from benchmarks.study.execute import Job, arm_dir, is_done, job_log, last_line, plan
+from benchmarks.study.execute import done_record, job_log, last_line, plan, run_dir
+from benchmarks.study.scores import own_cost
 from benchmarks.study.spec import Study, load_study
-
-
-def _run_dir(study: Study, job: Job) -> Path | None:
-    if job.kind == "sweep":
-        return sweep.value_dir(study, job.arm, job.seed) / "run"
-    return arm_dir(study, job.arm, job.seed) / "run" if job.kind == "train" else None
-
-
-def _record(study: Study, job: Job) -> dict:
-    if job.kind == "sweep":
-        path = sweep.value_dir(study, job.arm, job.seed) / "score.json"
-    else:
-        path = arm_dir(study, job.arm, job.seed) / f"{job.kind}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _cpu(record: dict) -> float | None:
-    v = record.get("run_train_cpu_seconds", record.get("train_cpu_seconds"))
-    return None if v is None else float(v)
 
 
 def _checkpoint_step(run_dir: Path | None) -> int | None:
@@ -55,11 +32,13 @@ def job_states(study: Study) -> list[dict]:
     for job in plan(study):
         log = job_log(study, job)
         row = {"job": job.label, "state": "waiting", "cpu_seconds": None, "detail": ""}
-        if is_done(study, job):
+        record = done_record(study, job)
+        if record is not None:
             row["state"] = "done"
-            row["cpu_seconds"] = _cpu(_record(study, job)) if job.kind != "eval" else None
+            cost = own_cost(record) if job.kind != "eval" else None
+            row["cpu_seconds"] = None if cost is None else cost["run_train_cpu_seconds"]
         else:
-            step = _checkpoint_step(_run_dir(study, job))
+            step = _checkpoint_step(run_dir(study, job))
             if step is not None or log.is_file():
                 row["state"] = "started"
                 parts = [f"checkpoint at step {step}"] if step is not None else []
