@@ -286,18 +286,20 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config file", missing_fix: str = "pass an existing YAML file to --config",
+              holds: str = "a mapping of sections (method, backend, train, tracking)") -> dict:
+    """A YAML mapping from ``path``; a missing file, bad YAML or a non-mapping is one UserError naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+        raise UserError(f"{what} {path} does not exist; {missing_fix}.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax and retry.") from None
+        raise UserError(f"{what} {path} is not valid YAML{where}; fix the syntax and retry.") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (method, backend, train, tracking).")
+        raise UserError(f"{what} {path} must hold {holds}.")
     return data
 
 

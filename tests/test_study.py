@@ -114,6 +114,11 @@ def test_study_file_mistakes_are_one_sentence(tmp_path):
     for data, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             load_study(_write(tmp_path, data))
+    with pytest.raises(UserError, match=r"^study file .*nope\.yaml does not exist; pass the path of a study file"):
+        load_study(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(UserError, match=r"^study file .*list\.yaml must hold a mapping of study settings"):
+        load_study(tmp_path / "list.yaml")
 
 
 # ---------------------------------------------------------------------------- a toy2d study end to end

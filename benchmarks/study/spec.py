@@ -174,7 +174,8 @@ _TOP = {"name", "backend", "out", "experiment", "reference", "budget", "eval", "
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; every mistake is one UserError sentence."""
     path = Path(path)
-    data = read_yaml(path)
+    data = read_yaml(path, what="study file", missing_fix="pass the path of a study file (studies/ has the shipped ones)",
+                     holds="a mapping of study settings (name, backend, eval, arms, claims, ...)")
     unknown = sorted(set(data) - _TOP)
     if unknown:
         raise UserError(f"unknown key '{unknown[0]}' in study file {path}; valid keys are: {', '.join(sorted(_TOP))}.")
