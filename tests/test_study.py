@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.study import execute
+from benchmarks.study import execute, records
 from benchmarks.study.spec import load_study
 from benchmarks.study.stats import arm_mean, paired_difference, verdict
 from benchmarks.study.units import mixture_log_density
@@ -242,6 +242,20 @@ def test_parallel_jobs_give_the_same_numbers(tmp_path, toy_teacher, monkeypatch)
             assert f"train {job.arm}" in log.read_text(errors="replace")
 
 
+def test_run_arms_runs_the_named_arms_and_what_they_start_from(tmp_path, toy_teacher, cli, reported):
+    path = _study(tmp_path, toy_teacher, "some")
+    r = cli("study", "run", path, "--arms", "dmd2", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert f"the jobs of dmd2 are done; the rest: rtdmd-bench study run {path}" in r.output
+    s = load_study(path)
+    assert [j.label for j in execute.missing_jobs(s)] == ["eval teacher seed 0", "train ac-dmd seed 0", "eval ac-dmd seed 0",
+                                                           "train ac-dmd seed 1", "eval ac-dmd seed 1"]
+    r = cli("study", "run", path, "--arms", "dmd2,dmd3")
+    assert r.exit_code == 2 and "--arms names dmd3, not an arm of" in r.output and "teacher, dmd2, ac-dmd" in r.output
+    study, _ = reported  # 'more' starts from 'ac-dmd'
+    assert execute.with_needs(study, ["more"]) == {"more", "ac-dmd"} and execute.with_needs(study, ["ac-dmd"]) == {"ac-dmd"}
+
+
 def test_study_status_command_of_a_finished_study(reported, cli):
     study, _ = reported
     r = cli("study", "status", study.path)
@@ -396,8 +410,10 @@ def test_a_done_job_whose_study_settings_changed_stops_run_and_report(reported, 
     with pytest.raises(UserError, match="overrides.method.ttur"):
         write_study_report(p, tmp_path / "r" / "report.md")
     s = load_study(p)
-    with pytest.raises(UserError, match=r"'train more seed 0' .* 'init_from\.overrides\.method\.ttur'"):
+    with pytest.raises(UserError, match=r"'train ac-dmd seed 0' .* 'overrides\.method\.ttur'"):  # checked first
         execute.is_done(s, execute.Job("train", "more", 0))
+    more = json.loads((execute.arm_dir(s, "more", 0) / "train.json").read_text())
+    assert records.first_difference(more["inputs"], records.inputs(s, "train", s.arms["more"])) == "init_from.overrides.method.ttur"
 
     edited = json.loads(json.dumps(data))
     edited["eval"]["images_per_prompt"] = 4

@@ -225,26 +225,36 @@ def test_sweep_choice_rule_and_spec_mistakes(tmp_path):
         execute.run_study(_write(tmp_path, {**base, "eval": {"suites": ["toy2d"], "prompts": 9}}), progress=False)
     from benchmarks.study.sweep import check_heldout
 
-    shapes = {**base, "backend": "shapes", "eval": {"suites": ["geneval"], "prompts": 200}}
-    check_heldout(load_study(_write(tmp_path, shapes)))  # 9 of GenEval-shapes' 209 prompts are left
-    with pytest.raises(UserError, match="takes all 209 prompts"):
-        check_heldout(load_study(_write(tmp_path, {**shapes, "eval": {"suites": ["geneval"], "prompts": 209}})))
+    shapes = {**base, "backend": "shapes", "eval": {"suites": ["geneval"], "prompts": 209}}
+    check_heldout(load_study(_write(tmp_path, shapes)))  # every default prompt evaluated: the recipe draws new ones
 
 
-def test_geneval_heldout_prompts_never_overlap_the_evaluation_and_keep_every_task_left():
+def test_geneval_heldout_prompts_never_overlap_the_evaluation_and_mirror_its_task_mix():
+    from collections import Counter
+
     from benchmarks.eval_prompts import stratified_indices
     from benchmarks.geneval.prompts import generate_metadata
     from benchmarks.study.sweep import heldout_entries
 
-    entries = generate_metadata(["circle", "square", "triangle", "cross"], exclude_color_class=None)  # 4 single objects
-    for n, gone in ((12, []), (24, ["single_object"])):
-        used = [entries[i] for i in stratified_indices(entries, n)]
-        rest, missing = heldout_entries(entries, n)
-        assert len(rest) == len(entries) - n and not any(e in used for e in rest) and missing == gone
-        assert {e["tag"] for e in rest} | set(missing) == {e["tag"] for e in entries}
-        kept = [rest[i] for i in stratified_indices(rest, n)]  # what a sweep scores: every held-out task kept
-        assert {e["tag"] for e in kept} == {e["tag"] for e in rest}
-    with pytest.raises(UserError, match="none to hold out"):
+    classes = ["circle", "square", "triangle", "cross"]
+    entries = generate_metadata(classes, exclude_color_class=None)  # 209: 4 single objects, 12 two-object, 12 counting
+    draws = [generate_metadata(classes, seed=s, exclude_color_class=None) for s in range(1000, 1020)]
+    key = lambda e: (e["tag"], e["prompt"])  # noqa: E731
+    for n in (12, 24, 150, 209):
+        used = Counter(entries[i]["tag"] for i in stratified_indices(entries, n))
+        evaluated = {key(entries[i]) for i in stratified_indices(entries, n)}
+        held, missing = heldout_entries(entries, n, draws)
+        assert not {key(e) for e in held} & evaluated and len({key(e) for e in held}) == len(held)
+        have = Counter(e["tag"] for e in held)
+        assert all(have[t] <= used[t] for t in have) and set(have) | set(missing) == set(used)
+        if n == 12:  # 2 per task: every task keeps 2 held-out prompts, single_object too (4 exist)
+            assert have == used and missing == []
+        if n == 150:  # the shapes study: the first three tasks are evaluated whole; colors and position nearly
+            assert missing == ["counting", "single_object", "two_object"]
+            assert have == {"colors": 2, "position": 5, "color_attr": used["color_attr"]}
+    rest, _ = heldout_entries(entries, 150)  # without draws: only what the 209 leave out
+    assert Counter(e["tag"] for e in rest) == {"position": 2, "color_attr": 41}  # 57 color_attr left, 41 evaluated
+    with pytest.raises(UserError, match="takes every prompt a sweep could hold out"):
         heldout_entries(entries, len(entries))
 
 
@@ -262,6 +272,11 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
     means = [x["mean"] for x in c["scores"]]
     assert means[0] != means[1] and c["choice"] == choose(c["values"], means, "greater")
     assert all(x["lo"] <= x["mean"] <= x["hi"] and x["iterations"] == 2 for x in c["scores"])
+    # each value minus the chosen one, paired over the same held-out units: the difference of the means
+    chosen_mean = next(x["mean"] for x in c["scores"] if x["value"] == c["choice"])
+    for x, v in zip(c["scores"], c["versus_choice"]):
+        assert v["value"] == x["value"] and v["diff"] == pytest.approx(x["mean"] - chosen_mean, abs=1e-9)
+        assert (v["lo"], v["hi"]) == ((0.0, 0.0) if x["value"] == c["choice"] else (v["lo"], v["hi"])) and v["lo"] <= v["diff"] <= v["hi"]
     held = json.loads((s.out / "sweeps/dmd2/value0/units.json").read_text())["metrics"]["toy2d/log_density"]
     final = json.loads((s.out / json.loads((execute.arm_dir(s, "dmd2", 0) / "eval.json").read_text())["final"]).read_text())
     evaluated = final["metrics"]["toy2d/log_density"]
@@ -269,14 +284,32 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
     t = json.loads((execute.arm_dir(s, "dmd2", 0) / "train.json").read_text())
     assert t["sweep"] == {"method.generator_optim.lr": c["choice"]} and t["iterations"] == 6  # the arm's own budget
     assert load_resolved(s.out / t["checkpoint"] / "config.yaml").method.generator_optim.lr == c["choice"]
-    # resumable: a lost score is rescored from the finished run, and the study's numbers do not change
+    # resumable: a lost score is rescored from the finished run; the arm waits for the choice, which is the same, so
+    # it keeps its training and evaluation, and the study's numbers do not change
+    trained = (execute.arm_dir(s, "dmd2", 0) / "train.json").read_text()
     (s.out / "sweeps/dmd2/value1/score.json").unlink()
-    assert [j.label for j in execute.plan(s) if not execute.is_done(s, j)] == ["sweep dmd2 value #1"]
+    assert [j.label for j in execute.plan(s) if not execute.is_done(s, j)] == [
+        "sweep dmd2 value #1", "train dmd2 seed 0", "eval dmd2 seed 0"]
     execute.run_study(path, progress=False)
     assert json.loads((s.out / "sweeps" / "dmd2.json").read_text()) == c
+    assert (execute.arm_dir(s, "dmd2", 0) / "train.json").read_text() == trained
+    # a sweep score that now chooses the other value: the arm's training is stale, and the study says what to delete
+    f = s.out / "sweeps/dmd2/value0/score.json"
+    score = json.loads(f.read_text())
+    f.write_text(json.dumps({**score, "mean": max(x["mean"] for x in c["scores"]) + 1.0}))
+    with pytest.raises(UserError, match=r"'inputs' is done but|another 'sweep.value'"):
+        execute.run_study(path, progress=False)
+    f.write_text(json.dumps(score))
+    # an interrupted run of the arm started with another value is not continued with the new one
+    execute._check_partial_run(s.out / "sweeps/dmd2/value0/run", "method.generator_optim.lr", 1e-5)
+    with pytest.raises(UserError, match=r"started with method.generator_optim.lr = 1e-05, but the sweep now chooses 0.003"):
+        execute._check_partial_run(s.out / "sweeps/dmd2/value0/run", "method.generator_optim.lr", 3e-3)
+    execute._check_partial_run(tmp_path / "nothing-yet", "method.generator_optim.lr", 3e-3)
     text = write_study_report(path, tmp_path / "rep" / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| dmd2 | method.generator_optim.lr = ")]
     assert len(rows) == 2 and sum("**chosen**" in r for r in rows) == 1
+    other = next(v for v in c["versus_choice"] if v["value"] != c["choice"])
+    assert f"| {other['diff']:+.3f} [{other['lo']:+.3f}, {other['hi']:+.3f}] |" in text
     assert f"= {c['choice']:g} |" in next(r for r in rows if "**chosen**" in r)
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -32,6 +32,19 @@ def default_metadata(backend) -> list[dict]:
     if backend.name == "shapes":
         return generate_metadata(list(backend.options.classes), exclude_color_class=None)
     return generate_metadata(list(COCO_CLASSES))
+
+
+#: the recipe seeds of the extra prompt draws a held-out split takes from (the official set is seed 43)
+HELDOUT_RECIPE_SEEDS = range(1000, 1100)
+
+
+def recipe_draws(backend) -> Iterator[list[dict]]:
+    """GenEval's recipe on the backend's classes drawn again with HELDOUT_RECIPE_SEEDS, one prompt list per seed: the
+    prompts a held-out split adds to those the evaluation leaves out (benchmarks.study.sweep)."""
+    classes, exclude = ((list(backend.options.classes), None) if backend.name == "shapes"
+                        else (list(COCO_CLASSES), "person"))
+    for seed in HELDOUT_RECIPE_SEEDS:
+        yield generate_metadata(classes, seed=seed, exclude_color_class=exclude)
 
 
 def default_detector(backend):
@@ -153,6 +166,9 @@ class GenEvalSuite:
 
     def default_prompts(self, info) -> list[dict]:
         return default_metadata(info)
+
+    def heldout_draws(self, info) -> Iterator[list[dict]]:
+        return recipe_draws(info)
 
     def load(self, info, device: str = "cpu", workers: int = 0) -> None:
         if self.detector is None:

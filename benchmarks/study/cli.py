@@ -19,12 +19,17 @@ def study():
 @click.option("--jobs", type=int, default=1, show_default=True, help="Jobs at once, each a process with one torch thread.")
 @click.option("--device", default="cpu", show_default=True, help="Device of training and evaluation (cpu, cuda, cuda:N).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_cmd(study_file, jobs, device, quiet):
+@click.option("--arms", default="", help="Comma-separated arms to run (with the arms they start from); default: all.")
+def run_cmd(study_file, jobs, device, quiet, arms):
     """Train and evaluate every arm not done yet; rerun the same command to continue after an interruption."""
     from benchmarks.study.execute import run_study  # lazy: benchmarks.cli imports this module for --help, which loads no torch
 
-    s = run_study(study_file, jobs=jobs, device=device, progress=not quiet)
-    click.echo(f"study {s.name}: every job is done; report it with: rtdmd-bench study report {study_file}")
+    names = [a.strip() for a in arms.split(",") if a.strip()]
+    s = run_study(study_file, jobs=jobs, device=device, progress=not quiet, arms=names or None)
+    if names:
+        click.echo(f"study {s.name}: the jobs of {', '.join(names)} are done; the rest: rtdmd-bench study run {study_file}")
+    else:
+        click.echo(f"study {s.name}: every job is done; report it with: rtdmd-bench study report {study_file}")
 
 
 @study.command("status")

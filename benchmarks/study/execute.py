@@ -29,7 +29,7 @@ from pathlib import Path
 from rtdmd import registry
 from rtdmd.api import make_config, run_training
 from rtdmd.checkpoint import find_checkpoint, read_meta
-from rtdmd.config import _deep_merge, load_resolved
+from rtdmd.config import _deep_merge, config_to_dict, flatten, load_resolved
 from rtdmd.errors import UserError
 from rtdmd.fileio import atomic_write_bytes
 from rtdmd.tracking import git_commit
@@ -96,10 +96,11 @@ def _record(study: Study, job: Job) -> tuple[Path, str]:
 
 
 def done_record(study: Study, job: Job) -> dict | None:
-    """The record of a done ``job`` (None while it is not done); a record made from other study-file settings stops
-    the study (benchmarks.study.records)."""
+    """The record of a done ``job`` (None while it is not done, or while a job it depends on is not: a train job of a
+    swept arm waits for the sweep's choice); a record made from other study-file settings stops the study
+    (benchmarks.study.records)."""
     path, remove = _record(study, job)
-    if not path.is_file():
+    if not path.is_file() or not all(is_done(study, d) for d in depends_on(study, job)):
         return None
     record = _read_json(path)
     if not isinstance(record, dict):
@@ -199,13 +200,28 @@ def _train(study: Study, arm: ArmSpec, overrides: dict, run_dir: Path, progress:
             **run_budget(run_dir)}
 
 
+def _check_partial_run(run: Path, key: str, value: float) -> None:
+    """Refuse to continue an interrupted run trained with another value of the swept key than the sweep now chooses
+    (the trainer lets a learning rate change on resume, so the run would silently mix the two)."""
+    try:
+        before = flatten(config_to_dict(load_resolved(find_checkpoint(run) / "config.yaml"))).get(key)
+    except UserError:  # nothing trained yet
+        return
+    if before is not None and float(before) != float(value):
+        raise UserError(f"{run} was started with {key} = {before:g}, but the sweep now chooses {value:g}; delete {run} "
+                        "to train the arm with the new choice.")
+
+
 def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
     d = arm_dir(study, arm.name, seed)
+    if (record := done_record(study, Job("train", arm.name, seed))) is not None:
+        return record  # trained before its sweep was redone, and the sweep chose the same value
     over = _train_overrides(study, arm, seed, device)
     chosen = {}
     if arm.sweep.key:  # the value the arm's sweep chose on held-out prompts (<out>/sweeps/<arm>.json)
         chosen = {arm.sweep.key: sweep.write_choice(study, arm)}
         over = _deep_merge(over, arm.sweep.nested(chosen[arm.sweep.key]))
+        _check_partial_run(run_dir(study, Job("train", arm.name, seed)), arm.sweep.key, chosen[arm.sweep.key])
     record = {**_train(study, arm, over, run_dir(study, Job("train", arm.name, seed)), progress),
               **({"sweep": chosen} if chosen else {}),
               "inputs": records.inputs(study, "train", arm)}
@@ -248,11 +264,12 @@ def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, devi
     steps = arm.steps or e.steps
     eta = None if arm.eta < 0 else arm.eta
     kind = arm.sampler or None
+    per_prompt = (arm.sweep.images_per_prompt or e.images_per_prompt) if held_out else e.images_per_prompt
     if study.backend == "toy2d":
-        return toy2d_units(step_dir, e.prompts, e.images_per_prompt, e.seed, steps, eta, kind, held_out is not None)
+        return toy2d_units(step_dir, e.prompts, per_prompt, e.seed, steps, eta, kind, held_out is not None)
     prompts_file, n = sweep.heldout_prompt_file(study, step_dir, held_out) if held_out else (None, e.prompts or None)
     opts = EvalOptions(suites=list(e.suites), steps=steps, guidance=e.guidance if arm.guidance < 0 else arm.guidance,
-                       eta=eta, sampler=kind, seed=e.seed, images_per_prompt=e.images_per_prompt,
+                       eta=eta, sampler=kind, seed=e.seed, images_per_prompt=per_prompt,
                        max_prompts=n, prompts_file=prompts_file,
                        out=study.out / "eval", experiment=study.experiment, device=device, threads=1,
                        command=f"rtdmd-bench study run {study.path}", progress=progress,
@@ -294,14 +311,34 @@ def _say(msg: str) -> None:
     print(f"[study] {msg}", file=sys.stderr, flush=True)
 
 
-def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bool = True) -> Study:
-    """Run every job not done yet; with jobs > 1, independent jobs run in parallel processes."""
+def with_needs(study: Study, arms: list[str]) -> set[str]:
+    """The named arms and every arm they start from (init_from, transitively); an unknown name stops with the list."""
+    unknown = [a for a in arms if a not in study.arms]
+    if unknown:
+        raise UserError(f"--arms names {', '.join(unknown)}, not an arm of {study.path}; use some of: "
+                        f"{', '.join(study.arms)}.")
+    out: set[str] = set()
+    for a in arms:
+        while a and a not in out:
+            out.add(a)
+            a = study.arms[a].init_from
+    return out
+
+
+def run_study(path: str | Path, jobs: int = 1, device: str = "cpu", progress: bool = True,
+              arms: list[str] | None = None) -> Study:
+    """Run every job not done yet (of ``arms`` and the arms they start from, when given); with jobs > 1, independent
+    jobs run in parallel processes."""
     study = load_study(path)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
     sweep.check_heldout(study)
     todo = missing_jobs(study)
     _say(f"{study.name}: {len(plan(study)) - len(todo)} of {len(plan(study))} jobs already done")
+    if arms:
+        keep = with_needs(study, arms)
+        todo = [j for j in todo if j.arm in keep]
+        _say(f"running the {len(todo)} jobs left of {', '.join(a for a in study.arms if a in keep)}")
     if jobs == 1:
         for k, job in enumerate(todo, 1):
             _say(f"({k}/{len(todo)}) {job.label}")

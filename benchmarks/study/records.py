@@ -1,10 +1,12 @@
 """What a finished study job was made from, so that editing the study file after a job ran is caught.
 
 A job's record (``train.json``, ``eval.json``, a sweep value's ``score.json``) carries ``inputs``: the parts of the
-study file that determine what the job computed. Training: backend, method, preset, overrides, sweep and the
-inputs of the ``init_from`` arm it starts from. Evaluation: the arm's sampling settings, the evaluation (less the
-report-time ``bootstrap``) and, for a training arm, its training inputs. A sweep value: its arm's training inputs
-and the evaluation less ``curves``. When the study file now gives other inputs for a job that is done, ``check`` stops with the
+study file that determine what the job computed. Training: backend, method, preset, overrides, the value its sweep
+chose (not the sweep's settings: a changed sweep that chooses the same value trains the same arm) and the inputs of
+the ``init_from`` arm it starts from. Evaluation: the arm's sampling settings, the evaluation (less the report-time
+``bootstrap``) and, for a training arm, its training inputs. A sweep value: its arm's training inputs with the
+sweep's settings in place of the choice, and the evaluation less ``curves``. A record is checked once the jobs it
+depends on are done (benchmarks.study.execute.done_record), so the choice it is compared with is known. When the study file now gives other inputs for a job that is done, ``check`` stops with the
 setting that changed and the folder to delete, instead of mixing old results under new settings. A record written
 without ``inputs`` is taken as it is.
 """
@@ -15,12 +17,14 @@ import dataclasses
 import json
 from rtdmd.errors import UserError
 
+from benchmarks.study import sweep
 from benchmarks.study.spec import ArmSpec, Study
 
 
 def train_inputs(study: Study, arm: ArmSpec) -> dict:
+    chosen = {"key": arm.sweep.key, "value": sweep.current_choice(study, arm)} if arm.sweep.key else None
     out = {"backend": study.backend, "method": arm.method, "preset": arm.preset, "overrides": arm.overrides,
-           "sweep": dataclasses.asdict(arm.sweep) if arm.sweep.key else None}
+           "sweep": chosen}
     if arm.init_from:
         out["init_from"] = {"arm": arm.init_from, **train_inputs(study, study.arms[arm.init_from])}
     return out
@@ -40,7 +44,7 @@ def eval_inputs(study: Study, arm: ArmSpec) -> dict:
 
 def sweep_inputs(study: Study, arm: ArmSpec) -> dict:
     """A sweep run is scored once, on held-out prompts drawn by the evaluation's settings (curves do not apply)."""
-    return {"train": train_inputs(study, arm), "eval": {k: v for k, v in _eval_settings(study).items() if k != "curves"}}
+    return {"train": {**train_inputs(study, arm), "sweep": dataclasses.asdict(arm.sweep)}, "eval": {k: v for k, v in _eval_settings(study).items() if k != "curves"}}
 
 
 def inputs(study: Study, kind: str, arm: ArmSpec) -> dict:

@@ -68,6 +68,7 @@ class SweepSpec:
     max_steps: int = 0  # training iterations of each sweep run (seed 0)
     metric: str = ""  # the metric the choice is made by (default: the first claim's)
     direction: str = ""  # greater | less (default: the first claim's direction; greater without claims)
+    images_per_prompt: int = 0  # images per held-out prompt (0: eval.images_per_prompt)
 
     def validate(self, prefix: str = "sweep"):
         if not self.key:
@@ -78,6 +79,8 @@ class SweepSpec:
             raise UserError(f"{prefix}.values needs at least 2 distinct finite numbers; fix the list.")
         if self.max_steps <= 0:
             raise UserError(f"{prefix}.max_steps must be a positive number of training iterations per sweep run; set it.")
+        if self.images_per_prompt < 0:
+            raise UserError(f"{prefix}.images_per_prompt must be 0 (the evaluation's) or a positive count; fix it.")
         if self.direction not in ("", "greater", "less"):
             raise UserError(f"{prefix}.direction is '{self.direction}'; use 'greater' or 'less'.")
 
