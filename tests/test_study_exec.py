@@ -290,6 +290,11 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
     (s.out / "sweeps/dmd2/value1/score.json").unlink()
     assert [j.label for j in execute.plan(s) if not execute.is_done(s, j)] == [
         "sweep dmd2 value #1", "train dmd2 seed 0", "eval dmd2 seed 0"]
+    from benchmarks.study.status import status_lines
+
+    lines = status_lines(path)
+    assert any(ln.split()[:5] == ["waiting", "eval", "dmd2", "seed", "0"] and
+               ln.endswith("has its record; it counts once 'sweep dmd2 value #1' is done") for ln in lines), lines
     execute.run_study(path, progress=False)
     assert json.loads((s.out / "sweeps" / "dmd2.json").read_text()) == c
     assert (execute.arm_dir(s, "dmd2", 0) / "train.json").read_text() == trained

@@ -1,7 +1,8 @@
 """`rtdmd-bench study status STUDY.yaml`: where a study stands, read from its files (it starts nothing).
 
-Each job is done (its record exists), started (a training run folder or a log exists, no record yet) or
-waiting; a started job shows its newest checkpoint and the last line of its log, a done training job its
+Each job is done (its record exists and every job it depends on is done), started (a training run folder or a
+log exists, no record yet) or waiting (a job with a record waits when a job it depends on was redone: a train job of a
+swept arm for the sweep's choice); a started job shows its newest checkpoint and the last line of its log, a done training job its
 CPU-seconds. A study that runs over several sessions is followed with this between `study run` calls.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from rtdmd.checkpoint import find_checkpoint, read_meta
 from rtdmd.errors import UserError
 
-from benchmarks.study.execute import done_record, job_log, last_line, plan, run_dir
+from benchmarks.study.execute import _record, depends_on, done_record, is_done, job_log, last_line, plan, run_dir
 from benchmarks.study.scores import own_cost
 from benchmarks.study.spec import Study, load_study
 
@@ -26,6 +27,14 @@ def _checkpoint_step(run_dir: Path | None) -> int | None:
         return None
 
 
+def _first_missing(study: Study, job) -> str:
+    """The first job ``job`` depends on, directly or not, that is not done."""
+    for d in depends_on(study, job):
+        if not is_done(study, d):
+            return _first_missing(study, d) if _record(study, d)[0].is_file() else d.label
+    return job.label
+
+
 def job_states(study: Study) -> list[dict]:
     """One row per job: label, state (done | started | waiting), CPU-seconds (done training) and what it is at."""
     rows = []
@@ -37,6 +46,8 @@ def job_states(study: Study) -> list[dict]:
             row["state"] = "done"
             cost = own_cost(record) if job.kind != "eval" else None
             row["cpu_seconds"] = None if cost is None else cost["run_train_cpu_seconds"]
+        elif _record(study, job)[0].is_file():  # done before a job it depends on was redone: kept if that agrees
+            row["detail"] = f"has its record; it counts once '{_first_missing(study, job)}' is done"
         else:
             step = _checkpoint_step(run_dir(study, job))
             if step is not None or log.is_file():
