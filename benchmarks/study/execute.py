@@ -214,12 +214,13 @@ def _check_partial_run(run: Path, key: str, value: float) -> None:
 
 def train_job(study: Study, arm: ArmSpec, seed: int, device: str = "cpu", progress: bool = True) -> dict:
     d = arm_dir(study, arm.name, seed)
-    if (record := done_record(study, Job("train", arm.name, seed))) is not None:
-        return record  # trained before its sweep was redone, and the sweep chose the same value
-    over = _train_overrides(study, arm, seed, device)
     chosen = {}
     if arm.sweep.key:  # the value the arm's sweep chose on held-out prompts (<out>/sweeps/<arm>.json)
         chosen = {arm.sweep.key: sweep.write_choice(study, arm)}
+    if (record := done_record(study, Job("train", arm.name, seed))) is not None:
+        return record  # trained before its sweep was redone, and the sweep chose the same value
+    over = _train_overrides(study, arm, seed, device)
+    if chosen:
         over = _deep_merge(over, arm.sweep.nested(chosen[arm.sweep.key]))
         _check_partial_run(run_dir(study, Job("train", arm.name, seed)), arm.sweep.key, chosen[arm.sweep.key])
     record = {**_train(study, arm, over, run_dir(study, Job("train", arm.name, seed)), progress),
