@@ -301,6 +301,9 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
     (s.out / "sweeps" / "dmd2.json").unlink()  # the choice file is rewritten by a train job that keeps its training
     execute.train_job(s, s.arms["dmd2"], 0, progress=False)
     assert json.loads((s.out / "sweeps" / "dmd2.json").read_text()) == c
+    (s.out / "sweeps" / "dmd2.json").unlink()  # ... and by the sweep job that scores the last value
+    execute.sweep_job(s, s.arms["dmd2"], 1, progress=False)
+    assert json.loads((s.out / "sweeps" / "dmd2.json").read_text()) == c
     # a sweep score that now chooses the other value: the arm's training is stale, and the study says what to delete
     f = s.out / "sweeps/dmd2/value0/score.json"
     score = json.loads(f.read_text())

@@ -241,6 +241,8 @@ def sweep_job(study: Study, arm: ArmSpec, j: int, device: str = "cpu", progress:
     record = {**sweep.score_record(study, arm, j, load_units(d / "units.json")), **run,
               "inputs": records.inputs(study, "sweep", arm)}
     _write_json(d / "score.json", record)
+    if sweep.current_choice(study, arm) is not None:  # the last value scored: the choice (train jobs write it too)
+        sweep.write_choice(study, arm)
     return record
 
 
