@@ -443,6 +443,15 @@ def test_curve_points_are_read_from_each_checkpoint_and_an_init_from_arm_continu
     assert np.all(rows["ac-dmd"][:, 3] <= rows["ac-dmd"][:, 2]) and np.all(rows["ac-dmd"][:, 2] <= rows["ac-dmd"][:, 4])
 
 
+def test_checkpoint_line_labels_keep_their_order_and_a_minimum_gap():
+    from benchmarks.study.plots import label_positions
+
+    # y range 0.4 to 0.8, gap 0.045 of it = 0.018: 0.51 is lifted to 0.5 + 0.018, 0.7 is far enough already
+    assert label_positions([0.5, 0.51, 0.7], (0.4, 0.8)) == pytest.approx([0.5, 0.518, 0.7])
+    assert label_positions([0.51, 0.5], (0.4, 0.8)) == pytest.approx([0.518, 0.5])
+    assert label_positions([], (0.0, 1.0)) == []
+
+
 def test_report_shows_costs_curves_losses_and_precision_without_absolute_paths(reported):
     from benchmarks.study.plots import loss_histories
     from benchmarks.study.scores import load_scores

@@ -78,26 +78,43 @@ def all_curve_rows(study: Study, arms: dict[str, ArmScores], metric: str) -> dic
     return rows
 
 
+def label_positions(ys: list[float], ylim: tuple[float, float], gap: float = 0.045) -> list[float]:
+    """Heights for text labels of horizontal lines at ``ys``: each at its line, moved apart (keeping their order) so
+    that neighbours are at least ``gap`` of the y range apart."""
+    span = (ylim[1] - ylim[0]) * gap
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = list(ys)
+    for prev, i in zip(order, order[1:]):
+        out[i] = max(out[i], out[prev] + span)
+    return out
+
+
 def plot_curves(study: Study, arms: dict[str, ArmScores], metric: str, path: Path) -> Path | None:
     """``metric`` against generator updates (left) and CPU-seconds (right): one line per training arm with its
-    shaded 95 % band, a dashed line per checkpoint arm; None when no training arm has a curve point."""
+    shaded 95 % band, a grey horizontal line per checkpoint arm named at its right end with its value; None when no
+    training arm has a curve point."""
     rows = {k: r for k, r in all_curve_rows(study, arms, metric).items() if len(r)}
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, r in rows.items():
         line = axes[0].plot(r[:, 0], r[:, 2], marker="o", ms=3, label=name)[0]
         axes[0].fill_between(r[:, 0], r[:, 3], r[:, 4], color=line.get_color(), alpha=0.2)
         ok = np.isfinite(r[:, 1])
         axes[1].plot(r[ok, 1], r[ok, 2], marker="o", ms=3, color=line.get_color(), label=name)
         axes[1].fill_between(r[ok, 1], r[ok, 3], r[ok, 4], color=line.get_color(), alpha=0.2)
+    fixed = {}
     for name, a in arms.items():
         if not study.arms[name].trains:
             mat, strata, _ = unit_matrix(a.final, metric)
-            y = arm_mean(mat, strata)
-            for ax in axes:
-                ax.axhline(y, ls="--", color="0.3", lw=1.2, label=f"{name} (checkpoint)" if ax is axes[0] else None)
+            fixed[name] = arm_mean(mat, strata)
+    for ax in axes:
+        for (name, y), ls in zip(fixed.items(), _SEED_STYLES[1:] * len(fixed)):
+            ax.axhline(y, ls=ls, color="0.35", lw=1.1)
+        for name, y in zip(fixed, label_positions(list(fixed.values()), ax.get_ylim())):
+            ax.text(1.01, y, f"{name} {fixed[name]:.3f}", transform=ax.get_yaxis_transform(), va="center", fontsize=7,
+                    color="0.25")
     axes[0].set_xlabel("generator updates (with the arm it starts from)")
     axes[1].set_xlabel("training CPU-seconds (with the arm it starts from)")
     for ax in axes:
