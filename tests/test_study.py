@@ -192,6 +192,11 @@ def test_toy2d_study_runs_resumes_after_an_interruption_and_reports(tmp_path, to
 
     lines = status_lines(cut)
     assert lines[0].startswith("study cut: 3 of 9 jobs done, 1 started, 5 waiting")
+    t0 = json.loads((execute.arm_dir(s, "dmd2", 0) / "train.json").read_text())
+    left = (6 - 3) * t0["run_train_cpu_seconds"] / t0["iterations"]  # seed 1 has 3 of its 6 iterations left
+    assert lines[1].startswith(f"training left: about {left:,.0f} CPU-seconds ({left / 3600:.1f} h) for 1 train and "
+                               "sweep jobs") and lines[1].endswith("not estimated: 2 train and sweep jobs without a done "
+                                                                   "run of their arm or method, and 3 eval jobs")
     assert re.search(r"^  started  train dmd2 seed 1 +checkpoint at step 3$", "\n".join(lines), re.M)
     assert re.search(r"^  done     train dmd2 seed 0 +[\d,]+ CPU-s$", "\n".join(lines), re.M)
     assert lines[-1] == f"continue with: rtdmd-bench study run {cut} --jobs 2"

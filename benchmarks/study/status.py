@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rtdmd.checkpoint import find_checkpoint, read_meta
+from rtdmd.config import resolve
 from rtdmd.errors import UserError
 
 from benchmarks.study.execute import _record, depends_on, done_record, is_done, job_log, last_line, plan, run_dir
@@ -60,6 +61,46 @@ def job_states(study: Study) -> list[dict]:
     return rows
 
 
+def _iterations(study: Study, job) -> int | None:
+    """The iterations a train or sweep job trains to (None for a multi-stage run, whose stages differ in cost)."""
+    arm = study.arms[job.arm]
+    if job.kind == "sweep":
+        return arm.sweep.max_steps
+    cfg = resolve(arm.method, backend=study.backend, overrides=arm.overrides or {}, preset=arm.preset or None)
+    return None if getattr(cfg.method, "stage", None) == 0 else int(cfg.train.max_steps)
+
+
+def training_left(study: Study) -> tuple[float, int, int]:
+    """CPU-seconds the train and sweep jobs not done yet will take, estimated per job as (iterations it has left) x
+    (CPU-seconds per iteration of the done train and sweep runs of its arm, else of its method); the estimate, the
+    jobs it covers and the jobs without one (no done run of the arm or method yet, or a multi-stage run)."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    todo = []
+    for job in plan(study):
+        if job.kind == "eval":
+            continue
+        record = done_record(study, job)
+        if record is None:
+            todo.append(job)
+            continue
+        cost = own_cost(record)
+        if cost and cost.get("run_train_cpu_seconds") and cost.get("iterations"):
+            rate = cost["run_train_cpu_seconds"] / cost["iterations"]
+            rates.setdefault(("arm", job.arm), []).append(rate)
+            rates.setdefault(("method", study.arms[job.arm].method), []).append(rate)
+    seconds, covered, unknown = 0.0, 0, 0
+    for job in todo:
+        r = rates.get(("arm", job.arm)) or rates.get(("method", study.arms[job.arm].method))
+        n = _iterations(study, job)
+        if not r or n is None:
+            unknown += 1
+            continue
+        left = n - (_checkpoint_step(run_dir(study, job)) or 0)
+        seconds += max(0, left) * sum(r) / len(r)
+        covered += 1
+    return seconds, covered, unknown
+
+
 def status_lines(path: str | Path) -> list[str]:
     study = load_study(path)
     rows = job_states(study)
@@ -67,6 +108,12 @@ def status_lines(path: str | Path) -> list[str]:
     cpu = sum(r["cpu_seconds"] or 0.0 for r in rows)
     out = [f"study {study.name}: {count['done']} of {len(rows)} jobs done, {count['started']} started, "
            f"{count['waiting']} waiting; training CPU-seconds of the done jobs: {cpu:,.0f} ({cpu / 3600:.1f} h)"]
+    if count["done"] < len(rows):
+        left, covered, unknown = training_left(study)
+        evals = sum(r["state"] != "done" and r["job"].startswith("eval ") for r in rows)
+        out.append(f"training left: about {left:,.0f} CPU-seconds ({left / 3600:.1f} h) for {covered} train and sweep "
+                   f"jobs, at the CPU-seconds per iteration of their arms' (or methods') done runs; not estimated: "
+                   f"{unknown} train and sweep jobs without a done run of their arm or method, and {evals} eval jobs")
     width = max(len(r["job"]) for r in rows)
     for r in rows:
         extra = f"{r['cpu_seconds']:,.0f} CPU-s" if r["cpu_seconds"] is not None else r["detail"]
