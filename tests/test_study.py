@@ -430,6 +430,22 @@ def test_a_done_job_whose_study_settings_changed_stops_run_and_report(reported, 
     assert all(execute.is_done(load_study(p), j) for j in execute.plan(load_study(p)))  # bootstrap: report-time only
 
 
+def test_curves_score_the_checkpoint_grid_and_the_final_checkpoint_not_an_interruption_s(reported, tmp_path):
+    import shutil
+
+    study, _ = reported
+    data = yaml.safe_load(study.path.read_text())
+    p = tmp_path / "copy.yaml"
+    p.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "copy")}, sort_keys=False))
+    shutil.copytree(study.out, tmp_path / "copy")
+    s = load_study(p)
+    ckpts = execute.arm_dir(s, "ac-dmd", 0) / "run" / "checkpoints"
+    assert [c.name for c in execute.curve_checkpoints(s, s.arms["ac-dmd"], 0)] == ["step_000003", "step_000006"]
+    extra = ckpts / "step_000004"  # what an interruption at step 4 leaves beside the grid of checkpoint_every 3
+    shutil.copytree(ckpts / "step_000003", extra)
+    assert [c.name for c in execute.curve_checkpoints(s, s.arms["ac-dmd"], 0)] == ["step_000003", "step_000006"]
+
+
 def test_curve_points_are_read_from_each_checkpoint_and_an_init_from_arm_continues_its_parent(reported):
     from benchmarks.study.plots import all_curve_rows
     from benchmarks.study.scores import load_scores

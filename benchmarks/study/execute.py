@@ -250,13 +250,17 @@ def sweep_job(study: Study, arm: ArmSpec, j: int, device: str = "cpu", progress:
 
 
 def curve_checkpoints(study: Study, arm: ArmSpec, seed: int) -> list[Path]:
-    """The checkpoints an arm is scored at: its final one, and with eval.curves every kept checkpoint before it."""
+    """The checkpoints an arm is scored at: its final one, and with eval.curves every kept checkpoint before it on the
+    run's train.checkpoint_every grid (not the extra ones an interruption writes: every seed shares the grid's steps,
+    which the learning curves need)."""
     if not arm.trains:
         return [find_checkpoint(arm.checkpoint)]
     final = study.out / json.loads((arm_dir(study, arm.name, seed) / "train.json").read_text())["checkpoint"]
     if not study.eval.curves:
         return [final]
-    return sorted(p for p in final.parent.glob("step_*") if p.is_dir() and ".tmp" not in p.name and (p / "meta.json").is_file())
+    every = int(load_resolved(final / "config.yaml").train.checkpoint_every)
+    kept = sorted(p for p in final.parent.glob("step_*") if p.is_dir() and ".tmp" not in p.name and (p / "meta.json").is_file())
+    return [p for p in kept if p == final or (every > 0 and int(p.name.removeprefix("step_")) % every == 0)]
 
 
 def score_checkpoint(study: Study, arm: ArmSpec, seed: int, step_dir: Path, device: str, progress: bool,
