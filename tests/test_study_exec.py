@@ -321,6 +321,11 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
     assert len(rows) == 2 and sum("**chosen**" in r for r in rows) == 1
     other = next(v for v in c["versus_choice"] if v["value"] != c["choice"])
     assert f"| {other['diff']:+.3f} [{other['lo']:+.3f}, {other['hi']:+.3f}] |" in text
+    edge = "largest" if c["choice"] == 3e-3 else "smallest"  # a 2-value grid: the choice is always an end
+    assert f"- dmd2: the chosen {c['choice']:g} is the {edge} value of its grid, so the best value may lie beyond it." in text
+    from benchmarks.study.sweep import grid_edge
+
+    assert [grid_edge([1e-5, 3e-5, 1e-4], v) for v in (1e-5, 3e-5, 1e-4)] == ["smallest", "", "largest"]
     assert f"= {c['choice']:g} |" in next(r for r in rows if "**chosen**" in r)
 
 

@@ -211,12 +211,16 @@ def write_choice(study: Study, arm: ArmSpec) -> float:
 def sweep_lines(study: Study) -> list[str]:
     """The report's sweep section: per swept arm and value, the held-out score with its interval, its paired
     difference to the chosen value, and the choice."""
-    rows = []
+    rows, notes = [], []
     for a in study.arms.values():
         f = choice_path(study, a.name)
         if not a.sweep.key or not f.is_file():
             continue
         c = json.loads(f.read_text())
+        edge = grid_edge(c["values"], c["choice"])
+        if edge:
+            notes.append(f"- {a.name}: the chosen {c['choice']:g} is the {edge} value of its grid, so the best value "
+                         f"may lie beyond it.")
         gone = c.get("tasks_not_held_out") or []
         held = f"{c['heldout_prompts']}" + (f" (no {', '.join(gone)}: the evaluation takes them whole)" if gone else "")
         versus = {v["value"]: v for v in c.get("versus_choice", [])}
@@ -234,4 +238,11 @@ def sweep_lines(study: Study) -> list[str]:
             "The paired difference to the chosen value is taken over the same held-out prompts and image seeds: an "
             "interval that holds 0 means the sweep did not separate that value from the choice.", "",
             "| arm | value | metric | held-out score [95 % CI] | minus the chosen value [95 % CI] | held-out prompts | |",
-            "|---|---|---|---|---|---|---|", *rows]
+            "|---|---|---|---|---|---|---|", *rows, *([""] + notes if notes else [])]
+
+
+def grid_edge(values: list[float], choice: float) -> str:
+    """'largest' or 'smallest' when the chosen value is an end of the grid, else ''."""
+    if choice == max(values):
+        return "largest"
+    return "smallest" if choice == min(values) else ""
