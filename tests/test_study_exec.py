@@ -188,8 +188,8 @@ def test_a_tiny_shapes_study_keeps_fd_features_and_reports_fd_with_an_interval(t
 # ---------------------------------------------------------------------------- sweeps on held-out prompts
 
 
-def _sweep_study(tmp_path: Path, teacher: Path, name: str, **sweep) -> Path:
-    over = {**TINY, "backend": {**TINY["backend"], "teacher": str(teacher)}}
+def _sweep_study(tmp_path: Path, teacher: Path, name: str, tracking: dict | None = None, **sweep) -> Path:
+    over = {**TINY, "backend": {**TINY["backend"], "teacher": str(teacher)}, **({"tracking": tracking} if tracking else {})}
     return _write(tmp_path, {
         "name": name, "backend": "toy2d", "out": str(tmp_path / name), "reference": "teacher",
         "eval": {"suites": ["toy2d"], "prompts": 3, "images_per_prompt": 8, "bootstrap": 100, "curves": False},
@@ -327,6 +327,23 @@ def test_toy2d_sweep_scores_held_out_prompts_chooses_and_trains_with_the_choice(
 
     assert [grid_edge([1e-5, 3e-5, 1e-4], v) for v in (1e-5, 3e-5, 1e-4)] == ["smallest", "", "largest"]
     assert f"= {c['choice']:g} |" in next(r for r in rows if "**chosen**" in r)
+
+
+def test_the_loss_figure_leaves_out_the_sweep_runs(tmp_path, toy_teacher, monkeypatch):
+    """Sweep runs train seed 0 with the arm's tags; the losses of the arm's seed 0 are its own run's alone."""
+    from benchmarks.study.plots import loss_histories
+    from benchmarks.study.scores import load_scores
+
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_study(tmp_path, toy_teacher, "lossw", tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'm.db'}"})
+    data = yaml.safe_load(path.read_text())
+    data["arms"]["dmd2"]["overrides"]["train"]["log_every"] = 1
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    execute.run_study(path, progress=False)
+    s = load_study(path)
+    hist = loss_histories(s, load_scores(s))
+    steps = [st for st, _ in hist["dmd2"][0]["loss/fake_score"]]
+    assert steps == list(range(1, 7)) or steps == list(range(6))  # the arm's 6 iterations, not 2 + 2 + 6
 
 
 def test_sweep_jobs_run_in_parallel_to_the_same_choice(tmp_path, toy_teacher, monkeypatch):

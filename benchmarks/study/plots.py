@@ -154,8 +154,8 @@ def _newest_runs(runs) -> list:
 
 def loss_histories(study: Study, arms: dict[str, ArmScores], prefix: str = "loss/") -> dict[str, dict[int, dict[str, list]]]:
     """arm -> training seed -> metric key -> [(iteration, value)] of the keys starting with ``prefix`` from the study's
-    MLflow experiment (runs tagged with the study, arm and seed); a multi-stage arm's later stages continue the
-    iteration count of the earlier ones."""
+    MLflow experiment (runs tagged with the study, arm and seed, not a sweep's); a multi-stage arm's later stages
+    continue the iteration count of the earlier ones."""
     from rtdmd.tracking import metric_history, search_runs
 
     out: dict = {}
@@ -168,8 +168,8 @@ def loss_histories(study: Study, arms: dict[str, ArmScores], prefix: str = "loss
         offsets: dict = {}
         for r in _newest_runs(runs):
             arm, seed = r["tags.arm"], int(r.get("tags.seed") or 0)
-            if arm not in arms or not study.arms[arm].trains:
-                continue
+            if arm not in arms or not study.arms[arm].trains or not _missing(r.get("tags.sweep")):
+                continue  # a sweep's runs train seed 0 with the arm's tags: not the arm's training
             keys = [c[len("metrics."):] for c in runs.columns if c.startswith("metrics." + prefix) and not _missing(r[c])]
             start = offsets.get((arm, seed), 0)
             per_key = out.setdefault(arm, {}).setdefault(seed, {})
@@ -180,7 +180,7 @@ def loss_histories(study: Study, arms: dict[str, ArmScores], prefix: str = "loss
 
 
 def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
 
 
 def _y_scale(ax, values: np.ndarray) -> bool:
