@@ -151,14 +151,15 @@ def _claims_table(study: Study, arms: dict[str, ArmScores]) -> list[str]:
 
 
 def _curve_section(study: Study, arms: dict[str, ArmScores], metrics: list[str], folder: Path) -> list[str]:
-    points = ("every kept checkpoint (`eval.curves: true`)" if study.eval.curves
+    points = ("every checkpoint of the `train.checkpoint_every` grid and the final one (`eval.curves: true`)"
+              if study.eval.curves
               else "the final checkpoint only (`eval.curves: false`, so each training arm is one point)")
     lines = ["", "## Learning curves", "",
              f"Each metric against generator updates (left) and training CPU-seconds (right), scored at {points}. A "
              "point's x is that checkpoint's own cost, read from its meta.json and config.yaml (not interpolated); an "
              "arm that starts from another arm adds that arm's final cost, so its line continues the other's. Lines: "
-             "mean over training seeds; shaded: 95 % bootstrap band (units and training seeds resampled). Dashed: "
-             "checkpoint arms, not trained in the study.", ""]
+             "mean over training seeds; shaded: 95 % bootstrap band (units and training seeds resampled). Grey horizontal "
+             "lines, named at their right end with their value: checkpoint arms, not trained in the study.", ""]
     drawn = 0
     for m in (m for m in plots.CURVE_METRICS if m in metrics):
         p = plots.plot_curves(study, arms, m, folder / f"curve_{m.replace('/', '_')}.png")
