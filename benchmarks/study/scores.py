@@ -12,14 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from rtdmd.errors import UserError
 
 from benchmarks.study.execute import Job, arm_dir, checkpoint_cost, missing_jobs, seeds_of
 from benchmarks.study.spec import Study
 from benchmarks.study.stats import Difference, paired_difference
-from benchmarks.study.units import UnitScores, feature_difference, load_units
+from benchmarks.study.units import UnitScores, feature_difference, load_units, unit_matrix, unit_order
 
 #: the cost of a trained checkpoint: summed along an init_from chain
 COST_KEYS = ("iterations", "generator_updates", "generator_images", "run_train_cpu_seconds")
@@ -96,20 +94,6 @@ def load_scores(study: Study, partial: bool = False, missing: list[Job] | None =
     return out
 
 
-def _unit_order(key: str) -> tuple:
-    return tuple(int(x) for x in key.split(":"))
-
-
-def unit_matrix(scores: list[UnitScores], metric: str, keys: list[str] | None = None):
-    """(seeds, units) matrix of ``metric`` on ``keys`` (default: the units every seed has), the strata (None when
-    the metric has none) and the keys."""
-    if keys is None:
-        keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in scores)), key=_unit_order)
-    m = np.array([[s.metrics[metric][k] for k in keys] for s in scores], dtype=float)
-    strata = [scores[0].strata.get(metric, {}).get(k, "") for k in keys]
-    return m, (np.array(strata) if any(strata) else None), keys
-
-
 def metrics_of(arms: dict[str, ArmScores]) -> list[str]:
     """The per-unit metrics every arm and seed was scored on."""
     names = None
@@ -121,7 +105,7 @@ def metrics_of(arms: dict[str, ArmScores]) -> list[str]:
 
 def shared_keys(arms: dict[str, ArmScores], a: str, b: str, metric: str) -> list[str]:
     keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in arms[a].final + arms[b].final)),
-                  key=_unit_order)
+                  key=unit_order)
     if not keys:
         raise UserError(f"arms '{a}' and '{b}' share no evaluation units for '{metric}'; evaluate them on the same prompts and seeds.")
     return keys

@@ -36,13 +36,11 @@ from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.eval_models import describe_checkpoint
 from benchmarks.eval_prompts import stratified_indices
 from benchmarks.study.spec import ArmSpec, Study
 from benchmarks.study.stats import mean_interval, paired_difference
-from benchmarks.study.units import UnitScores, feature_difference, load_units, toy2d_heldout
+from benchmarks.study.units import UnitScores, feature_difference, load_units, toy2d_heldout, unit_matrix
 from benchmarks.suites.base import BackendInfo
 from benchmarks.suites.registry import make_suite
 from rtdmd.config import _deep_merge, resolve
@@ -140,10 +138,8 @@ def score_record(study: Study, arm: ArmSpec, j: int, scores: UnitScores) -> dict
         d = feature_difference([scores], None, m, study.eval.bootstrap)
         mean, lo, hi, units = d.diff, d.lo, d.hi, scores.features[m]["units"][:, 0].tolist()
     elif m in scores.metrics:
-        keys = sorted(scores.metrics[m], key=lambda k: tuple(int(x) for x in k.split(":")))
-        strata = [scores.strata.get(m, {}).get(k, "") for k in keys]
-        values = np.array([[scores.metrics[m][k] for k in keys]])
-        mean, lo, hi = mean_interval(values, np.array(strata) if any(strata) else None, n_boot=study.eval.bootstrap)
+        values, strata, keys = unit_matrix([scores], m)
+        mean, lo, hi = mean_interval(values, strata, n_boot=study.eval.bootstrap)
         units = [int(k.split(":")[0]) for k in keys]
     else:
         have = sorted(set(scores.metrics) | set(scores.features))
@@ -185,10 +181,9 @@ def paired_to_choice(study: Study, arm: ArmSpec, chosen: int) -> list[dict]:
         if m in u.features:
             d = feature_difference([u], [units[chosen]], m, study.eval.bootstrap)
         else:
-            keys = sorted(units[chosen].metrics[m], key=lambda k: tuple(int(x) for x in k.split(":")))
-            strata = [units[chosen].strata.get(m, {}).get(k, "") for k in keys]
-            d = paired_difference([u.metrics[m][k] for k in keys], [units[chosen].metrics[m][k] for k in keys],
-                                  np.array(strata) if any(strata) else None, n_boot=study.eval.bootstrap)
+            b, strata, keys = unit_matrix([units[chosen]], m)
+            a, _, _ = unit_matrix([u], m, keys)
+            d = paired_difference(a, b, strata, n_boot=study.eval.bootstrap)
         out.append({"value": arm.sweep.values[j], "diff": d.diff, "lo": d.lo, "hi": d.hi})
     return out
 

@@ -66,6 +66,20 @@ def load_units(path: Path) -> UnitScores:
     return out
 
 
+def unit_order(key: str) -> tuple:
+    return tuple(int(x) for x in key.split(":"))
+
+
+def unit_matrix(scores: list[UnitScores], metric: str, keys: list[str] | None = None):
+    """(seeds, units) matrix of ``metric`` on ``keys`` (default: the units every seed has), the strata (None when
+    the metric has none) and the keys."""
+    if keys is None:
+        keys = sorted(set.intersection(*(set(s.metrics.get(metric, {})) for s in scores)), key=unit_order)
+    m = np.array([[s.metrics[metric][k] for k in keys] for s in scores], dtype=float)
+    strata = [scores[0].strata.get(metric, {}).get(k, "") for k in keys]
+    return m, (np.array(strata) if any(strata) else None), keys
+
+
 def feature_metrics(arms) -> list[str]:
     """Distribution metrics every final checkpoint of every arm (report.ArmScores) has features of."""
     finals = [s for a in arms.values() for s in a.final]
